@@ -1,0 +1,3 @@
+from sparse_context.cli import main
+
+raise SystemExit(main())

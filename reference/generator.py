@@ -1,0 +1,318 @@
+"""The PyTorch reference generator: FLUX.2-klein with Sparse Context references, with or without the KV cache.
+
+Every later backend (ONNX, TensorRT) is checked against this path, and this path is checked against diffusers:
+with every token kept it equals ``Flux2KleinPipeline`` (dense) and ``Flux2KleinKVPipeline`` (KV) for the same seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sparse_context.reference.torch_backend import TorchTransformerBackend
+from sparse_context.runtime.errors import InputError, bad_value
+from sparse_context.runtime.images import load_image, prepare_reference
+from sparse_context.runtime.packing import pack_grid, pack_references, unpack_grid
+from sparse_context.runtime.sampler import Conditioning, denoise
+from sparse_context.runtime.schedule import flow_match_schedule
+from sparse_context.runtime.tokens import (
+    MAX_REFERENCE_AREA,
+    TOKEN_PIXELS,
+    check_keep_fraction,
+    check_reference_count,
+    grid_position_ids,
+    text_position_ids,
+)
+
+KLEIN_TEXT_LAYERS = (9, 18, 27)
+KLEIN_MAX_SEQUENCE_LENGTH = 512
+DEFAULT_SIZE = 1024  # diffusers: default_sample_size (128) x vae_scale_factor (8)
+
+
+@dataclass
+class GenerationResult:
+    image: Any  # PIL image, (H, W, 3) float array in [0, 1], or (1, 128, h, w) latents, by output_type
+    latents: torch.Tensor  # (1, N_target, 128) final packed latents
+    ref_tokens: int  # reference tokens fed to the transformer
+    ref_tokens_available: int  # reference tokens before selection
+    selections: list[np.ndarray]  # kept flat indices per reference
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    kv_state: Any = None  # the reference K/V (KV mode), reusable for the same references
+
+
+class SparseContextGenerator:
+    """FLUX.2-klein generation with a sparse subset of reference tokens, on diffusers components."""
+
+    def __init__(
+        self,
+        transformer: Any,
+        vae: Any = None,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
+        scheduler_config: dict | None = None,
+        is_distilled: bool = True,
+        text_encoder_out_layers: Sequence[int] = KLEIN_TEXT_LAYERS,
+        max_sequence_length: int = KLEIN_MAX_SEQUENCE_LENGTH,
+        prefers_kv: bool = False,
+    ):
+        self.transformer = transformer
+        self.backend = TorchTransformerBackend(transformer)
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config or {})
+        self.is_distilled = is_distilled
+        self.text_encoder_out_layers = tuple(text_encoder_out_layers)
+        self.max_sequence_length = int(max_sequence_length)
+        self.prefers_kv = prefers_kv  # a Klein KV checkpoint was trained for the KV path
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, **overrides: Any) -> "SparseContextGenerator":
+        """Wrap the components of a loaded ``Flux2KleinPipeline`` or ``Flux2KleinKVPipeline``."""
+        settings = dict(
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            scheduler_config=dict(pipe.scheduler.config),
+            is_distilled=bool(pipe.config.get("is_distilled", True)),
+            prefers_kv=type(pipe).__name__ == "Flux2KleinKVPipeline",
+        )
+        settings.update(overrides)
+        return cls(pipe.transformer, **settings)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Any, lora: Any = None, lora_scale: float = 1.0, transformer_file: Any = None,
+                        dtype: torch.dtype = torch.float32, device: str = "cpu") -> "SparseContextGenerator":
+        """Load a local diffusers folder (optionally a single-file transformer and a LoRA to merge)."""
+        from sparse_context.reference.loading import load_generator_parts
+
+        return cls(**load_generator_parts(model_dir, lora=lora, lora_scale=lora_scale,
+                                          transformer_file=transformer_file, dtype=dtype, device=device))
+
+    # -- components ------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backend.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return TOKEN_PIXELS // 2
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def token_pixels(self) -> int:
+        return self.vae_scale_factor * 2
+
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, np.ndarray]:
+        """(1, L, D) prompt embeddings as diffusers' Klein pipelines compute them, and their (L, 4) ids."""
+        from diffusers import Flux2KleinPipeline
+
+        if self.text_encoder is None or self.tokenizer is None:
+            raise InputError(bad_value("prompt", prompt, "prompt_embeds when the model has no text encoder"))
+        embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            text_encoder=self.text_encoder, tokenizer=self.tokenizer, prompt=[prompt], dtype=self.dtype,
+            device=self.device, max_sequence_length=self.max_sequence_length,
+            hidden_states_layers=self.text_encoder_out_layers,
+        )
+        return embeds, text_position_ids(embeds.shape[1])
+
+    def prepare_references(self, references: Sequence[Any]) -> list[Image.Image]:
+        """Load and resize/crop each reference exactly as the Klein pipelines do before VAE encoding."""
+        check_reference_count(len(references))
+        return [prepare_reference(load_image(ref), max_area=MAX_REFERENCE_AREA, multiple_of=self.token_pixels)
+                for ref in references]
+
+    @torch.no_grad()
+    def encode_reference(self, image: Image.Image) -> torch.Tensor:
+        """(128, rows, cols) normalised, patchified VAE latents of a prepared reference (argmax of the posterior)."""
+        # Same memory layout as diffusers' pil_to_numpy/numpy_to_pt: the conv kernels (and so the last bits of
+        # the latents) depend on it.
+        pixels = np.asarray(image, dtype=np.float32)[None] / 255.0  # (1, H, W, 3)
+        pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2))  # (1, 3, H, W)
+        pixels = (2.0 * pixels - 1.0).to(self.device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mode()  # (1, 32, H/8, W/8)
+        latents = _patchify(latents)  # (1, 128, H/16, W/16)
+        mean, std = self._bn_stats(latents)
+        return ((latents - mean) / std)[0]
+
+    @torch.no_grad()
+    def decode(self, packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """(1, rows*cols, 128) packed target latents -> (1, 3, H, W) image in [-1, 1]."""
+        latents = unpack_grid(packed[0], rows, cols)[None]  # (1, 128, rows, cols)
+        mean, std = self._bn_stats(latents)
+        latents = _unpatchify(latents * std + mean)  # (1, 32, 2*rows, 2*cols)
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+
+    def _bn_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        references: Sequence[Any] = (),
+        *,
+        keep_fraction: float = 1.0,
+        token_count: int | None = None,
+        strategy: str = "uniform",
+        allocation: str = "per_reference",
+        masks: Sequence[Any] | None = None,
+        selections: Sequence[np.ndarray] | None = None,
+        use_kv: bool = False,
+        height: int | None = None,
+        width: int | None = None,
+        num_steps: int = 4,
+        guidance_scale: float = 4.0,
+        seed: int = 0,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        reference_latents: Sequence[torch.Tensor] | None = None,
+        kv_state: Any = None,
+        output_type: str = "pil",
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> GenerationResult:
+        """Generate one image.
+
+        ``keep_fraction`` (or ``token_count``) and ``strategy`` choose which reference tokens are kept; pass
+        ``selections`` (flat indices per reference) to fix them instead. ``reference_latents`` (each (128, rows,
+        cols)) skip the VAE; ``prompt_embeds`` skip the text encoder; ``kv_state`` reuses reference K/V from an
+        earlier KV call with the same references, selection and model.
+        """
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        # 1. Check inputs
+        check_keep_fraction(keep_fraction)
+        if output_type not in ("pil", "np", "latent"):
+            raise InputError(bad_value("output_type", output_type, "'pil', 'np' or 'latent'"))
+        if (prompt is None) == (prompt_embeds is None):
+            raise InputError(bad_value("prompt / prompt_embeds", "both" if prompt is not None else "neither",
+                                       "exactly one of them", "--prompt"))
+        if reference_latents is not None and len(references):
+            raise InputError(bad_value("references", "images and reference_latents", "one of them"))
+        if kv_state is not None and not use_kv:
+            raise InputError(bad_value("kv_state", "given with use_kv=False", "use_kv=True", "--kv"))
+
+        # 2. Prompt embeddings (and the empty negative prompt for guidance on non-distilled models)
+        if prompt_embeds is None:
+            prompt_embeds, text_ids = self.encode_prompt(prompt)
+        else:
+            prompt_embeds = prompt_embeds.to(self.device, self.dtype)
+            text_ids = text_position_ids(prompt_embeds.shape[1])
+        negative = negative_ids = None
+        if guidance_scale > 1.0 and not self.is_distilled:
+            negative, negative_ids = self.encode_prompt("")
+        conditioning = Conditioning(prompt_embeds, text_ids, negative, negative_ids, guidance_scale)
+        timings["text"] = time.perf_counter() - clock
+
+        # 3. References: prepare as the VAE sees them, choose tokens, encode
+        clock = time.perf_counter()
+        prepared = self.prepare_references(references) if len(references) else []
+        grids = [(im.height // self.token_pixels, im.width // self.token_pixels) for im in prepared]
+        if reference_latents is not None:
+            check_reference_count(len(reference_latents))
+            grids = [(int(g.shape[-2]), int(g.shape[-1])) for g in reference_latents]
+        if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
+            selections = self._select(prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed)
+        timings["selection"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        if reference_latents is None and kv_state is None:
+            reference_latents = [self.encode_reference(im) for im in prepared]
+        timings["vae_encode"] = time.perf_counter() - clock
+
+        # 4. Target latents (seeded on the CPU, as diffusers' randn_tensor does with a CPU generator)
+        if prepared and height is None and width is None:
+            height, width = prepared[0].height, prepared[0].width
+        height = height or DEFAULT_SIZE
+        width = width or DEFAULT_SIZE
+        rows, cols = int(height) // self.token_pixels, int(width) // self.token_pixels
+        if rows < 1 or cols < 1:
+            raise InputError(bad_value("output size", f"{width}x{height} px",
+                                       f"at least {self.token_pixels} px per side", "--width/--height"))
+        channels = self.transformer.config.in_channels
+        if latents is None:
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+            latents = torch.randn((1, channels, rows, cols), generator=generator, dtype=prompt_embeds.dtype)
+            latents = pack_grid(latents[0])[None]  # (1, rows*cols, C)
+        latents = latents.to(self.device, prompt_embeds.dtype)
+        target_ids = grid_position_ids(rows, cols)
+
+        # 5. Pack kept reference tokens at their original positions
+        refs = ref_ids = None
+        ref_tokens = 0
+        available = sum(r * c for r, c in grids)
+        if reference_latents is not None and len(reference_latents):
+            packed = pack_references(list(reference_latents), selections)
+            refs = packed.tokens[None].to(self.device, self.vae.dtype if self.vae is not None else self.dtype)
+            ref_ids = packed.position_ids
+            ref_tokens = packed.num_tokens
+        elif kv_state is not None:
+            ref_tokens = int(kv_state.num_ref_tokens)
+
+        # 6. Denoise
+        clock = time.perf_counter()
+        schedule = flow_match_schedule(num_steps, rows * cols, self.scheduler_config)
+        latents, kv_state = denoise(self.backend, latents, target_ids, conditioning, schedule, refs, ref_ids,
+                                    use_kv=use_kv, kv_state=kv_state, on_step=on_step)
+        _synchronize(self.device)
+        timings["transformer"] = time.perf_counter() - clock
+
+        # 7. Decode
+        clock = time.perf_counter()
+        if output_type == "latent" or self.vae is None:
+            image: Any = latents
+        else:
+            pixels = self.decode(latents, rows, cols)
+            image = (pixels / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()  # (H, W, 3)
+            if output_type == "pil":
+                image = Image.fromarray((image * 255).round().astype("uint8"))
+        timings["vae_decode"] = time.perf_counter() - clock
+
+        kept = [np.asarray(s, dtype=np.int64) for s in selections] if selections is not None else [
+            np.arange(r * c, dtype=np.int64) for r, c in grids]
+        return GenerationResult(image=image, latents=latents, ref_tokens=ref_tokens, ref_tokens_available=available,
+                                selections=kept, timings=timings, kv_state=kv_state)
+
+    def _select(self, prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed):
+        from sparse_context.runtime.selection import select_references
+
+        if not prepared:
+            raise InputError(bad_value("token selection", "reference_latents without images",
+                                       "images to score, or explicit selections"))
+        chosen = select_references(prepared, strategy=strategy, keep_fraction=None if token_count else keep_fraction,
+                                   token_count=token_count, allocation=allocation, seed=seed, masks=masks,
+                                   multiple_of=self.token_pixels)
+        return [s.indices for s in chosen]
+
+
+def _patchify(latents: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return latents.reshape(b, c * 4, h // 2, w // 2)
+
+
+def _unpatchify(latents: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents.shape
+    latents = latents.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return latents.reshape(b, c // 4, h * 2, w * 2)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

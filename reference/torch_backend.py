@@ -1,0 +1,103 @@
+"""The PyTorch reference backend: diffusers' ``Flux2Transformer2DModel`` behind :class:`TransformerBackend`.
+
+Dense and sparse steps call the model as ``Flux2KleinPipeline`` does; KV steps use diffusers' own
+``kv_cache_mode="extract"`` / ``"cached"`` with the KV attention processors, as ``Flux2KleinKVPipeline`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def set_kv_processors(transformer: Any) -> None:
+    """Install diffusers' KV-aware processors; without KV arguments they compute what the default ones do."""
+    from diffusers.models.transformers.transformer_flux2 import (
+        Flux2KVAttnProcessor,
+        Flux2KVParallelSelfAttnProcessor,
+    )
+
+    for block in transformer.transformer_blocks:
+        if not isinstance(block.attn.processor, Flux2KVAttnProcessor):
+            block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in transformer.single_transformer_blocks:
+        if not isinstance(block.attn.processor, Flux2KVParallelSelfAttnProcessor):
+            block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+
+
+class TorchTransformerBackend:
+    """Runs a ``Flux2Transformer2DModel``; tensors stay torch tensors on the model's device."""
+
+    name = "torch"
+
+    def __init__(self, transformer: Any):
+        self.transformer = transformer
+        set_kv_processors(transformer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def _ids(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(ids)).to(self.device).unsqueeze(0)  # (1, N, 4)
+
+    def _timestep(self, timestep: np.float32, batch: int) -> torch.Tensor:
+        return torch.full((batch,), float(timestep), dtype=torch.float32, device=self.device)
+
+    @torch.no_grad()
+    def full(self, target, target_ids, refs, ref_ids, text, text_ids, timestep):
+        hidden, ids = target, target_ids
+        if refs is not None and ref_ids is not None and ref_ids.shape[0] > 0:
+            hidden = torch.cat([target, refs], dim=1)  # (1, N_t + N_r, C)
+            ids = np.concatenate([target_ids, ref_ids], axis=0)
+        output = self.transformer(
+            hidden_states=hidden.to(self.dtype),
+            timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
+            guidance=None,
+            encoder_hidden_states=text,
+            txt_ids=self._ids(text_ids),
+            img_ids=self._ids(ids),
+            return_dict=False,
+        )[0]
+        return output[:, : target.shape[1]]  # (1, N_t, C)
+
+    @torch.no_grad()
+    def kv_extract(self, target, target_ids, refs, ref_ids, text, text_ids, timestep):
+        hidden = torch.cat([refs, target], dim=1).to(self.dtype)  # (1, N_r + N_t, C)
+        output, kv_cache = self.transformer(
+            hidden_states=hidden,
+            timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
+            guidance=None,
+            encoder_hidden_states=text,
+            txt_ids=self._ids(text_ids),
+            img_ids=self._ids(np.concatenate([ref_ids, target_ids], axis=0)),
+            return_dict=False,
+            kv_cache_mode="extract",
+            num_ref_tokens=refs.shape[1],
+        )
+        return output, kv_cache
+
+    @torch.no_grad()
+    def kv_cached(self, target, target_ids, kv_state, text, text_ids, timestep):
+        return self.transformer(
+            hidden_states=target.to(self.dtype),
+            timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
+            guidance=None,
+            encoder_hidden_states=text,
+            txt_ids=self._ids(text_ids),
+            img_ids=self._ids(target_ids),
+            return_dict=False,
+            kv_cache=kv_state,
+            kv_cache_mode="cached",
+        )[0]
+
+    def euler_step(self, latents, velocity, delta):
+        # FlowMatchEulerDiscreteScheduler.step: upcast to float32, add, cast back to the velocity's dtype.
+        stepped = latents.to(torch.float32) + torch.tensor(delta, dtype=torch.float32) * velocity
+        return stepped.to(velocity.dtype)
