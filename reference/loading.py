@@ -40,7 +40,7 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> 
     index = read_model_index(model_dir)
     pipeline_class = getattr(diffusers, index["_class_name"])
     try:
-        return pipeline_class.from_pretrained(str(model_dir), torch_dtype=dtype, local_files_only=True)
+        return pipeline_class.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load {index['_class_name']} from {model_dir}: {error} (check --model)") \
             from error

@@ -40,7 +40,12 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise LoraError(f"LoRA file {path} could not be read as a FLUX.2 LoRA: {error} (check --lora)") from error
     if isinstance(metadata, str):
         metadata = json.loads(metadata)
-    return dict(state_dict), dict(metadata or {})
+    # diffusers stores the peft adapter config with a "transformer." prefix on each field.
+    metadata = {key[len(_PREFIX):] if key.startswith(_PREFIX) else key: value for key, value in (metadata or {}).items()}
+    if metadata.get("use_dora"):
+        raise LoraError(bad_value("LoRA type", "DoRA (use_dora=True)", "plain LoRA (DoRA cannot be merged as B @ A)",
+                                  "--lora"))
+    return dict(state_dict), metadata
 
 
 def _group_by_module(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
@@ -58,13 +63,15 @@ def _group_by_module(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dic
     return modules, foreign
 
 
-def _alpha_for(module: str, parts: dict[str, torch.Tensor], metadata: dict[str, Any], rank: int) -> float:
-    if "alpha" in parts:
-        return float(parts["alpha"])
-    for pattern, alpha in (metadata.get("alpha_pattern") or {}).items():
-        if module.endswith(pattern):
-            return float(alpha)
-    return float(metadata.get("lora_alpha", rank))  # diffusers/peft default: alpha = r, scale 1
+def _scaling(module: str, parts: dict[str, torch.Tensor], metadata: dict[str, Any], rank: int) -> float:
+    """peft's ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA); alpha defaults to r (scale 1) as in diffusers."""
+    alpha = float(metadata.get("lora_alpha") or rank)
+    for pattern, value in (metadata.get("alpha_pattern") or {}).items():
+        if module == pattern or module.endswith("." + pattern):
+            alpha = float(value)
+    if "alpha" in parts:  # kohya-style files carry alpha per module
+        alpha = float(parts["alpha"])
+    return alpha / (rank ** 0.5 if metadata.get("use_rslora") else rank)
 
 
 @torch.no_grad()
@@ -96,7 +103,7 @@ def merge_lora(transformer: torch.nn.Module, path: str | Path, scale: float = 1.
             problems.append(f"{module} (lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)} do not fit "
                             f"weight {tuple(target.weight.shape)})")
             continue
-        factor = scale * _alpha_for(module, parts, metadata, rank) / rank
+        factor = scale * _scaling(module, parts, metadata, rank)
         updates.append((target, factor, up, down))
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")

@@ -1,0 +1,222 @@
+"""``sparse-context`` command line: parse, validate, call the library, print results. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from sparse_context.runtime.errors import SparseContextError
+from sparse_context.runtime.progress import stderr_progress
+from sparse_context.runtime.selection import ALLOCATION_CHOICES, STRATEGY_CHOICES
+
+
+def _add_selection_arguments(parser: argparse.ArgumentParser, default_keep: float) -> None:
+    parser.add_argument("--ref", action="append", default=[], metavar="IMAGE",
+                        help="reference image (repeat for several; default for `select`: the bundled samples)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=float, default=None,
+                        help=f"keep fraction of reference tokens in (0, 1] (default {default_keep})")
+    budget.add_argument("--tokens", type=int, default=None, help="token count instead of a fraction")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="edge",
+                        help="edge: instruction editing; saliency: subject personalization (default edge)")
+    parser.add_argument("--allocation", choices=ALLOCATION_CHOICES, default="per_reference",
+                        help="budget per reference, or global (importance-weighted across references)")
+    parser.add_argument("--mask", action="append", default=None, metavar="IMAGE",
+                        help="importance mask per reference for --strategy mask (grayscale image)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _masks(args: argparse.Namespace):
+    if not args.mask:
+        return None
+    import numpy as np
+
+    from sparse_context.runtime.images import load_image
+
+    return [np.asarray(load_image(path).convert("L"), dtype=np.float32) / 255.0 for path in args.mask]
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from sparse_context.runtime.images import sample_images
+    from sparse_context.runtime.overlay import draw_selection, save_png, selection_grid_png
+    from sparse_context.runtime.selection import select_references
+
+    refs = args.ref or [str(p) for p in sample_images().values()]
+    keep = args.keep if args.keep is not None or args.tokens is not None else 0.10
+    strategies = STRATEGY_CHOICES if args.strategy == "all" else (args.strategy,)
+    out = Path(args.out)
+    rows, labels, summary = [], [], {}
+    for strategy in strategies:
+        if strategy == "mask" and not args.mask:
+            continue
+        selections = select_references(refs, strategy=strategy, keep_fraction=None if args.tokens else keep,
+                                       token_count=args.tokens, allocation=args.allocation, seed=args.seed,
+                                       masks=_masks(args) if strategy == "mask" else None)
+        overlays = [draw_selection(np.asarray(s.image), s.indices, s.grid) for s in selections]
+        for index, (selection, overlay) in enumerate(zip(selections, overlays)):
+            save_png(out / f"select_{strategy}_ref{index}.png", overlay)
+            print(f"{strategy:9s} ref{index}: kept {selection.indices.size:5d} / {selection.available:5d} tokens "
+                  f"({selection.keep_fraction:.3f})")
+        rows.append(overlays)
+        labels.append([f"{strategy}: {s.indices.size}/{s.available}" for s in selections])
+        summary[strategy] = [s.indices.tolist() for s in selections]
+    selection_grid_png(out / "selections.png", rows, labels)
+    (out / "selections.json").write_text(json.dumps(summary))
+    print(f"overlays: {out}/selections.png")
+    return 0
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from sparse_context.reference.generator import SparseContextGenerator
+    from sparse_context.reference.tiny import tiny_model_dir
+    from sparse_context.runtime.overlay import save_png
+
+    model = args.model or tiny_model_dir()
+    generator = SparseContextGenerator.from_pretrained(model, lora=args.lora, lora_scale=args.lora_scale,
+                                                       transformer_file=args.transformer, dtype=_dtype(args.dtype),
+                                                       device=args.device)
+    use_kv = generator.prefers_kv if args.kv is None else args.kv
+    result = generator.generate(
+        args.prompt, args.ref, keep_fraction=args.keep if args.keep is not None else 1.0, token_count=args.tokens,
+        strategy=args.strategy, allocation=args.allocation, masks=_masks(args), use_kv=use_kv, height=args.height,
+        width=args.width, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+        on_step=stderr_progress("denoise"))
+    save_png(args.out, np.asarray(result.image))
+    timings = " ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
+    print(f"reference tokens: {result.ref_tokens} of {result.ref_tokens_available} | kv={'on' if use_kv else 'off'}"
+          f" | {timings}")
+    print(f"image: {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sparse_context.reference.demo import run_demo
+
+    report = run_demo(args.out, keep_fraction=args.keep, steps=args.steps, seed=args.seed,
+                      progress=stderr_progress)
+    print(f"token selection at keep {args.keep:g} (3 sample photos) -> {args.out}/selections.png")
+    for strategy, entry in report["selection"].items():
+        print(f"  {strategy:9s} kept {sum(entry['kept']):5d} of {sum(entry['available']):5d} tokens, "
+              f"{entry['ms_per_reference']:.1f} ms per reference")
+    print("generation (tiny FLUX.2-klein, CPU):")
+    for mode, entry in report["generation"].items():
+        print(f"  {mode:9s} reference tokens {entry['ref_tokens']:5d} of {entry['ref_tokens_available']:5d} | "
+              f"transformer {entry['transformer_seconds']:.2f}s ({entry['transformer_speedup']:.2f}x vs dense) | "
+              f"total {entry['total_seconds']:.2f}s | {entry['image']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "select":
+        from sparse_context.runtime.benchmark_selection import benchmark_selection
+
+        result = benchmark_selection(threads=args.threads)
+        print(json.dumps(result, indent=2))
+        return 0
+    from sparse_context.reference.benchmark import benchmark_speed, write_speed_report
+
+    def show(row):
+        print(f"refs {row.refs} keep {row.keep:<5g} kv {'on ' if row.kv else 'off'} ref tokens {row.ref_tokens:6d} "
+              f"{row.seconds:8.3f}s  {row.speedup:5.2f}x vs dense", flush=True)
+
+    result = benchmark_speed(config=args.config, refs=args.refs, keeps=args.keeps, target_px=args.target_px,
+                             ref_px=args.ref_px, text_tokens=args.text_tokens, steps=args.steps,
+                             repeats=args.repeats, device=args.device, dtype=_dtype(args.dtype), on_row=show)
+    print(f"target only (the limit): {result['target_only_seconds']:.3f}s on {result['device']}")
+    json_path, png_path = write_speed_report(result, args.out)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-context", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    select = commands.add_parser("select", help="choose reference tokens and write overlay PNGs")
+    _add_selection_arguments(select, default_keep=0.10)
+    select.set_defaults(strategy="all")
+    select._option_string_actions["--strategy"].choices = STRATEGY_CHOICES + ("all",)
+    select.add_argument("--out", default="out/select", help="folder for overlays (default out/select)")
+    select.set_defaults(func=cmd_select)
+
+    generate = commands.add_parser("generate", help="generate an image (PyTorch backend)")
+    generate.add_argument("--model", help="local diffusers folder of FLUX.2-klein (default: the embedded tiny model)")
+    generate.add_argument("--transformer", help="single-file transformer .safetensors replacing the folder's")
+    generate.add_argument("--lora", help="LoRA .safetensors merged into the transformer")
+    generate.add_argument("--lora-scale", type=float, default=1.0)
+    generate.add_argument("--prompt", required=True)
+    _add_selection_arguments(generate, default_keep=1.0)
+    kv = generate.add_mutually_exclusive_group()
+    kv.add_argument("--kv", dest="kv", action="store_true", default=None, help="reuse reference K/V (KV cache)")
+    kv.add_argument("--no-kv", dest="kv", action="store_false")
+    generate.add_argument("--steps", type=int, default=4)
+    generate.add_argument("--guidance", type=float, default=4.0, help="CFG scale (base models only)")
+    generate.add_argument("--width", type=int)
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--device", default="cpu")
+    generate.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    generate.add_argument("--out", default="out/generated.png")
+    generate.set_defaults(func=cmd_generate)
+
+    demo = commands.add_parser("demo", help="the main job on the embedded tiny model, end to end")
+    demo.add_argument("--out", default="out/demo")
+    demo.add_argument("--keep", type=float, default=0.10)
+    demo.add_argument("--steps", type=int, default=4)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    bench = commands.add_parser("bench", help="benchmarks: `speed` (PyTorch backend) or `select`")
+    bench.add_argument("what", choices=("speed", "select"))
+    bench.add_argument("--config", default="tiny", help="tiny | klein-4b | klein-9b")
+    bench.add_argument("--refs", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    bench.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.25, 0.10, 0.05])
+    bench.add_argument("--target-px", type=int, default=512)
+    bench.add_argument("--ref-px", type=int, default=512)
+    bench.add_argument("--text-tokens", type=int, default=64)
+    bench.add_argument("--steps", type=int, default=4)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    bench.add_argument("--threads", type=int, default=1, help="OpenCV threads for `select`")
+    bench.add_argument("--out", default="out/bench")
+    bench.set_defaults(func=cmd_bench)
+
+    _add_optional_commands(commands)
+    return parser
+
+
+def _add_optional_commands(commands) -> None:
+    """Commands whose modules may be absent in a partial checkout are added when importable."""
+    try:
+        from sparse_context.export.cli import add_export_arguments, run_export
+    except ImportError:
+        return
+    export = commands.add_parser("export", help="export the transformer to ONNX")
+    add_export_arguments(export)
+    export.set_defaults(func=run_export)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SparseContextError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
