@@ -6,6 +6,8 @@ with every token kept it equals ``Flux2KleinPipeline`` (dense) and ``Flux2KleinK
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -16,6 +18,7 @@ from PIL import Image
 
 from sparse_context.reference.torch_backend import TorchTransformerBackend
 from sparse_context.runtime.errors import InputError, bad_value
+from sparse_context.runtime.kv_cache import ReferenceKVCache, array_digest, reference_key
 from sparse_context.runtime.images import load_image, prepare_reference
 from sparse_context.runtime.packing import pack_grid, pack_references, unpack_grid
 from sparse_context.runtime.sampler import Conditioning, denoise
@@ -43,6 +46,7 @@ class GenerationResult:
     selections: list[np.ndarray]  # kept flat indices per reference
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     kv_state: Any = None  # the reference K/V (KV mode), reusable for the same references
+    cache_hit: bool = False  # the reference K/V came from the persistent cache
 
 
 class SparseContextGenerator:
@@ -59,6 +63,7 @@ class SparseContextGenerator:
         text_encoder_out_layers: Sequence[int] = KLEIN_TEXT_LAYERS,
         max_sequence_length: int = KLEIN_MAX_SEQUENCE_LENGTH,
         prefers_kv: bool = False,
+        kv_cache: ReferenceKVCache | None = None,
     ):
         self.transformer = transformer
         self.backend = TorchTransformerBackend(transformer)
@@ -70,6 +75,8 @@ class SparseContextGenerator:
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
         self.max_sequence_length = int(max_sequence_length)
         self.prefers_kv = prefers_kv  # a Klein KV checkpoint was trained for the KV path
+        self.kv_cache = kv_cache  # persistent reference K/V across calls (KV mode only)
+        self._fingerprint: str | None = None
 
     @classmethod
     def from_pipeline(cls, pipe: Any, **overrides: Any) -> "SparseContextGenerator":
@@ -113,6 +120,18 @@ class SparseContextGenerator:
     @property
     def token_pixels(self) -> int:
         return self.vae_scale_factor * 2
+
+    @property
+    def model_fingerprint(self) -> str:
+        """Identifies the transformer weights for the reference cache: config + a sample of every parameter."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
+            with torch.no_grad():
+                for name, parameter in self.transformer.named_parameters():
+                    digest.update(name.encode())
+                    digest.update(parameter.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, np.ndarray]:
         """(1, L, D) prompt embeddings as diffusers' Klein pipelines compute them, and their (L, 4) ids."""
@@ -231,6 +250,14 @@ class SparseContextGenerator:
             selections = self._select(prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed)
         timings["selection"] = time.perf_counter() - clock
 
+        cache_key = None
+        cache_hit = False
+        if use_kv and self.kv_cache is not None and kv_state is None and prepared:
+            kept = selections if selections is not None else [np.arange(r * c) for r, c in grids]
+            cache_key = reference_key(self.model_fingerprint, [array_digest(im) for im in prepared], kept)
+            kv_state = self.kv_cache.get(cache_key)
+            cache_hit = kv_state is not None
+
         clock = time.perf_counter()
         if reference_latents is None and kv_state is None:
             reference_latents = [self.encode_reference(im) for im in prepared]
@@ -272,6 +299,8 @@ class SparseContextGenerator:
                                     use_kv=use_kv, kv_state=kv_state, on_step=on_step)
         _synchronize(self.device)
         timings["transformer"] = time.perf_counter() - clock
+        if cache_key is not None and not cache_hit and kv_state is not None:
+            self.kv_cache.put(cache_key, kv_state, _kv_nbytes(kv_state))
 
         # 7. Decode
         clock = time.perf_counter()
@@ -287,7 +316,7 @@ class SparseContextGenerator:
         kept = [np.asarray(s, dtype=np.int64) for s in selections] if selections is not None else [
             np.arange(r * c, dtype=np.int64) for r, c in grids]
         return GenerationResult(image=image, latents=latents, ref_tokens=ref_tokens, ref_tokens_available=available,
-                                selections=kept, timings=timings, kv_state=kv_state)
+                                selections=kept, timings=timings, kv_state=kv_state, cache_hit=cache_hit)
 
     def _select(self, prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed):
         from sparse_context.runtime.selection import select_references
@@ -311,6 +340,11 @@ def _unpatchify(latents: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents.shape
     latents = latents.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
     return latents.reshape(b, c // 4, h * 2, w * 2)
+
+
+def _kv_nbytes(kv_state: Any) -> int:
+    layers = list(kv_state.double_block_caches) + list(kv_state.single_block_caches)
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.k_ref, layer.v_ref) if t is not None)
 
 
 def _synchronize(device: torch.device) -> None:
