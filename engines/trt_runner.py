@@ -1,0 +1,174 @@
+"""Run a verified TensorRT engine: activate -> infer (per call: profile, shapes, addresses) -> deactivate.
+
+Buffers are allocated once at activation, at the largest shape any profile allows, so a call never allocates;
+a call picks its bucket's profile and sets the real shapes. ``tensorrt`` is imported lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from sparse_context.engines.cuda_memory import default_memory
+from sparse_context.engines.errors import EngineCorruptError, ProfileError, RunnerError
+from sparse_context.engines.manifest import EngineManifest, read_manifest, verify_engine
+from sparse_context.engines.profiles import Profile
+from sparse_context.engines.trt_build import logged_errors, import_tensorrt, make_logger
+from sparse_context.runtime.errors import bad_value
+
+
+def _itemsize(dtype_name: str) -> int:
+    # Sizes of TensorRT DataType names (BF16 has no numpy dtype, so no np.dtype lookup here).
+    sizes = {"FLOAT": 4, "HALF": 2, "BF16": 2, "INT32": 4, "INT64": 8, "INT8": 1, "UINT8": 1, "BOOL": 1, "FP8": 1}
+    if dtype_name not in sizes:
+        raise RunnerError(f"tensor type {dtype_name} is not supported by this runner")
+    return sizes[dtype_name]
+
+
+class TrtRunner:
+    """One engine, one execution context, one stream. Use as ``with TrtRunner(path) as runner: runner.infer(...)``."""
+
+    def __init__(self, engine_path: str | os.PathLike, manifest: EngineManifest | None = None, *,
+                 memory: Any = None, device: int = 0):
+        self.engine_path = Path(engine_path)
+        self.manifest = manifest
+        self._memory, self._device = memory, device
+        self.engine = self.context = None
+        self._buffers: dict[str, Any] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def activate(self) -> TrtRunner:
+        try:
+            return self._activate()
+        except BaseException:
+            self.deactivate()  # a half-activated runner must not keep a stream or buffers
+            raise
+
+    def _activate(self) -> TrtRunner:
+        trt = import_tensorrt()
+        self.manifest = self.manifest or read_manifest(self.engine_path)
+        self.memory = self._memory or default_memory(self._device)
+        self._owns_memory = self._memory is None
+        device = self.memory.device_info()
+        # 1. refuse engines from another TensorRT / GPU, or with a bad checksum, before TensorRT reads a byte
+        data = verify_engine(self.engine_path, self.manifest, trt.__version__, device.compute_capability)
+        self.logger = make_logger(trt)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise EngineCorruptError(f"TensorRT could not deserialize {self.engine_path}: "
+                                     f"{'; '.join(logged_errors(self.logger)) or 'no reason given'}; "
+                                     f"{self.manifest.rebuild()}")
+        if self.engine.num_optimization_profiles != len(self.manifest.profiles):
+            raise EngineCorruptError(f"engine {self.engine_path} holds {self.engine.num_optimization_profiles} "
+                                     f"profiles, its manifest lists {len(self.manifest.profiles)}; "
+                                     f"{self.manifest.rebuild()}")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RunnerError(f"could not create an execution context for {self.engine_path} (GPU memory?)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: self.engine.get_tensor_dtype(n).name for n in names}
+        # 2. one buffer per tensor at its largest size over all profiles
+        for name, nbytes in self._max_bytes().items():
+            self._buffers[name] = self.memory.alloc(nbytes)
+        self._active_profile = None
+        return self
+
+    def deactivate(self) -> None:
+        memory = getattr(self, "memory", None)
+        for buffer in self._buffers.values():
+            memory.free(buffer)
+        self._buffers.clear()
+        self.context = self.engine = None  # release before the runtime that created them
+        if memory is not None and getattr(self, "_owns_memory", False):
+            memory.close()  # an injected memory object belongs to the caller
+        self.memory = None
+
+    def __enter__(self) -> TrtRunner:
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    # -- inference -----------------------------------------------------------------------------------------
+    def profile_index(self, profile: str | int) -> int:
+        """Index of a profile given as ``"keep0.10/extract"`` or an int."""
+        profiles = self._require_active().profiles
+        if isinstance(profile, int) and 0 <= profile < len(profiles):
+            return profile
+        for index, candidate in enumerate(profiles):
+            if candidate.name == profile:
+                return index
+        raise ProfileError(bad_value("engine profile", profile, ", ".join(p.name for p in profiles)))
+
+    def infer(self, feed: Mapping[str, Any], profile: str | int) -> dict[str, Any]:
+        """Run one call in ``profile``; returns {output: array} (numpy, or torch CUDA tensors on the torch path)."""
+        manifest = self._require_active()
+        index = self.profile_index(profile)
+        missing, extra = set(self.inputs) - set(feed), set(feed) - set(self.inputs)
+        if missing or extra:
+            raise ProfileError(f"inputs do not match the engine: missing {sorted(missing)}, unknown {sorted(extra)}")
+        stream = self.memory.stream_handle
+        if index != self._active_profile:  # switching has a cost; consecutive calls of one bucket skip it
+            if not self.context.set_optimization_profile_async(index, stream):
+                raise RunnerError(f"TensorRT refused profile {index} ({manifest.profiles[index].name})")
+            self._active_profile = index
+        for name in self.inputs:
+            shape = tuple(int(d) for d in feed[name].shape)
+            self._check_in_profile(manifest.profiles[index], name, shape)
+            if not self.context.set_input_shape(name, shape):
+                raise ProfileError(f"input {name!r} shape {shape} does not satisfy profile "
+                                   f"{manifest.profiles[index].name}: {'; '.join(logged_errors(self.logger))}")
+            pointer = self.memory.upload(self._buffers[name], feed[name], self.dtypes[name])
+            self.context.set_tensor_address(name, pointer)
+        for name in self.outputs:
+            self.context.set_tensor_address(name, self.memory.pointer(self._buffers[name]))
+        if not self.context.execute_async_v3(stream):
+            raise RunnerError(f"execute_async_v3 failed: {'; '.join(logged_errors(self.logger)) or 'see log'}")
+        results = {name: self.memory.download(self._buffers[name], tuple(self.context.get_tensor_shape(name)),
+                                              self.dtypes[name]) for name in self.outputs}
+        self.memory.synchronize()
+        return results
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _require_active(self) -> EngineManifest:
+        if self.context is None:
+            raise RunnerError("TrtRunner.infer() before activate(): use `with TrtRunner(path) as runner:`")
+        return self.manifest
+
+    @staticmethod
+    def _check_in_profile(profile: Profile, name: str, shape: tuple[int, ...]) -> None:
+        """Name the allowed range ourselves: TensorRT's own refusal only goes to its log."""
+        ranges = profile.shape_dict().get(name)
+        if ranges is None:
+            return  # a static input: TensorRT checks it
+        low, _, high = ranges
+        if len(shape) != len(low) or not all(a <= d <= b for a, d, b in zip(low, shape, high)):
+            raise ProfileError(f"input {name!r}: shape {shape} is outside profile {profile.name} "
+                               f"(min {low}, max {high}); pick the bucket for this token count with "
+                               f"BucketPlan.bucket_for(), or rebuild with a wider bucket")
+
+    def _max_bytes(self) -> dict[str, int]:
+        """Per tensor, the most bytes any profile needs: inputs at each profile's max, outputs as TensorRT infers
+        them from those inputs."""
+        sizes = {name: 0 for name in self.inputs + self.outputs}
+        stream = self.memory.stream_handle
+        for index in range(self.engine.num_optimization_profiles):
+            self.context.set_optimization_profile_async(index, stream)
+            for name in self.inputs:
+                high = tuple(self.engine.get_tensor_profile_shape(name, index)[2]) if name in \
+                    self.manifest.profiles[index].shape_dict() else tuple(self.engine.get_tensor_shape(name))
+                self.context.set_input_shape(name, high)
+            for name in sizes:
+                shape = tuple(self.context.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise RunnerError(f"output {name!r} has a data-dependent shape {shape}; not supported")
+                count = int(np.prod(shape, dtype=np.int64))
+                sizes[name] = max(sizes[name], count * _itemsize(self.dtypes[name]))
+        self.memory.synchronize()
+        return sizes
