@@ -84,10 +84,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sparse_context.reference.tiny import tiny_model_dir
     from sparse_context.runtime.overlay import save_png
 
-    model = args.model or tiny_model_dir()
-    generator = SparseContextGenerator.from_pretrained(model, lora=args.lora, lora_scale=args.lora_scale,
-                                                       transformer_file=args.transformer, dtype=_dtype(args.dtype),
-                                                       device=args.device)
+    if args.engines:
+        generator = SparseContextGenerator.from_engines(args.engines)
+    else:
+        generator = SparseContextGenerator.from_pretrained(args.model or tiny_model_dir(), lora=args.lora,
+                                                           lora_scale=args.lora_scale, transformer_file=args.transformer,
+                                                           dtype=_dtype(args.dtype), device=args.device)
     use_kv = generator.prefers_kv if args.kv is None else args.kv
     result = generator.generate(
         args.prompt, args.ref, keep_fraction=args.keep if args.keep is not None else 1.0, token_count=args.tokens,
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate an image (PyTorch backend)")
     generate.add_argument("--model", help="local diffusers folder of FLUX.2-klein (default: the embedded tiny model)")
+    generate.add_argument("--engines", help="engines folder from build_engines.py (onnxruntime backends)")
     generate.add_argument("--transformer", help="single-file transformer .safetensors replacing the folder's")
     generate.add_argument("--lora", help="LoRA .safetensors merged into the transformer")
     generate.add_argument("--lora-scale", type=float, default=1.0)

@@ -1,0 +1,13 @@
+"""ONNX export of the (LoRA-merged) FLUX.2-klein transformer with a dynamic reference-token axis.
+
+- ``spec`` (numpy only): :func:`build_spec`, :class:`ExportSpec` — names, dynamic axes, bounds, profiles, samples.
+- ``rope`` (numpy only): :func:`rope_cos_sin`, diffusers' ``Flux2PosEmbed`` outside the graph.
+- ``graphs`` (torch): :class:`FullGraph`, :class:`KVGraph`, :func:`attention_form`.
+- ``exporter`` (torch): :class:`ExportOptions`, :func:`export_onnx`, :func:`export_graphs`.
+- ``checks``: :func:`check_graph`; ``trt_ops``: TensorRT 10.3 parser operator table.
+- ``validate``: :func:`validate_export`, :func:`validate_export_dir`.
+- ``ort_backend``: :class:`OrtTransformerBackend` for ``runtime.sampler.denoise``.
+- ``cli``: :func:`add_export_arguments`, :func:`run_export`.
+
+Sub-modules are imported on use, so ``import sparse_context.export.spec`` needs neither torch nor onnx.
+"""

@@ -64,9 +64,11 @@ class SparseContextGenerator:
         max_sequence_length: int = KLEIN_MAX_SEQUENCE_LENGTH,
         prefers_kv: bool = False,
         kv_cache: ReferenceKVCache | None = None,
+        backend: Any = None,
     ):
         self.transformer = transformer
-        self.backend = TorchTransformerBackend(transformer)
+        # Any TransformerBackend: the PyTorch one by default; onnxruntime/TensorRT ones work on numpy arrays.
+        self.backend = backend if backend is not None else TorchTransformerBackend(transformer)
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -101,14 +103,42 @@ class SparseContextGenerator:
         return cls(**load_generator_parts(model_dir, lora=lora, lora_scale=lora_scale,
                                           transformer_file=transformer_file, dtype=dtype, device=device))
 
+    @classmethod
+    def from_engines(cls, engines_dir: Any, device: str = "cpu") -> "SparseContextGenerator":
+        """The thin runtime: the transformer runs in the engines ``build_engines.py`` wrote (onnxruntime
+        backends); the text encoder and VAE come from the model folder recorded there."""
+        from sparse_context.engines.build import read_engines
+        from sparse_context.export.ort_backend import OrtTransformerBackend
+        from sparse_context.reference.loading import load_generator_parts
+
+        engines = read_engines(engines_dir)
+        if engines["backend"] == "trt":
+            raise InputError(bad_value("engines backend for generate", "trt", "ort-cpu, ort-cuda or ort-trt (the "
+                                       "TensorRT runner is not wired into generation yet)", "--engines"))
+        graphs = engines["graphs"]
+        providers: list[Any] = list(engines["providers"])
+        options = graphs.get("kv", graphs.get("full", {})).get("provider_options")
+        if options and providers and providers[0] == "TensorrtExecutionProvider":
+            providers[0] = (providers[0], options)
+        backend = OrtTransformerBackend(full=graphs.get("full", {}).get("onnx"), kv=graphs.get("kv", {}).get("onnx"),
+                                        providers=providers)
+        parts = load_generator_parts(engines["model_dir"], device=device, with_transformer=False)
+        return cls(backend=backend, **parts)
+
     # -- components ------------------------------------------------------------------------------------------
 
     @property
+    def _numpy_backend(self) -> bool:
+        return not isinstance(self.backend, TorchTransformerBackend)
+
+    @property
     def device(self) -> torch.device:
-        return self.backend.device
+        return torch.device("cpu") if self._numpy_backend else self.backend.device
 
     @property
     def dtype(self) -> torch.dtype:
+        if self._numpy_backend:
+            return self.transformer.dtype if self.transformer is not None else torch.float32
         return self.backend.dtype
 
     @property
@@ -124,6 +154,10 @@ class SparseContextGenerator:
     @property
     def model_fingerprint(self) -> str:
         """Identifies the transformer weights for the reference cache: config + a sample of every parameter."""
+        if self._fingerprint is None and self.transformer is None:
+            manifests = getattr(self.backend, "manifests", {})
+            blob = json.dumps({g: m.get("onnx_sha256") for g, m in manifests.items()}, sort_keys=True)
+            self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         if self._fingerprint is None:
             digest = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
             with torch.no_grad():
@@ -272,7 +306,7 @@ class SparseContextGenerator:
         if rows < 1 or cols < 1:
             raise InputError(bad_value("output size", f"{width}x{height} px",
                                        f"at least {self.token_pixels} px per side", "--width/--height"))
-        channels = self.transformer.config.in_channels
+        channels = self.transformer.config.in_channels if self.transformer is not None else self.backend.dims.in_channels
         if latents is None:
             generator = torch.Generator("cpu").manual_seed(int(seed))
             latents = torch.randn((1, channels, rows, cols), generator=generator, dtype=prompt_embeds.dtype)
@@ -295,8 +329,14 @@ class SparseContextGenerator:
         # 6. Denoise
         clock = time.perf_counter()
         schedule = flow_match_schedule(num_steps, rows * cols, self.scheduler_config)
-        latents, kv_state = denoise(self.backend, latents, target_ids, conditioning, schedule, refs, ref_ids,
-                                    use_kv=use_kv, kv_state=kv_state, on_step=on_step)
+        if self._numpy_backend:  # the text encoder and VAE stay in torch; the transformer backend takes numpy
+            latents, kv_state = denoise(self.backend, _np(latents), target_ids, _np_conditioning(conditioning),
+                                        schedule, _np(refs), ref_ids, use_kv=use_kv, kv_state=kv_state,
+                                        on_step=on_step)
+            latents = torch.from_numpy(np.asarray(latents, dtype=np.float32))
+        else:
+            latents, kv_state = denoise(self.backend, latents, target_ids, conditioning, schedule, refs, ref_ids,
+                                        use_kv=use_kv, kv_state=kv_state, on_step=on_step)
         _synchronize(self.device)
         timings["transformer"] = time.perf_counter() - clock
         if cache_key is not None and not cache_hit and kv_state is not None:
@@ -342,7 +382,18 @@ def _unpatchify(latents: torch.Tensor) -> torch.Tensor:
     return latents.reshape(b, c // 4, h * 2, w * 2)
 
 
+def _np(tensor: torch.Tensor | None) -> np.ndarray | None:
+    return None if tensor is None else tensor.detach().float().cpu().numpy()
+
+
+def _np_conditioning(conditioning: Conditioning) -> Conditioning:
+    return Conditioning(_np(conditioning.text), conditioning.text_ids, _np(conditioning.negative_text),
+                        conditioning.negative_text_ids, conditioning.guidance_scale)
+
+
 def _kv_nbytes(kv_state: Any) -> int:
+    if hasattr(kv_state, "keys") and hasattr(kv_state, "values") and hasattr(kv_state.keys, "nbytes"):
+        return int(kv_state.keys.nbytes + kv_state.values.nbytes)  # onnxruntime / TensorRT state
     layers = list(kv_state.double_block_caches) + list(kv_state.single_block_caches)
     return sum(t.numel() * t.element_size() for layer in layers for t in (layer.k_ref, layer.v_ref) if t is not None)
 

@@ -33,14 +33,17 @@ def read_model_index(model_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Any:
-    """``Flux2KleinPipeline`` or ``Flux2KleinKVPipeline`` from a local folder, never touching a hub."""
+def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32, with_transformer: bool = True) -> Any:
+    """``Flux2KleinPipeline`` or ``Flux2KleinKVPipeline`` from a local folder, never touching a hub.
+
+    ``with_transformer=False`` loads only the text encoder and VAE (an engine runs the transformer)."""
     import diffusers
 
     index = read_model_index(model_dir)
     pipeline_class = getattr(diffusers, index["_class_name"])
+    skip = {} if with_transformer else {"transformer": None}
     try:
-        return pipeline_class.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+        return pipeline_class.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True, **skip)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load {index['_class_name']} from {model_dir}: {error} (check --model)") \
             from error
@@ -85,11 +88,11 @@ def read_settings(model_dir: str | Path) -> dict[str, Any]:
 
 def load_generator_parts(model_dir: str | Path, lora: str | Path | None = None, lora_scale: float = 1.0,
                          transformer_file: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                         device: str = "cpu") -> dict[str, Any]:
+                         device: str = "cpu", with_transformer: bool = True) -> dict[str, Any]:
     """Keyword arguments for ``SparseContextGenerator`` from a local folder (+ transformer file, + LoRA)."""
     from sparse_context.reference.lora import merge_lora
 
-    pipe = load_pipeline(model_dir, dtype)
+    pipe = load_pipeline(model_dir, dtype, with_transformer=with_transformer)
     if transformer_file is not None:
         load_transformer_file(pipe.transformer, transformer_file)
     if lora is not None:

@@ -1,0 +1,76 @@
+"""build_engines.py: one command from a diffusers folder (+ LoRA) to ready engines.
+
+    python build_engines.py --model /models/FLUX.2-klein-9B --lora sc.safetensors --backend trt --precision bf16
+    python build_engines.py --demo                      # the embedded tiny model, onnxruntime CPU
+
+Export is reused when cached; one optimization profile per sparsity bucket (and per KV step); a manifest beside
+every engine. This file only parses, validates and calls ``sparse_context.engines.build``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparse_context.engines.buckets import add_bucket_arguments
+    from sparse_context.engines.build import BACKENDS
+
+    parser = argparse.ArgumentParser(prog="build_engines.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="local diffusers folder of FLUX.2-klein")
+    parser.add_argument("--demo", action="store_true", help="use the embedded tiny model (fp32, onnxruntime CPU)")
+    parser.add_argument("--transformer", type=Path, help="single-file transformer checkpoint (.safetensors)")
+    parser.add_argument("--lora", type=Path, help="LoRA .safetensors merged before export")
+    parser.add_argument("--lora-scale", type=float, default=1.0)
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help="default: trt (ort-cpu with --demo)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="default: fp16 (fp32 with --demo)")
+    parser.add_argument("--graphs", nargs="+", choices=("full", "kv"), default=["full", "kv"])
+    parser.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder memory limit")
+    parser.add_argument("--out", type=Path, default=Path("engines_out"), help="engines folder (default engines_out)")
+    add_bucket_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sparse_context.engines.buckets import plan_from_args
+    from sparse_context.engines.build import BuildRequest, build_engines
+    from sparse_context.runtime.errors import SparseContextError, bad_value
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.demo:
+            from sparse_context.reference.tiny import TINY_MAX_SEQUENCE_LENGTH, tiny_model_dir
+
+            model, backend, precision = tiny_model_dir(), args.backend or "ort-cpu", args.precision or "fp32"
+            args.text_tokens = TINY_MAX_SEQUENCE_LENGTH
+        elif args.model is None:
+            raise SparseContextError(bad_value("model", None, "a local diffusers folder", "--model (or --demo)"))
+        else:
+            model, backend, precision = args.model, args.backend or "trt", args.precision or "fp16"
+        request = BuildRequest(
+            model_dir=Path(model), backend=backend, plan=plan_from_args(args), out_dir=args.out, precision=precision,
+            lora=args.lora, lora_scale=args.lora_scale, transformer_file=args.transformer, graphs=tuple(args.graphs),
+            workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            print(f"[build] {stage} {done}/{total}", file=sys.stderr, flush=True)
+
+        engines = build_engines(request, progress)
+    except SparseContextError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for graph, entry in engines["graphs"].items():
+        where = entry.get("engine") or entry["onnx"]
+        print(f"{graph}: {len(entry['profiles'])} profiles, {'reused' if entry['reused_export'] else 'new'} export, "
+              f"{where}")
+    print(f"backend {engines['backend']}, precision {engines['precision']}: {args.out}/engines.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

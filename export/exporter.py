@@ -1,0 +1,328 @@
+"""Export the (LoRA-merged) FLUX.2-klein transformer to ONNX: full graph and/or the single-weight-copy KV graph.
+
+Steps: check options -> hash inputs (cache key) -> reuse a complete earlier export, or load, merge, trace with
+``torch.onnx.export(dynamo=True)`` into a staging folder, check the graph, write the manifest and rename the folder
+into place. Only a folder that went through every step carries the final name, so an interrupted export can never be
+taken for a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sparse_context.export.errors import ExportConfigError, ExportError
+from sparse_context.export.graphs import ATTENTION_FORMS, FullGraph, KVGraph, attention_form
+from sparse_context.export.spec import (
+    DEFAULT_MAX_REF_TOKENS, DEFAULT_TARGET_SIZES, GRAPHS, PRECISIONS, ExportSpec, ModelDims, build_spec,
+    example_sizes,
+)
+from sparse_context.reference.lora import file_sha256
+from sparse_context.runtime.errors import bad_value
+
+FORMAT_VERSION = 1  # bump when the graph semantics or the folder layout change: old caches stop matching
+MANIFEST = "manifest.json"
+ONNX_FILE = "model.onnx"
+EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
+DEFAULT_OPSET = {"matmul": 19, "fused": 23}
+OPSET_RANGE = {"matmul": (18, 20), "fused": (23, 23)}  # matmul: TensorRT 10.3 parses up to 20; Attention is 23
+DEFAULT_TEXT_TOKENS = 512  # Klein pads prompts to max_sequence_length=512
+
+Progress = Callable[[str, int, int], None]  # (stage, step, total steps)
+STAGES = ("hash", "load", "trace", "save", "check", "manifest")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model_dir: Path
+    graph: str = "kv"
+    precision: str = "fp16"
+    attention: str = "matmul"
+    opset: int | None = None  # None: DEFAULT_OPSET of the attention form
+    lora: Path | None = None
+    lora_scale: float = 1.0
+    transformer_file: Path | None = None
+    max_ref_tokens: int = DEFAULT_MAX_REF_TOKENS
+    target_sizes: tuple[tuple[int, int], ...] = DEFAULT_TARGET_SIZES
+    text_tokens: int | None = None  # None: the folder's max_sequence_length (sparse_context.json) or 512
+    out_dir: Path = Path("onnx")
+
+    @property
+    def resolved_opset(self) -> int:
+        return int(self.opset if self.opset is not None else DEFAULT_OPSET.get(self.attention, 19))
+
+    def validate(self) -> "ExportOptions":
+        """Raise ExportConfigError for the first option out of range; no side effects."""
+        if self.graph not in GRAPHS:
+            raise ExportConfigError(bad_value("graph", self.graph, " or ".join(GRAPHS), "--graph"))
+        if self.precision not in PRECISIONS:
+            raise ExportConfigError(bad_value("precision", self.precision, " or ".join(PRECISIONS), "--precision"))
+        if self.attention not in ATTENTION_FORMS:
+            raise ExportConfigError(bad_value("attention form", self.attention, " or ".join(ATTENTION_FORMS),
+                                              "--attention"))
+        low, high = OPSET_RANGE[self.attention]
+        if not low <= self.resolved_opset <= high:
+            raise ExportConfigError(bad_value(f"opset for --attention {self.attention}", self.resolved_opset,
+                                              f"{low}..{high}", "--opset"))
+        if self.lora is not None and not Path(self.lora).is_file():
+            raise ExportConfigError(bad_value("LoRA file", str(self.lora), "an existing .safetensors file", "--lora"))
+        return self
+
+
+@dataclass
+class ExportResult:
+    path: Path  # the .onnx file
+    manifest: dict[str, Any]
+    reused: bool
+    spec: ExportSpec = field(repr=False, default=None)
+
+
+def _report(progress: Progress | None, stage: str) -> None:
+    if progress is not None:
+        progress(stage, STAGES.index(stage) + 1, len(STAGES))
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    """file_sha256, memoised on (path, size, mtime): a 9B checkpoint takes a minute to hash, and a multi-graph
+    export asks for it once per graph."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = file_sha256(path)
+    return _SHA_MEMO[key]
+
+
+def weights_sha256(model_dir: Path, transformer_file: Path | None) -> str:
+    """sha256 over the transformer folder's files (names and bytes) and the single-file checkpoint if given."""
+    digest = hashlib.sha256()
+    folder = Path(model_dir) / "transformer"
+    if not folder.is_dir():
+        raise ExportConfigError(bad_value("model folder", str(model_dir), "a diffusers folder with transformer/",
+                                          "--model"))
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(_sha256(path).encode())
+    if transformer_file is not None:
+        digest.update(b"single-file:" + _sha256(Path(transformer_file)).encode())
+    return digest.hexdigest()
+
+
+def exporter_versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxscript
+    import torch
+
+    from sparse_context import __version__
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+            "diffusers": diffusers.__version__, "sparse_context": __version__, "format": str(FORMAT_VERSION)}
+
+
+def load_transformer(options: ExportOptions) -> tuple[Any, dict[str, Any]]:
+    """The fp32 transformer of the folder, with the single-file checkpoint and the LoRA applied, in eval mode.
+
+    Only the transformer is loaded (``load_pipeline`` would also load the multi-GB text encoder and VAE, which the
+    export never touches); the folder check, checkpoint loading and LoRA merge are the reference loaders'.
+    """
+    import torch
+    from diffusers import Flux2Transformer2DModel
+
+    from sparse_context.reference.loading import load_transformer_file, read_model_index
+    from sparse_context.reference.lora import merge_lora
+    from sparse_context.runtime.errors import ModelLoadError
+
+    read_model_index(options.model_dir)
+    try:
+        transformer = Flux2Transformer2DModel.from_pretrained(str(options.model_dir), subfolder="transformer",
+                                                              torch_dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"could not load the transformer of {options.model_dir}: {error} (check --model)") \
+            from error
+    if options.transformer_file is not None:
+        load_transformer_file(transformer, options.transformer_file)
+    lora_info = merge_lora(transformer, options.lora, options.lora_scale) if options.lora is not None else None
+    return transformer.eval(), {"lora": lora_info}
+
+
+def text_tokens_for(options: ExportOptions) -> int:
+    from sparse_context.reference.loading import read_settings
+
+    if options.text_tokens is not None:
+        return int(options.text_tokens)
+    return int(read_settings(options.model_dir).get("max_sequence_length", DEFAULT_TEXT_TOKENS))
+
+
+def spec_for(options: ExportOptions, config: dict[str, Any]) -> ExportSpec:
+    return build_spec(options.graph, options.precision, ModelDims.from_config(config), text_tokens_for(options),
+                      options.target_sizes, options.max_ref_tokens)
+
+
+def cache_key(options: ExportOptions, spec: ExportSpec, weights: str, lora: str | None) -> str:
+    blob = {"weights": weights, "lora": lora, "lora_scale": options.lora_scale if lora else None,
+            "attention": options.attention, "opset": options.resolved_opset, "spec": spec.to_json(),
+            "versions": exporter_versions()}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _final_dir(options: ExportOptions, key: str) -> Path:
+    name = f"{options.graph}-{options.precision}-{options.attention}-op{options.resolved_opset}-{key[:16]}"
+    return Path(options.out_dir) / name
+
+
+def _load_complete(folder: Path, key: str) -> dict[str, Any] | None:
+    """The manifest of a complete export for ``key`` in ``folder``, or None (missing, foreign, damaged)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("cache_key") != key:
+        return None
+    for name, info in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != info.get("bytes"):
+            return None
+    return manifest
+
+
+def _trace(transformer: Any, spec: ExportSpec, options: ExportOptions, path: Path) -> None:
+    import torch
+
+    from sparse_context.export.spec import ROPE_TOKENS, TEXT_TARGET_TOKENS
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.precision]
+    if transformer.dtype != dtype:
+        transformer = transformer.to(dtype)
+    module = (FullGraph if spec.graph == "full" else KVGraph)(transformer).eval()
+    sizes = example_sizes(spec)
+    feeds = spec.sample_inputs(sizes, seed=0)
+    args = tuple(torch.from_numpy(feeds[t.name].astype("float32")).to(torch.float32 if t.float32 else dtype)
+                 for t in spec.inputs)
+    dims: dict[str, Any] = {}
+    for bound in spec.bounds:
+        # Dims are only hints to the dynamo exporter (it relaxes them to Dim.DYNAMIC); the names become dim_params.
+        dims[bound.symbol] = torch.export.Dim(bound.symbol, min=0, max=max(bound.max, sizes.get(bound.symbol, 0) + 1))
+    for symbol in (ROPE_TOKENS, TEXT_TARGET_TOKENS):
+        dims[symbol] = torch.export.Dim(symbol, min=1)
+    dynamic_shapes = tuple({axis: dims[symbol] for axis, symbol in t.dynamic_axes().items()} or None
+                           for t in spec.inputs)
+    with torch.no_grad(), attention_form(options.attention):
+        try:
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=options.resolved_opset,
+                                        dynamic_shapes=dynamic_shapes, input_names=spec.input_names,
+                                        output_names=spec.output_names, verbose=False)
+        except Exception as error:  # the exporter raises many internal types; wrap with what was being exported
+            raise ExportError(f"torch.onnx.export failed for the {spec.graph} graph ({options.attention} attention, "
+                              f"opset {options.resolved_opset}, {spec.precision}): {error}") from error
+    weight_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_LIMIT)
+
+
+def export_onnx(options: ExportOptions, progress: Progress | None = None, transformer: Any = None) -> ExportResult:
+    """Export one graph (``options.graph``) or reuse the cached export of the same inputs; see the module doc.
+
+    ``transformer``: an already loaded transformer (the same weights/LoRA the options name) to skip loading; it is
+    cast in place to the export precision. The cache key still hashes the files.
+    """
+    # 1. Options and cache key
+    options.validate()
+    _report(progress, "hash")
+    from sparse_context.reference.loading import read_model_index
+
+    read_model_index(options.model_dir)
+    config = json.loads((Path(options.model_dir) / "transformer" / "config.json").read_text())
+    spec = spec_for(options, config)
+    weights = weights_sha256(options.model_dir, options.transformer_file)
+    lora_sha = file_sha256(options.lora) if options.lora is not None else None
+    key = cache_key(options, spec, weights, lora_sha)
+    final = _final_dir(options, key)
+    manifest = _load_complete(final, key)
+    if manifest is not None:
+        return ExportResult(final / ONNX_FILE, manifest, reused=True, spec=spec)
+
+    # 2. Load and trace into a staging folder next to the final one (same filesystem, so the rename is atomic)
+    _report(progress, "load")
+    lora_info = None
+    if transformer is None:
+        transformer, info = load_transformer(options)
+        lora_info = info["lora"]
+    Path(options.out_dir).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{final.name}-", dir=options.out_dir))
+    try:
+        _report(progress, "trace")
+        _trace(transformer, spec, options, staging / ONNX_FILE)
+        _report(progress, "save")
+        # 3. Checks
+        _report(progress, "check")
+        from sparse_context.export.checks import check_graph
+
+        summary = check_graph(staging / ONNX_FILE, spec, for_tensorrt=options.attention == "matmul")
+        # 4. Manifest last: its presence marks the folder complete
+        _report(progress, "manifest")
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(staging.iterdir())}
+        manifest = {
+            "cache_key": key, "graph": spec.graph, "precision": spec.precision, "attention": options.attention,
+            "opset": summary["opset"], "for_tensorrt": options.attention == "matmul", "ops": summary["ops"],
+            "files": files, "onnx_sha256": files[ONNX_FILE]["sha256"], "base_weights_sha256": weights,
+            "lora": {"sha256": lora_sha, "scale": options.lora_scale, **(lora_info or {})} if lora_sha else None,
+            "model_config": config, "spec": spec.to_json(), "dynamic_axes": spec.dynamic_axes(),
+            "versions": exporter_versions(),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        if final.exists():  # an older folder that failed _load_complete (damaged): replace it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(final / ONNX_FILE, manifest, reused=False, spec=spec)
+
+
+def export_graphs(options: ExportOptions, graphs: tuple[str, ...] = ("full", "kv"),
+                  progress: Progress | None = None) -> list[ExportResult]:
+    """Export several graphs of the same model (same precision), loading and merging the weights at most once."""
+    results, loaded = [], None
+    for graph in graphs:
+        graph_options = _replace(options, graph=graph)
+        if loaded is None and not _is_cached(graph_options):
+            loaded, _ = load_transformer(graph_options.validate())
+        results.append(export_onnx(graph_options, progress, transformer=loaded))
+    return results
+
+
+def _is_cached(options: ExportOptions) -> bool:
+    from sparse_context.reference.loading import read_model_index
+
+    options.validate()
+    read_model_index(options.model_dir)
+    config = json.loads((Path(options.model_dir) / "transformer" / "config.json").read_text())
+    spec = spec_for(options, config)
+    lora_sha = file_sha256(options.lora) if options.lora is not None else None
+    key = cache_key(options, spec, weights_sha256(options.model_dir, options.transformer_file), lora_sha)
+    return _load_complete(_final_dir(options, key), key) is not None
+
+
+def _replace(options: ExportOptions, **changes: Any) -> ExportOptions:
+    from dataclasses import replace
+
+    return replace(options, **changes)
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest next to an exported ``model.onnx`` (or in the export folder given)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ExportError(bad_value("export folder", str(folder), f"a folder with a readable {MANIFEST} written by "
+                                    "this exporter")) from error

@@ -1,0 +1,272 @@
+"""The FLUX.2 transformer forward, re-written with explicit tensors so the exported graph has fixed semantics.
+
+The modules below reuse the weights and sub-modules of a diffusers ``Flux2Transformer2DModel`` (nothing is
+copied) but take every input as a tensor: RoPE cos/sin come from outside (computed in float64 by numpy or
+diffusers, fed as float32), so the graph holds no float64 and no position-id arithmetic.
+
+Tokens are kept as three streams (text, references, target) that share each layer's weights. That lets one
+code path express both graphs:
+
+- :class:`FullGraph`: every token attends to every token and references are modulated with the real timestep;
+  equals diffusers' dense forward on ``[target, references]``.
+- :class:`KVGraph`: reference tokens attend only to reference tokens (cached + new), are modulated with a fixed
+  timestep 0, and their per-layer K/V after RoPE are returned; text and target attend to text, every reference
+  and target. With only new references this is diffusers' ``kv_cache_mode="extract"``; with only cached ones it
+  is ``"cached"``. One graph, so one ORT session / TensorRT engine holds one copy of the weights.
+
+Reshapes never use -1: with a zero-length token axis ONNX Reshape cannot infer -1 ("Reshape ... dimension with
+value zero"), while a 0 that copies a 0-length input axis is harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_FORMS = ("matmul", "fused")
+# Reference modulation timestep of diffusers' KV path (``ref_fixed_timestep``).
+REF_FIXED_TIMESTEP = 0.0
+
+
+def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Explicit MatMul-Softmax-MatMul (TensorRT 10.3 parses and fuses this); (B, S, H, D) in and out."""
+    query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, S, D)
+    # Scaling the query before the product keeps fp16 scores small, as SDPA's math backend does.
+    scores = torch.matmul(query * (query.shape[-1] ** -0.5), key.transpose(-1, -2))  # (B, H, S_q, S_k)
+    weights = torch.softmax(scores, dim=-1)
+    return torch.matmul(weights, value).transpose(1, 2)  # (B, S_q, H, D)
+
+
+def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``scaled_dot_product_attention``: the exporter writes the ONNX ``Attention`` op at opset >= 23."""
+    output = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    return output.transpose(1, 2)  # (B, S_q, H, D)
+
+
+_ATTENTION: dict[str, Callable[..., torch.Tensor]] = {"fn": matmul_attention}
+
+
+@contextlib.contextmanager
+def attention_form(form: str) -> Iterator[None]:
+    """Trace/run the graphs with attention written as ``form`` ('matmul' or 'fused'); restores the previous one."""
+    if form not in ATTENTION_FORMS:
+        from sparse_context.export.errors import ExportConfigError
+        from sparse_context.runtime.errors import bad_value
+
+        raise ExportConfigError(bad_value("attention form", form, " or ".join(ATTENTION_FORMS), "--attention"))
+    previous = _ATTENTION["fn"]
+    _ATTENTION["fn"] = matmul_attention if form == "matmul" else fused_attention
+    try:
+        yield
+    finally:
+        _ATTENTION["fn"] = previous
+
+
+def _empty_like_query(query, key, value):
+    return (query * 0).contiguous()  # (B, 0, H, D): there is nothing to attend with
+
+
+def _fused_contiguous(query, key, value):
+    return fused_attention(query, key, value).contiguous()  # both branches of the cond must agree on strides
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, may_be_empty: bool = False) -> torch.Tensor:
+    """Attention with the active form. ``may_be_empty``: the query axis can be 0 at run time (reference queries).
+
+    onnxruntime's ``Attention`` kernel refuses empty queries ("Q sequence length must be greater than 0"), and
+    torch.export assumes traced sizes are >= 2, so a shape-based guard is folded away; a ``torch.cond`` on the
+    runtime length (an ONNX ``If``) skips the op instead. MatMul-Softmax-MatMul handles empty axes as is.
+    """
+    function = _ATTENTION["fn"]
+    tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
+    if may_be_empty and function is fused_attention and not tracing:
+        return _empty_like_query(query, key, value) if query.shape[1] == 0 else function(query, key, value)
+    if may_be_empty and function is fused_attention:
+        is_empty = torch._shape_as_tensor(query)[1] == 0  # a tensor, so the check survives tracing
+        return torch.cond(is_empty, _empty_like_query, _fused_contiguous, (query, key, value))
+    return function(query, key, value)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers ``apply_rotary_emb(..., sequence_dim=1)``: pairs (x0, x1) rotate; math in float32."""
+    batch, tokens, heads, dim = x.shape
+    pairs = x.reshape(batch, tokens, heads, dim // 2, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).reshape(batch, tokens, heads, dim)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, S, 1, D)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def _modulate(norm: torch.nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (1 + scale) * norm(x) + shift
+
+
+def _heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], heads, head_dim)  # (B, S, H, D)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])  # (B, S, H*D)
+
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    # diffusers clips fp16 hidden states after each block to keep inf out of later layers.
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+class _Flux2Streams(torch.nn.Module):
+    """Shared machinery: embeddings, modulations and the two block types over (text, refs, target) streams."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        config = transformer.config
+        self.heads = int(config.num_attention_heads)
+        self.head_dim = int(config.attention_head_dim)
+        self.num_layers = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.x_embedder.weight.dtype
+
+    def _temb(self, timestep: torch.Tensor) -> torch.Tensor:
+        return self.transformer.time_guidance_embed(timestep.to(self.dtype) * 1000, None)  # (1, dim)
+
+    def _mods(self, temb: torch.Tensor) -> dict[str, tuple]:
+        from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
+
+        model = self.transformer
+        return {
+            "img": Flux2Modulation.split(model.double_stream_modulation_img(temb), 2),
+            "txt": Flux2Modulation.split(model.double_stream_modulation_txt(temb), 2),
+            "single": Flux2Modulation.split(model.single_stream_modulation(temb), 1)[0],
+        }
+
+    def _qk_norm_rope(self, attn, q, k, rope, added: bool = False):
+        q = (attn.norm_added_q if added else attn.norm_q)(_heads(q, self.heads, self.head_dim))
+        k = (attn.norm_added_k if added else attn.norm_k)(_heads(k, self.heads, self.head_dim))
+        return apply_rope(q, *rope), apply_rope(k, *rope)
+
+    def _double_block(self, block, streams, mods, ropes, attention):
+        """One ``Flux2TransformerBlock`` on streams (txt, ref, tgt); ``mods`` = (txt, ref, tgt) mod sets."""
+        attn = block.attn
+        qkv = []
+        for index, (x, mod, rope) in enumerate(zip(streams, mods, ropes)):
+            shift, scale, _ = mod[0]
+            if index == 0:  # text uses the added projections
+                h = _modulate(block.norm1_context, x, shift, scale)
+                q, k = self._qk_norm_rope(attn, attn.add_q_proj(h), attn.add_k_proj(h), rope, added=True)
+                v = _heads(attn.add_v_proj(h), self.heads, self.head_dim)
+            else:
+                h = _modulate(block.norm1, x, shift, scale)
+                q, k = self._qk_norm_rope(attn, attn.to_q(h), attn.to_k(h), rope)
+                v = _heads(attn.to_v(h), self.heads, self.head_dim)
+            qkv.append((q, k, v))
+        outputs, ref_kv = attention(qkv)
+        results = []
+        for index, (x, mod, out) in enumerate(zip(streams, mods, outputs)):
+            (_, _, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = mod
+            out = _merge_heads(out).to(qkv[0][0].dtype)
+            if index == 0:
+                x = x + gate_msa * attn.to_add_out(out)
+                x = x + gate_mlp * block.ff_context(_modulate(block.norm2_context, x, shift_mlp, scale_mlp))
+                x = _clip_fp16(x)
+            else:
+                x = x + gate_msa * attn.to_out[0](out)
+                x = x + gate_mlp * block.ff(_modulate(block.norm2, x, shift_mlp, scale_mlp))
+            results.append(x)
+        return results, ref_kv
+
+    def _single_block(self, block, streams, mods, ropes, attention):
+        """One ``Flux2SingleTransformerBlock`` (parallel attention + MLP) on streams (txt, ref, tgt)."""
+        attn = block.attn
+        inner = attn.inner_dim
+        qkv, mlps = [], []
+        for x, (shift, scale, _), rope in zip(streams, mods, ropes):
+            projected = attn.to_qkv_mlp_proj(_modulate(block.norm, x, shift, scale))
+            q, k, v = projected[..., :inner], projected[..., inner:2 * inner], projected[..., 2 * inner:3 * inner]
+            q, k = self._qk_norm_rope(attn, q, k, rope)
+            qkv.append((q, k, _heads(v, self.heads, self.head_dim)))
+            mlps.append(attn.mlp_act_fn(projected[..., 3 * inner:]))
+        outputs, ref_kv = attention(qkv)
+        results = []
+        for x, (_, _, gate), out, mlp in zip(streams, mods, outputs, mlps):
+            out = _merge_heads(out).to(qkv[0][0].dtype)
+            results.append(_clip_fp16(x + gate * attn.to_out(torch.cat([out, mlp], dim=-1))))
+        return results, ref_kv
+
+    def _run(self, target, refs, text, timestep, ropes, ref_timestep_mods: bool, attention):
+        """Embed, run every block with ``attention`` (called per layer with that layer's index), project out."""
+        model = self.transformer
+        temb = self._temb(timestep)
+        mods = self._mods(temb)
+        ref_mods = self._mods(self._temb(torch.full_like(timestep, REF_FIXED_TIMESTEP))) if ref_timestep_mods \
+            else mods
+        streams = [model.context_embedder(text), model.x_embedder(refs), model.x_embedder(target)]
+        layer_kv = []
+        for index, block in enumerate(model.transformer_blocks):
+            block_mods = (mods["txt"], ref_mods["img"], mods["img"])
+            streams, kv = self._double_block(block, streams, block_mods, ropes, lambda qkv: attention(qkv, index))
+            layer_kv.append(kv)
+        offset = len(model.transformer_blocks)
+        for index, block in enumerate(model.single_transformer_blocks):
+            block_mods = (mods["single"], ref_mods["single"], mods["single"])
+            streams, kv = self._single_block(block, streams, block_mods, ropes,
+                                             lambda qkv: attention(qkv, offset + index))
+            layer_kv.append(kv)
+        hidden = model.norm_out(streams[2], temb)
+        return model.proj_out(hidden), layer_kv  # (1, N_t, C)
+
+
+class FullGraph(_Flux2Streams):
+    """Dense forward on ``[text, target, references]``; rope rows in that order; returns the target velocity."""
+
+    def forward(self, target, refs, text, timestep, rope_cos, rope_sin):
+        num_text, num_target = text.shape[1], target.shape[1]
+        ropes = []
+        for start, stop in ((0, num_text), (num_text, num_text + num_target), (num_text + num_target, None)):
+            ropes.append((rope_cos[start:stop], rope_sin[start:stop]))
+        ropes = [ropes[0], ropes[2], ropes[1]]  # stream order (txt, ref, tgt)
+
+        def joint(qkv, _layer):
+            # Token order [text, target, refs] as diffusers' dense forward concatenates them.
+            (qt, kt, vt), (qr, kr, vr), (qi, ki, vi) = qkv
+            out = attend(torch.cat([qt, qi, qr], 1), torch.cat([kt, ki, kr], 1), torch.cat([vt, vi, vr], 1))
+            n_ref = qr.shape[1]
+            return (out[:, :num_text], out[:, num_text + num_target:num_text + num_target + n_ref],
+                    out[:, num_text:num_text + num_target]), None
+
+        velocity, _ = self._run(target, refs, text, timestep, ropes, ref_timestep_mods=False, attention=joint)
+        return velocity
+
+
+class KVGraph(_Flux2Streams):
+    """One graph for KV extract and cached steps.
+
+    ``cached_keys``/``cached_values``: (layers, 1, N_cached, H, D) reference K/V after RoPE (double blocks then
+    single blocks); ``rope_*``: rows for [text, target]; ``ref_rope_*``: rows for the new references.
+    Returns the target velocity and the new references' K/V, stacked like the cache inputs.
+    """
+
+    def forward(self, target, refs, text, timestep, rope_cos, rope_sin, ref_rope_cos, ref_rope_sin, cached_keys,
+                cached_values):
+        num_text = text.shape[1]
+        ropes = [(rope_cos[:num_text], rope_sin[:num_text]), (ref_rope_cos, ref_rope_sin),
+                 (rope_cos[num_text:], rope_sin[num_text:])]
+
+        def split_attention(qkv, layer):
+            (qt, kt, vt), (qr, kr, vr), (qi, ki, vi) = qkv
+            k_refs = torch.cat([cached_keys[layer], kr], 1)  # (1, N_cached + N_new, H, D)
+            v_refs = torch.cat([cached_values[layer], vr], 1)
+            # Text and target see text, every reference and the target; references see only references.
+            out = attend(torch.cat([qt, qi], 1), torch.cat([kt, k_refs, ki], 1), torch.cat([vt, v_refs, vi], 1))
+            out_refs = attend(qr, k_refs, v_refs, may_be_empty=True)
+            return (out[:, :num_text], out_refs, out[:, num_text:]), (kr, vr)
+
+        velocity, layer_kv = self._run(target, refs, text, timestep, ropes, ref_timestep_mods=True,
+                                       attention=split_attention)
+        keys = torch.stack([k for k, _ in layer_kv], dim=0)  # (layers, 1, N_new, H, D)
+        values = torch.stack([v for _, v in layer_kv], dim=0)
+        return velocity, keys, values

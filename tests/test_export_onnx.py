@@ -1,0 +1,144 @@
+"""Exported graphs on onnxruntime CPU against PyTorch/diffusers on the tiny real model.
+
+Tolerances: fp32 graphs atol 1e-4 + rtol 1e-4 x max|torch| per output (measured ~1e-6: same math, other kernels);
+full generations 1e-4 absolute on latents; fp16 graphs 3e-2 (fp16 keeps ~3 decimal digits through every layer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+torch = pytest.importorskip("torch")
+
+from sparse_context.export.exporter import ExportOptions, export_onnx  # noqa: E402
+from sparse_context.export.validate import validate_export  # noqa: E402
+
+TARGET_SIZES = ((64, 48), (32, 32))  # 12 and 4 tokens
+MAX_REF_TOKENS = 40
+
+
+def _options(model_dir, out_dir, **changes):
+    settings = dict(model_dir=Path(model_dir), precision="fp32", attention="matmul", max_ref_tokens=MAX_REF_TOKENS,
+                    target_sizes=TARGET_SIZES, out_dir=Path(out_dir))
+    settings.update(changes)
+    return ExportOptions(**settings)
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="module")
+def full_export(tiny_model_dir, out_dir):
+    return export_onnx(_options(tiny_model_dir, out_dir, graph="full"))
+
+
+@pytest.fixture(scope="module")
+def kv_export(tiny_model_dir, out_dir):
+    return export_onnx(_options(tiny_model_dir, out_dir, graph="kv"))
+
+
+@pytest.fixture(scope="module")
+def torch_transformer(tiny_model_dir):
+    from sparse_context.export.exporter import load_transformer
+
+    return load_transformer(_options(tiny_model_dir, "unused"))[0]
+
+
+def _assert_passed(report, expected_counts):
+    assert not report.failures, "\n".join(report.lines())
+    assert {r.ref_tokens for r in report.records} == set(expected_counts)
+
+
+def test_full_graph_parity_grid(full_export, torch_transformer):
+    report = validate_export(full_export.path, torch_transformer)
+    _assert_passed(report, [0, 1, 39, 40])  # the export traced 4 reference tokens
+    assert max(r.max_abs for r in report.records) < 1e-5
+
+
+def test_kv_graph_parity_grid_extract_then_cached(kv_export, torch_transformer):
+    report = validate_export(kv_export.path, torch_transformer)
+    _assert_passed(report, [0, 1, 39, 40])
+    cases = {(r.case, r.output) for r in report.records}
+    assert {("extract", "ref_keys"), ("cached step 3", "velocity")} <= cases
+
+
+def test_fused_attention_kv_graph_opset23(tiny_model_dir, out_dir, torch_transformer):
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph="kv", attention="fused"))
+    assert result.manifest["opset"] == 23 and "Attention" in result.manifest["ops"]
+    assert result.manifest["for_tensorrt"] is False
+    _assert_passed(validate_export(result.path, torch_transformer), [0, 1, 39, 40])
+
+
+def test_fp16_graph_within_fp16_tolerance(tiny_model_dir, out_dir, torch_transformer):
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph="full", precision="fp16"))
+    report = validate_export(result.path, torch_transformer, ref_token_counts=[0, 7, 40])
+    assert not report.failures, "\n".join(report.lines())
+    assert report.atol == pytest.approx(3e-2)
+
+
+def test_rerun_reuses_cached_export(tiny_model_dir, out_dir, full_export):
+    stages = []
+    again = export_onnx(_options(tiny_model_dir, out_dir, graph="full"), progress=lambda s, i, n: stages.append(s))
+    assert again.reused and again.path == full_export.path and stages == ["hash"]
+    manifest = again.manifest
+    assert manifest["onnx_sha256"] == manifest["files"]["model.onnx"]["sha256"]
+    assert manifest["spec"]["bounds"]["ref_tokens"] == [0, 4, 40] and manifest["lora"] is None
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxscript", "diffusers"}
+
+
+def test_one_kv_session_serves_extract_and_cached_steps(kv_export, torch_transformer):
+    from sparse_context.export.ort_backend import OrtTransformerBackend
+    from sparse_context.reference.torch_backend import TorchTransformerBackend
+    from sparse_context.runtime.tokens import grid_position_ids, text_position_ids
+
+    backend = OrtTransformerBackend(kv=kv_export.path)
+    assert list(backend.sessions) == ["kv"]
+    session = backend.sessions["kv"]
+    rng = np.random.default_rng(3)
+    target, refs, text = (rng.standard_normal(s).astype(np.float32) for s in ((1, 12, 128), (1, 23, 128), (1, 64, 96)))
+    ids = grid_position_ids(3, 4), grid_position_ids(23, 1, time=20), text_position_ids(64)
+    velocity, state = backend.kv_extract(target, ids[0], refs, ids[1], text, ids[2], np.float32(0.9))
+    cached = [backend.kv_cached(target, ids[0], state, text, ids[2], np.float32(t)) for t in (0.6, 0.3)]
+    assert backend.sessions["kv"] is session and state.num_ref_tokens == 23
+    reference = TorchTransformerBackend(torch_transformer)
+    as_torch = lambda a: torch.from_numpy(a)
+    expected, cache = reference.kv_extract(as_torch(target), ids[0], as_torch(refs), ids[1], as_torch(text), ids[2],
+                                           np.float32(0.9))
+    np.testing.assert_allclose(velocity, expected.numpy(), atol=1e-5, rtol=0)
+    for got, step_time in zip(cached, (0.6, 0.3)):
+        want = reference.kv_cached(as_torch(target), ids[0], cache, as_torch(text), ids[2], np.float32(step_time))
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "sparse_kv"])
+def test_tiny_generation_on_ort_equals_pytorch_generator(tiny_generator, full_export, kv_export, mode):
+    """runtime.sampler.denoise on onnxruntime equals SparseContextGenerator's latents (atol 1e-4)."""
+    from sparse_context.export.ort_backend import OrtTransformerBackend
+    from sparse_context.runtime.packing import pack_grid, pack_references
+    from sparse_context.runtime.sampler import Conditioning, denoise
+    from sparse_context.runtime.schedule import flow_match_schedule
+    from sparse_context.runtime.tokens import grid_position_ids, text_position_ids
+
+    rng = np.random.default_rng(11)
+    text = rng.standard_normal((1, 64, 96)).astype(np.float32)
+    grids = [rng.standard_normal((128, 3, 4)).astype(np.float32), rng.standard_normal((128, 2, 3)).astype(np.float32)]
+    selections = None if mode == "dense" else [np.array([0, 5, 6, 11]), np.array([1, 4])]
+    result = tiny_generator.generate(prompt_embeds=torch.from_numpy(text), reference_latents=[torch.from_numpy(g)
+                                     for g in grids], selections=selections, use_kv=mode == "sparse_kv",
+                                     height=48, width=64, num_steps=3, seed=5, output_type="latent")
+
+    latents = torch.randn((1, 128, 3, 4), generator=torch.Generator("cpu").manual_seed(5))
+    latents = pack_grid(latents[0])[None].numpy()  # (1, 12, 128), as the generator seeds them
+    packed = pack_references(grids, selections)
+    schedule = flow_match_schedule(3, 12, tiny_generator.scheduler_config)
+    backend = OrtTransformerBackend(full=full_export.path, kv=kv_export.path)
+    ours, _ = denoise(backend, latents, grid_position_ids(3, 4), Conditioning(text, text_position_ids(64)), schedule,
+                      packed.tokens[None], packed.position_ids, use_kv=mode == "sparse_kv")
+    np.testing.assert_allclose(ours, result.latents.numpy(), atol=1e-4, rtol=0)
