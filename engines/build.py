@@ -40,8 +40,6 @@ class BuildRequest:
     def validate(self) -> "BuildRequest":
         if self.backend not in BACKENDS:
             raise BuildOptionError(bad_value("backend", self.backend, ", ".join(BACKENDS), "--backend"))
-        if self.backend != "ort-cpu" and self.precision == "fp32":
-            pass  # allowed: fp32 engines are valid everywhere, only slower
         if self.backend == "ort-cpu" and self.precision == "bf16":
             raise BuildOptionError(bad_value("precision for ort-cpu", "bf16", "fp32 or fp16 (onnxruntime CPU has no "
                                              "bfloat16 kernels)", "--precision"))
@@ -135,8 +133,17 @@ def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Seque
     engine_path = engine_cache_path(request.out_dir / "trt", wanted)
     build_engine(exported.path, engine_path, wanted, workspace_bytes=request.workspace_bytes,
                  timing_cache_path=request.out_dir / "trt" / "timing.cache",
-                 progress=(lambda event: progress and progress(f"trt {graph}", 0, 1)) if progress else None)
+                 progress=_trt_progress(graph, progress) if progress else None)
     return engine_path
+
+
+def _trt_progress(graph: str, progress: Callable[[str, int, int], None]) -> Callable[[Any], None]:
+    """TensorRT phase events -> the ``(stage, done, total)`` progress of the rest of the build."""
+    def report(event: Any) -> None:
+        if event.kind == "step" and event.num_steps:
+            progress(f"trt {graph}: {event.phase}", event.step, event.num_steps)
+
+    return report
 
 
 def read_engines(engines_dir: str | Path) -> Mapping[str, Any]:

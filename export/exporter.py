@@ -319,10 +319,6 @@ def _replace(options: ExportOptions, **changes: Any) -> ExportOptions:
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest next to an exported ``model.onnx`` (or in the export folder given)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ExportError(bad_value("export folder", str(folder), f"a folder with a readable {MANIFEST} written by "
-                                    "this exporter")) from error
+    from sparse_context.export.ort_backend import read_export_manifest
+
+    return read_export_manifest(path)

@@ -32,9 +32,12 @@ class OrtKVState:
         return int(self.keys.shape[2])
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_export_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of an export: ``path`` is its ``model.onnx`` or its folder. numpy-only, so the runtime can read
+    it without the exporter (which imports torch)."""
     import json
 
+    path = Path(path)
     folder = path if path.is_dir() else path.parent
     try:
         return json.loads((folder / MANIFEST).read_text())
@@ -61,7 +64,7 @@ class OrtTransformerBackend:
                 continue
             path = Path(given)
             path = path / "model.onnx" if path.is_dir() else path
-            manifest = _read_manifest(path)
+            manifest = read_export_manifest(path)
             if manifest.get("graph") != graph:
                 raise ExportConfigError(bad_value(f"{graph} graph", str(path), f"an export of the {graph} graph "
                                                   f"(this one is '{manifest.get('graph')}')"))

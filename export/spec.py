@@ -15,7 +15,6 @@ from sparse_context.export.errors import ExportConfigError
 from sparse_context.export.rope import rope_cos_sin
 from sparse_context.runtime.errors import bad_value
 from sparse_context.runtime.tokens import (
-    LATENT_CHANNELS,
     grid_position_ids,
     kept_token_count,
     reference_time,

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sparse_context.export.errors import ValidationError
-from sparse_context.export.ort_backend import OrtTransformerBackend, _read_manifest
+from sparse_context.export.ort_backend import OrtTransformerBackend, read_export_manifest
 from sparse_context.export.spec import (
     REF_TOKENS, TARGET_TOKENS, TEXT_TOKENS, build_spec, check_grid, ModelDims, sample_position_ids,
 )
@@ -105,7 +105,7 @@ def validate_export(onnx_path: str | Path, transformer: Any, ref_token_counts: S
     # 1. What was exported, and the tolerance for its precision
     path = Path(onnx_path)
     path = path / "model.onnx" if path.is_dir() else path
-    manifest = _read_manifest(path)
+    manifest = read_export_manifest(path)
     graph, precision = manifest["graph"], manifest["precision"]
     bounds = manifest["spec"]["bounds"]
     dims = ModelDims.from_config(manifest["model_config"])

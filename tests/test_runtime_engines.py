@@ -83,3 +83,15 @@ def test_generate_from_trt_engines_is_refused(tmp_path):
     (tmp_path / "engines.json").write_text(json.dumps({"backend": "trt", "graphs": {}}))
     with pytest.raises(InputError, match="--engines"):
         SparseContextGenerator.from_engines(tmp_path)
+
+
+def test_trt_progress_events_become_build_progress():
+    from sparse_context.engines.build import _trt_progress
+    from sparse_context.engines.trt_build import BuildProgress
+
+    seen = []
+    report = _trt_progress("kv", lambda stage, done, total: seen.append((stage, done, total)))
+    for event in (BuildProgress("start", "Building", None, 0, 3), BuildProgress("step", "Building", None, 2, 3),
+                  BuildProgress("finish", "Building")):
+        report(event)
+    assert seen == [("trt kv: Building", 2, 3)]
