@@ -219,6 +219,23 @@ class BucketPlan:
         text = (self.text_tokens,) * 3
         return {REF_TOKENS: refs, CACHED_TOKENS: cached, TARGET_TOKENS: self.target_token_range(), TEXT_TOKENS: text}
 
+    def to_json(self) -> dict:
+        return {"keep_fractions": list(self.keep_fractions), "max_refs": self.max_refs,
+                "typical_refs": self.typical_refs, "ref_resolution": self.ref_resolution.name,
+                "target_resolutions": [r.name for r in self.target_resolutions], "text_tokens": self.text_tokens}
+
+    @classmethod
+    def from_json(cls, data: dict) -> BucketPlan:
+        """Inverse of :meth:`to_json` (``engines.json`` records the plan its engines were built with)."""
+        try:
+            return cls(keep_fractions=tuple(float(k) for k in data["keep_fractions"]), max_refs=int(data["max_refs"]),
+                       typical_refs=data.get("typical_refs"), ref_resolution=Resolution.parse(data["ref_resolution"]),
+                       target_resolutions=tuple(Resolution.parse(r) for r in data["target_resolutions"]),
+                       text_tokens=int(data["text_tokens"])).validate()
+        except (KeyError, TypeError, ValueError) as error:
+            raise ProfileError(bad_value("recorded bucket plan", data, "a plan written by build_engines.py "
+                                         "(rebuild the engines)")) from error
+
     def build_args(self) -> tuple[str, ...]:
         """The ``build_engines.py`` options that reproduce this plan (manifests and rebuild hints record them)."""
         args = [FLAG_KEEPS, *(f"{k:g}" for k in self.keep_fractions), FLAG_MAX_REFS, str(self.max_refs)]

@@ -107,6 +107,7 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
     engines = {"format": 1, "backend": request.backend, "model_dir": str(Path(request.model_dir).resolve()),
                "precision": request.precision, "attention": options.attention,
                "providers": list(PROVIDERS.get(request.backend, ())), "build_args": list(plan.build_args()),
+               "plan": plan.to_json(),
                "graphs": graphs}
     atomic_write_bytes(out_dir / ENGINES_FILE, json.dumps(engines, indent=2).encode())
     return engines
@@ -144,6 +145,30 @@ def _trt_progress(graph: str, progress: Callable[[str, int, int], None]) -> Call
             progress(f"trt {graph}: {event.phase}", event.step, event.num_steps)
 
     return report
+
+
+def engine_backend(engines: Mapping[str, Any], memory: Any = None) -> Any:
+    """The transformer backend for an ``engines.json``: TensorRT engines, or onnxruntime sessions with the
+    recorded providers (the TensorRT EP gets its per-bucket profiles and engine cache)."""
+    from sparse_context.engines.buckets import BucketPlan
+
+    backend = engines.get("backend")
+    if backend not in BACKENDS:
+        raise BuildOptionError(bad_value("engines backend", backend, ", ".join(BACKENDS), "--backend"))
+    if backend == "trt":
+        from sparse_context.engines.trt_backend import TrtTransformerBackend
+
+        return TrtTransformerBackend(engines, memory=memory)
+    from sparse_context.export.ort_backend import OrtTransformerBackend
+
+    graphs = engines["graphs"]
+    providers: list[Any] = list(engines["providers"])
+    options = graphs.get("kv", graphs.get("full", {})).get("provider_options")
+    if options and providers and providers[0] == "TensorrtExecutionProvider":
+        providers[0] = (providers[0], options)
+    plan = BucketPlan.from_json(engines["plan"]) if "plan" in engines else None
+    return OrtTransformerBackend(full=graphs.get("full", {}).get("onnx"), kv=graphs.get("kv", {}).get("onnx"),
+                                 providers=providers, plan=plan, strict_shapes=backend == "ort-trt")
 
 
 def read_engines(engines_dir: str | Path) -> Mapping[str, Any]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
-from sparse_context.engines.buckets import BucketPlan, steps_for_graph
+from sparse_context.engines.buckets import (
+    FLAG_TARGET_RESOLUTIONS, FLAG_TEXT_TOKENS, RESOLUTION_CHOICES, RESOLUTIONS, Bucket, BucketPlan, steps_for_graph,
+)
 from sparse_context.engines.errors import ProfileError
 from sparse_context.runtime.errors import bad_value
 
@@ -162,3 +164,54 @@ def parse_trtexec_profile(min_shapes: str, opt_shapes: str, max_shapes: str) -> 
             raise ProfileError(f"input {name!r}: need min <= opt <= max in every dim; got {low}, {opt}, {high}")
         result[name] = (low, opt, high)
     return result
+
+
+@dataclass(frozen=True)
+class ProfileChoice:
+    """The one profile a request runs in: its bucket (whose maximum sizes the K/V buffers) and engine index."""
+
+    bucket: Bucket
+    step: str
+    index: int | None  # position of the profile in the engine; None where the backend compiles no profiles
+
+
+class ProfileSelector:
+    """Maps each request to exactly one profile of the engines, or raises ProfileError saying what to rebuild.
+
+    ``strict_shapes``: the backend compiled its profiles (TensorRT, onnxruntime's TensorRT EP), so target and text
+    token counts must lie in the built ranges too; onnxruntime CUDA/CPU graphs take any target or text length.
+    Reference tokens always map to a bucket: it fixes the K/V buffer size and keeps every backend inside the plan.
+    """
+
+    def __init__(self, plan: BucketPlan, profiles: Mapping[str, Sequence[Profile]] | None = None,
+                 strict_shapes: bool = False):
+        self.plan = plan.validate()
+        self.profiles = {graph: tuple(found) for graph, found in (profiles or {}).items()}
+        self.strict_shapes = strict_shapes
+
+    def choose(self, graph: str, step: str, ref_tokens: int, target_tokens: int, text_tokens: int) -> ProfileChoice:
+        """``ref_tokens``: new reference tokens (full, extract) or cached ones (cached)."""
+        if step not in steps_for_graph(graph):
+            raise ProfileError(bad_value(f"step of the {graph} graph", step, ", ".join(steps_for_graph(graph))))
+        bucket = self.plan.bucket_for(int(ref_tokens), f"{graph}/{step} step")
+        if self.strict_shapes:
+            self._check_target(int(target_tokens))
+            if int(text_tokens) != self.plan.text_tokens:
+                raise ProfileError(f"prompt of {text_tokens} tokens: the engines were built for prompts padded to "
+                                   f"{self.plan.text_tokens} tokens; pass prompt embeddings of that length or "
+                                   f"rebuild with {FLAG_TEXT_TOKENS} {text_tokens}")
+        held = self.profiles.get(graph)
+        index = profile_index(held, bucket.name, step) if held else None
+        return ProfileChoice(bucket, step, index)
+
+    def _check_target(self, target_tokens: int) -> None:
+        low, _, high = self.plan.target_token_range()
+        if low <= target_tokens <= high:
+            return
+        built = ", ".join(f"{r.name} ({r.tokens} tokens)" for r in self.plan.target_resolutions)
+        wanted = next((r.name for r in RESOLUTIONS if r.tokens == target_tokens), None)
+        advice = (f"rebuild with {FLAG_TARGET_RESOLUTIONS} {' '.join(r.name for r in self.plan.target_resolutions)} "
+                  f"{wanted}" if wanted else f"generate at a built size (--width/--height), or rebuild with "
+                  f"{FLAG_TARGET_RESOLUTIONS} (choices: {', '.join(RESOLUTION_CHOICES)})")
+        raise ProfileError(f"output of {target_tokens} target tokens is outside the engines' range {low}..{high} "
+                           f"(built for {built}); {advice}")

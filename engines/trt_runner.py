@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -28,16 +29,36 @@ def _itemsize(dtype_name: str) -> int:
     return sizes[dtype_name]
 
 
+@dataclass(frozen=True)
+class DeviceTensor:
+    """A tensor the caller keeps in device memory: bound by address, never copied by the runner.
+
+    ``capacity`` (bytes) bounds what an output may write there (the K/V buffers are sized at a bucket maximum).
+    """
+
+    pointer: int
+    shape: tuple[int, ...]
+    capacity: int | None = None
+
+
 class TrtRunner:
-    """One engine, one execution context, one stream. Use as ``with TrtRunner(path) as runner: runner.infer(...)``."""
+    """One engine, one execution context, one stream. Use as ``with TrtRunner(path) as runner: runner.infer(...)``.
+
+    ``external``: tensors the caller always passes as :class:`DeviceTensor` (the reference K/V), so the runner
+    allocates nothing for them. ``static``: inputs uploaded once per source object and reused while the same object
+    comes back (prompt embeddings, packed references, RoPE tables across denoising steps).
+    """
 
     def __init__(self, engine_path: str | os.PathLike, manifest: EngineManifest | None = None, *,
-                 memory: Any = None, device: int = 0):
+                 memory: Any = None, device: int = 0, external: Iterable[str] = (), static: Iterable[str] = ()):
         self.engine_path = Path(engine_path)
         self.manifest = manifest
         self._memory, self._device = memory, device
         self.engine = self.context = None
         self._buffers: dict[str, Any] = {}
+        self.external = frozenset(external)
+        self.static = frozenset(static)
+        self._uploaded: dict[str, tuple[Any, int]] = {}  # static input -> (source object, its address)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def activate(self) -> TrtRunner:
@@ -74,8 +95,12 @@ class TrtRunner:
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: self.engine.get_tensor_dtype(n).name for n in names}
         # 2. one buffer per tensor at its largest size over all profiles
+        unknown = (self.external | self.static) - set(names)
+        if unknown:
+            raise RunnerError(bad_value("external/static tensors", sorted(unknown), ", ".join(names)))
         for name, nbytes in self._max_bytes().items():
-            self._buffers[name] = self.memory.alloc(nbytes)
+            if name not in self.external:
+                self._buffers[name] = self.memory.alloc(nbytes)
         self._active_profile = None
         return self
 
@@ -84,6 +109,7 @@ class TrtRunner:
         for buffer in self._buffers.values():
             memory.free(buffer)
         self._buffers.clear()
+        self._uploaded.clear()
         self.context = self.engine = None  # release before the runtime that created them
         if memory is not None and getattr(self, "_owns_memory", False):
             memory.close()  # an injected memory object belongs to the caller
@@ -106,34 +132,71 @@ class TrtRunner:
                 return index
         raise ProfileError(bad_value("engine profile", profile, ", ".join(p.name for p in profiles)))
 
-    def infer(self, feed: Mapping[str, Any], profile: str | int) -> dict[str, Any]:
-        """Run one call in ``profile``; returns {output: array} (numpy, or torch CUDA tensors on the torch path)."""
+    def infer(self, feed: Mapping[str, Any], profile: str | int,
+              into: Mapping[str, DeviceTensor] | None = None) -> dict[str, Any]:
+        """Run one call in ``profile``; returns {output: array} (numpy, or torch CUDA tensors on the torch path).
+
+        ``feed`` values are host/torch arrays (copied into the runner's buffers) or :class:`DeviceTensor` (bound in
+        place). Outputs named in ``into`` are written to those addresses and returned as DeviceTensors of their
+        real shape; the others are downloaded.
+        """
         manifest = self._require_active()
         index = self.profile_index(profile)
+        into = dict(into or {})
         missing, extra = set(self.inputs) - set(feed), set(feed) - set(self.inputs)
-        if missing or extra:
-            raise ProfileError(f"inputs do not match the engine: missing {sorted(missing)}, unknown {sorted(extra)}")
+        if missing or extra or set(into) - set(self.outputs):
+            raise ProfileError(f"tensors do not match the engine: missing inputs {sorted(missing)}, unknown inputs "
+                               f"{sorted(extra)}, unknown outputs {sorted(set(into) - set(self.outputs))}")
         stream = self.memory.stream_handle
         if index != self._active_profile:  # switching has a cost; consecutive calls of one bucket skip it
             if not self.context.set_optimization_profile_async(index, stream):
                 raise RunnerError(f"TensorRT refused profile {index} ({manifest.profiles[index].name})")
             self._active_profile = index
         for name in self.inputs:
-            shape = tuple(int(d) for d in feed[name].shape)
+            value = feed[name]
+            shape = tuple(int(d) for d in value.shape)
             self._check_in_profile(manifest.profiles[index], name, shape)
             if not self.context.set_input_shape(name, shape):
                 raise ProfileError(f"input {name!r} shape {shape} does not satisfy profile "
                                    f"{manifest.profiles[index].name}: {'; '.join(logged_errors(self.logger))}")
-            pointer = self.memory.upload(self._buffers[name], feed[name], self.dtypes[name])
-            self.context.set_tensor_address(name, pointer)
+            self.context.set_tensor_address(name, self._input_address(name, value))
+        results: dict[str, Any] = {}
         for name in self.outputs:
-            self.context.set_tensor_address(name, self.memory.pointer(self._buffers[name]))
+            if name in into:
+                target = into[name]
+                shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+                needed = int(np.prod(shape, dtype=np.int64)) * _itemsize(self.dtypes[name])
+                if target.capacity is not None and needed > target.capacity:
+                    raise RunnerError(f"output {name!r} of shape {shape} needs {needed} bytes; the buffer given "
+                                      f"holds {target.capacity}")
+                self.context.set_tensor_address(name, int(target.pointer))
+                results[name] = DeviceTensor(int(target.pointer), shape, target.capacity)
+            elif name in self.external:
+                raise RunnerError(f"output {name!r} is external: pass its buffer in `into`")
+            else:
+                self.context.set_tensor_address(name, self.memory.pointer(self._buffers[name]))
         if not self.context.execute_async_v3(stream):
             raise RunnerError(f"execute_async_v3 failed: {'; '.join(logged_errors(self.logger)) or 'see log'}")
-        results = {name: self.memory.download(self._buffers[name], tuple(self.context.get_tensor_shape(name)),
-                                              self.dtypes[name]) for name in self.outputs}
+        for name in self.outputs:
+            if name not in into:
+                results[name] = self.memory.download(self._buffers[name], tuple(self.context.get_tensor_shape(name)),
+                                                      self.dtypes[name])
         self.memory.synchronize()
         return results
+
+    def _input_address(self, name: str, value: Any) -> int:
+        if isinstance(value, DeviceTensor):
+            self._uploaded.pop(name, None)
+            return int(value.pointer)
+        if name in self.external:
+            raise RunnerError(f"input {name!r} is external: pass it as a DeviceTensor")
+        held = self._uploaded.get(name)
+        if name in self.static and held is not None and held[0] is value:
+            return held[1]  # that address still holds this very object
+        pointer = self.memory.upload(self._buffers[name], value, self.dtypes[name])
+        if name in self.static:
+            self._uploaded[name] = (value, pointer)  # holding it keeps its id from being reused
+        return pointer
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _require_active(self) -> EngineManifest:
@@ -161,10 +224,14 @@ class TrtRunner:
         for index in range(self.engine.num_optimization_profiles):
             self.context.set_optimization_profile_async(index, stream)
             for name in self.inputs:
+                if name in self.external and name not in self.manifest.profiles[index].shape_dict():
+                    continue
                 high = tuple(self.engine.get_tensor_profile_shape(name, index)[2]) if name in \
                     self.manifest.profiles[index].shape_dict() else tuple(self.engine.get_tensor_shape(name))
                 self.context.set_input_shape(name, high)
             for name in sizes:
+                if name in self.external:
+                    continue
                 shape = tuple(self.context.get_tensor_shape(name))
                 if any(d < 0 for d in shape):
                     raise RunnerError(f"output {name!r} has a data-dependent shape {shape}; not supported")

@@ -104,26 +104,19 @@ class SparseContextGenerator:
                                           transformer_file=transformer_file, dtype=dtype, device=device))
 
     @classmethod
-    def from_engines(cls, engines_dir: Any, device: str = "cpu") -> "SparseContextGenerator":
-        """The thin runtime: the transformer runs in the engines ``build_engines.py`` wrote (onnxruntime
-        backends); the text encoder and VAE come from the model folder recorded there."""
-        from sparse_context.engines.build import read_engines
-        from sparse_context.export.ort_backend import OrtTransformerBackend
+    def from_engines(cls, engines_dir: Any, device: str = "cpu", kv_cache: ReferenceKVCache | None = None,
+                     memory: Any = None) -> "SparseContextGenerator":
+        """The thin runtime: the transformer runs in the engines ``build_engines.py`` wrote (TensorRT or
+        onnxruntime); the text encoder and VAE come from the model folder recorded there. Every request maps to
+        exactly one bucket of the recorded plan, or fails with the build option that would cover it.
+        ``memory``: the TensorRT runner's device-memory object (default: torch CUDA, else cuda-python)."""
+        from sparse_context.engines.build import engine_backend, read_engines
         from sparse_context.reference.loading import load_generator_parts
 
         engines = read_engines(engines_dir)
-        if engines["backend"] == "trt":
-            raise InputError(bad_value("engines backend for generate", "trt", "ort-cpu, ort-cuda or ort-trt (the "
-                                       "TensorRT runner is not wired into generation yet)", "--engines"))
-        graphs = engines["graphs"]
-        providers: list[Any] = list(engines["providers"])
-        options = graphs.get("kv", graphs.get("full", {})).get("provider_options")
-        if options and providers and providers[0] == "TensorrtExecutionProvider":
-            providers[0] = (providers[0], options)
-        backend = OrtTransformerBackend(full=graphs.get("full", {}).get("onnx"), kv=graphs.get("kv", {}).get("onnx"),
-                                        providers=providers)
+        backend = engine_backend(engines, memory=memory)
         parts = load_generator_parts(engines["model_dir"], device=device, with_transformer=False)
-        return cls(backend=backend, **parts)
+        return cls(backend=backend, kv_cache=kv_cache, **parts)
 
     # -- components ------------------------------------------------------------------------------------------
 
@@ -339,6 +332,8 @@ class SparseContextGenerator:
                                         use_kv=use_kv, kv_state=kv_state, on_step=on_step)
         _synchronize(self.device)
         timings["transformer"] = time.perf_counter() - clock
+        if hasattr(self.backend, "release_static"):  # device copies of this image's prompt, references, RoPE
+            self.backend.release_static()
         if cache_key is not None and not cache_hit and kv_state is not None:
             self.kv_cache.put(cache_key, kv_state, _kv_nbytes(kv_state))
 
@@ -392,8 +387,8 @@ def _np_conditioning(conditioning: Conditioning) -> Conditioning:
 
 
 def _kv_nbytes(kv_state: Any) -> int:
-    if hasattr(kv_state, "keys") and hasattr(kv_state, "values") and hasattr(kv_state.keys, "nbytes"):
-        return int(kv_state.keys.nbytes + kv_state.values.nbytes)  # onnxruntime / TensorRT state
+    if hasattr(kv_state, "nbytes"):
+        return int(kv_state.nbytes)  # engine backends: the pooled buffers the state holds
     layers = list(kv_state.double_block_caches) + list(kv_state.single_block_caches)
     return sum(t.numel() * t.element_size() for layer in layers for t in (layer.k_ref, layer.v_ref) if t is not None)
 

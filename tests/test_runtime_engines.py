@@ -76,13 +76,18 @@ def test_build_engines_cli_demo_and_errors(tmp_path, capsys, monkeypatch):
         main(["--demo", "--backend", "tensorflow"])
 
 
-def test_generate_from_trt_engines_is_refused(tmp_path):
+def test_engines_json_errors_name_the_fix(tmp_path):
+    from sparse_context.engines.errors import BuildOptionError, RunnerError
     from sparse_context.reference.generator import SparseContextGenerator
-    from sparse_context.runtime.errors import InputError
 
     (tmp_path / "engines.json").write_text(json.dumps({"backend": "trt", "graphs": {}}))
-    with pytest.raises(InputError, match="--engines"):
+    with pytest.raises(RunnerError, match="no recorded bucket plan.*--engines"):
         SparseContextGenerator.from_engines(tmp_path)
+    (tmp_path / "engines.json").write_text(json.dumps({"backend": "tpu", "graphs": {}}))
+    with pytest.raises(BuildOptionError, match="'tpu'.*--backend"):
+        SparseContextGenerator.from_engines(tmp_path)
+    with pytest.raises(BuildOptionError, match="engines.json written by build_engines.py"):
+        SparseContextGenerator.from_engines(tmp_path / "missing")
 
 
 def test_trt_progress_events_become_build_progress():
