@@ -95,9 +95,10 @@ class TrtRunner:
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: self.engine.get_tensor_dtype(n).name for n in names}
         # 2. one buffer per tensor at its largest size over all profiles
-        unknown = (self.external | self.static) - set(names)
+        unknown = self.external - set(names)
         if unknown:
-            raise RunnerError(bad_value("external/static tensors", sorted(unknown), ", ".join(names)))
+            raise RunnerError(bad_value("external tensors", sorted(unknown), ", ".join(names)))
+        self.static = self.static & set(names)  # a hint: names this engine lacks do not matter
         for name, nbytes in self._max_bytes().items():
             if name not in self.external:
                 self._buffers[name] = self.memory.alloc(nbytes)
@@ -226,8 +227,9 @@ class TrtRunner:
             for name in self.inputs:
                 if name in self.external and name not in self.manifest.profiles[index].shape_dict():
                     continue
-                high = tuple(self.engine.get_tensor_profile_shape(name, index)[2]) if name in \
-                    self.manifest.profiles[index].shape_dict() else tuple(self.engine.get_tensor_shape(name))
+                # The manifest's max (static inputs are in it too, and TensorRT keeps no range for those).
+                ranges = self.manifest.profiles[index].shape_dict().get(name)
+                high = tuple(ranges[2]) if ranges else tuple(self.engine.get_tensor_shape(name))
                 self.context.set_input_shape(name, high)
             for name in sizes:
                 if name in self.external:

@@ -133,3 +133,35 @@ def test_trtexec_profile_errors():
         parse_trtexec_profile("a:1", "a:1x1", "a:1")
     with pytest.raises(ProfileError, match="need min <= opt <= max in every dim; got \\(4,\\), \\(2,\\), \\(8,\\)"):
         parse_trtexec_profile("a:4", "a:2", "a:8")
+
+
+def test_profile_selector_maps_each_request_to_one_profile():
+    from sparse_context.engines.buckets import BucketPlan, Resolution
+    from sparse_context.engines.errors import ProfileError
+    from sparse_context.engines.profiles import ProfileSelector, engine_profiles
+
+    plan = BucketPlan(keep_fractions=(0.05, 0.1, 1.0), max_refs=2, ref_resolution=Resolution(512, 512),
+                      target_resolutions=(Resolution(512, 512),), text_tokens=32)
+    assert BucketPlan.from_json(plan.to_json()) == plan
+    shapes = {"refs": (1, "ref_tokens", 8), "cached_keys": (2, 1, "cached_tokens", 1, 4),
+              "target": (1, "target_tokens", 8), "text": (1, "text_tokens", 4)}
+    profiles = {"kv": engine_profiles(plan, "kv", shapes)}
+    selector = ProfileSelector(plan, profiles, strict_shapes=True)
+    for tokens in range(0, plan.max_ref_tokens + 1, 7):  # every count lands in exactly one bucket
+        for step in ("extract", "cached"):
+            choice = selector.choose("kv", step, tokens, 1024, 32)
+            profile = profiles["kv"][choice.index]
+            assert (profile.bucket, profile.step) == (choice.bucket.name, step) and choice.bucket.covers(tokens)
+            assert sum(b.covers(tokens) for b in plan.buckets) == 1
+    with pytest.raises(ProfileError, match="exceed every engine profile.*rebuild with --max-refs 3"):
+        selector.choose("kv", "extract", plan.max_ref_tokens + 1, 1024, 32)
+    with pytest.raises(ProfileError, match="step of the kv graph: got 'full'"):
+        selector.choose("kv", "full", 10, 1024, 32)
+    with pytest.raises(ProfileError, match="rebuild with --target-resolutions 512x512 1024x1024"):
+        selector.choose("kv", "extract", 10, 4096, 32)
+    with pytest.raises(ProfileError, match="padded to 32 tokens.*--text-tokens 512"):
+        selector.choose("kv", "extract", 10, 1024, 512)
+    loose = ProfileSelector(plan)  # onnxruntime CUDA/CPU: any target/text length, buckets still enforced
+    assert loose.choose("kv", "cached", 10, 4096, 512).index is None
+    with pytest.raises(ProfileError, match="recorded bucket plan"):
+        BucketPlan.from_json({"max_refs": 2})

@@ -100,3 +100,58 @@ def test_trt_progress_events_become_build_progress():
                   BuildProgress("finish", "Building")):
         report(event)
     assert seen == [("trt kv: Building", 2, 3)]
+
+
+def test_ort_kv_in_place_pooled_and_uploaded_once(engines_dir, reference_photos):
+    """The extract step writes K/V into a pooled buffer of the bucket maximum (no copy: the state's arrays are
+    views of it); the second image reuses the buffer; prompt, references and RoPE go to the device once per image."""
+    from sparse_context.reference.generator import SparseContextGenerator
+
+    ours = SparseContextGenerator.from_engines(engines_dir)
+    backend = ours.backend
+    kwargs = dict(keep_fraction=0.1, use_kv=True, num_steps=4, output_type="latent", height=64, width=64)
+    first = ours.generate("a harbour", reference_photos, **kwargs)
+    state = first.kv_state
+    assert state.buffers.capacity_tokens == backend.selector.plan.bucket_for(state.num_ref_tokens).max_ref_tokens
+    assert np.shares_memory(state.keys, state.buffers.keys) and np.abs(state.keys).max() > 0
+    # 3 cached steps re-use text, RoPE (text+target) and nothing else per step is static
+    assert backend.static.hits >= 2 * 3
+    del first, state
+    ours.generate("a harbour", reference_photos, **kwargs)
+    assert backend.kv_pool.stats.allocations == 1 and backend.kv_pool.stats.reuses == 1
+
+
+def test_ort_request_outside_the_plan(engines_dir):
+    from conftest import photo
+
+    from sparse_context.engines.errors import ProfileError
+    from sparse_context.reference.generator import SparseContextGenerator
+
+    ours = SparseContextGenerator.from_engines(engines_dir)
+    large = [photo(seed, 512, 512) for seed in range(3)]
+    with pytest.raises(ProfileError, match="3072 reference tokens .*nearest profile keep1.00"):
+        ours.generate("x", large, num_steps=1, output_type="latent", height=64, width=64)
+
+
+def test_kv_buffer_pool():
+    from sparse_context.runtime.errors import InputError
+    from sparse_context.runtime.kv_buffers import EngineKVState, KVBufferPool
+
+    freed = []
+    pool = KVBufferPool(lambda n: np.zeros(n, np.uint8), token_bytes=8, free=freed.append, max_idle=1)
+    small, large = pool.acquire(10), pool.acquire(100)
+    assert small.nbytes == 2 * 80 and large.capacity_tokens == 100
+    pool.release(small)
+    pool.release(large)  # only one idle buffer pair is kept: the smaller one is freed
+    assert len(freed) == 2 and pool.stats.idle == 1
+    again = pool.acquire(50)  # served by the 100-token buffers
+    assert again is large and pool.stats.reuses == 1
+    state = EngineKVState(again, (1, 1, 7, 1, 2), np.float32, lambda b, s: np.frombuffer(b, np.float32,
+                                                                                          int(np.prod(s))).reshape(s))
+    pool.track(state, again)
+    del state
+    assert pool.acquire(100) is large  # back in the pool once its state was dropped
+    with pytest.raises(InputError, match="at most 100"):
+        EngineKVState(large, (1, 1, 101, 1, 2), np.float32, None)
+    with pytest.raises(InputError, match="bytes per K/V token"):
+        KVBufferPool(lambda n: None, token_bytes=0)

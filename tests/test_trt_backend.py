@@ -1,0 +1,175 @@
+"""The TensorRT path end to end on CPU: build_engines --backend trt -> TrtTransformerBackend -> generate.
+
+TensorRT itself is replaced by ``tests/trt_standin.py`` (same API, executes the ONNX with onnxruntime on host
+memory); everything else is real: the tiny model's export, the profile per bucket and KV step, engine manifests
+and checks, the runner's address binding, the K/V buffers and the sampler. Tolerance 1e-4 on latents, as for the
+onnxruntime runtime (different fp32 kernels than PyTorch, accumulated over the steps). The same flow on real
+TensorRT is ``test_tiny_engine_matches_onnxruntime`` (marked trt/gpu).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the stand-in executes engines with onnxruntime (pip install .[onnx])")
+
+from trt_standin import HostMemory, make_module  # noqa: E402
+
+ATOL = 1e-4
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_module())
+    memory = HostMemory()
+    monkeypatch.setattr("sparse_context.engines.cuda_memory.default_memory", lambda device=0: memory)
+    monkeypatch.setattr("sparse_context.engines.trt_backend.default_memory", lambda device=0: memory)
+    monkeypatch.setattr("sparse_context.engines.trt_runner.default_memory", lambda device=0: memory)
+    return memory
+
+
+@pytest.fixture(scope="module")
+def trt_engines_dir(tiny_model_dir, tmp_path_factory):
+    from sparse_context.engines.buckets import BucketPlan, Resolution
+    from sparse_context.engines.build import BuildRequest, build_engines
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "tensorrt", make_module())
+        patch.setattr("sparse_context.engines.cuda_memory.default_memory", lambda device=0: HostMemory())
+        out = tmp_path_factory.mktemp("trt-engines")
+        plan = BucketPlan(keep_fractions=(0.1, 1.0), max_refs=3, ref_resolution=Resolution(256, 256),
+                          target_resolutions=(Resolution(96, 96), Resolution(64, 64)), text_tokens=64).validate()
+        events = []
+        build_engines(BuildRequest(model_dir=tiny_model_dir, backend="trt", plan=plan, out_dir=out,
+                                   precision="fp32"), progress=lambda *event: events.append(event))
+    assert any(stage.startswith("trt kv") for stage, _, _ in events)
+    return out
+
+
+def runtime(engines_dir, memory):
+    from sparse_context.reference.generator import SparseContextGenerator
+
+    return SparseContextGenerator.from_engines(engines_dir, memory=memory)
+
+
+def test_engines_json_records_engines_and_plan(trt_engines_dir):
+    from sparse_context.engines.manifest import read_manifest
+
+    engines = json.loads((trt_engines_dir / "engines.json").read_text())
+    assert engines["backend"] == "trt" and engines["plan"]["max_refs"] == 3
+    for graph in ("full", "kv"):
+        manifest = read_manifest(engines["graphs"][graph]["engine"])
+        steps = {p.step for p in manifest.profiles}
+        assert steps == ({"full"} if graph == "full" else {"extract", "cached"})
+        assert len(manifest.profiles) == len(steps) * 2  # two buckets: keep 0.10 and keep 1.0
+
+
+@pytest.mark.parametrize("settings", [dict(keep_fraction=1.0), dict(keep_fraction=0.1, strategy="edge"),
+                                      dict(keep_fraction=0.1, strategy="saliency", use_kv=True),
+                                      dict(keep_fraction=1.0, use_kv=True)],
+                         ids=["dense", "sparse", "sparse_kv", "dense_kv"])
+def test_trt_generation_equals_pytorch(standin, trt_engines_dir, tiny_generator, reference_photos, settings):
+    ours = runtime(trt_engines_dir, standin)
+    kwargs = dict(num_steps=3, seed=2, output_type="latent", height=96, width=96, **settings)
+    result = ours.generate("a red bicycle", reference_photos, **kwargs)
+    reference = tiny_generator.generate("a red bicycle", reference_photos, **kwargs)
+    assert result.ref_tokens == reference.ref_tokens
+    np.testing.assert_allclose(result.image.numpy(), reference.image.numpy(), atol=ATOL, rtol=0)
+
+
+def test_profiles_follow_the_request(standin, trt_engines_dir, reference_photos):
+    """Each call runs in its bucket's profile: sparse KV uses keep0.10 extract then keep0.10 cached."""
+    ours = runtime(trt_engines_dir, standin)
+    ours.generate("x", reference_photos, keep_fraction=0.1, use_kv=True, num_steps=3, output_type="latent",
+                  height=64, width=64)
+    context = ours.backend.runners["kv"].context
+    names = [ours.backend.runners["kv"].manifest.profiles[index].name for index, *_ in context.executions]
+    assert names == ["keep0.10/extract", "keep0.10/cached", "keep0.10/cached"]
+
+
+def test_kv_stays_in_place_and_buffers_are_reused(standin, trt_engines_dir, reference_photos):
+    """K/V are written by extract and read by cached steps at the same addresses; nothing K/V-sized is copied;
+    the prompt and the references are uploaded once per image; the second image reuses the pooled buffers."""
+    ours = runtime(trt_engines_dir, standin)
+    backend = ours.backend
+    kwargs = dict(keep_fraction=0.1, use_kv=True, num_steps=4, output_type="latent", height=64, width=64)
+    standin.uploads.clear()
+    first = ours.generate("a harbour", reference_photos, **kwargs)
+    state = first.kv_state
+    kv_bytes = int(np.prod(state.shape)) * 4
+    assert state.buffers.capacity_tokens == ours.backend.selector.plan.bucket_for(state.num_ref_tokens).max_ref_tokens
+    assert max(standin.uploads) < kv_bytes  # no upload is as large as the K/V
+    text_bytes = 64 * ours.backend.dims.text_dim * 4
+    assert standin.uploads.count(text_bytes) == 1  # the prompt once, not once per step
+    executions = backend.runners["kv"].context.executions
+    extract, cached = executions[0][2], [addresses for _, _, addresses in executions[1:]]
+    assert extract["ref_keys"] == state.buffers.keys.ctypes.data  # written in place ...
+    assert {a["cached_keys"] for a in cached} == {state.buffers.keys.ctypes.data}  # ... and read in place
+    assert {a["cached_values"] for a in cached} == {extract["ref_values"]} == {state.buffers.values.ctypes.data}
+    keys = state.keys.copy()
+    assert keys.shape == state.shape and np.abs(keys).max() > 0
+    del first, state
+    allocations = backend.kv_pool.stats.allocations
+    ours.generate("a harbour", reference_photos, **kwargs)
+    assert backend.kv_pool.stats.allocations == allocations and backend.kv_pool.stats.reuses >= 1
+
+
+def test_persistent_cache_second_call(standin, trt_engines_dir, tiny_generator, reference_photos):
+    from sparse_context.runtime.kv_cache import ReferenceKVCache
+
+    ours = runtime(trt_engines_dir, standin)
+    ours.kv_cache = ReferenceKVCache(64 << 20)
+    kwargs = dict(keep_fraction=0.1, strategy="edge", use_kv=True, num_steps=2, seed=1, output_type="latent",
+                  height=64, width=64)
+    first = ours.generate("a harbour", reference_photos, **kwargs)
+    second = ours.generate("a harbour", reference_photos, **kwargs)
+    assert not first.cache_hit and second.cache_hit
+    extracts = [ours.backend.runners["kv"].manifest.profiles[i].step for i, *_ in
+                ours.backend.runners["kv"].context.executions]
+    assert extracts.count("extract") == 1  # the second call ran cached steps only
+    reference = tiny_generator.generate("a harbour", reference_photos, **kwargs)
+    np.testing.assert_allclose(second.image.numpy(), reference.image.numpy(), atol=ATOL, rtol=0)
+    # A cached state keeps its buffers: the next extract must not reuse them.
+    assert ours.kv_cache.stats.bytes == second.kv_state.nbytes
+
+
+def test_request_outside_every_profile(standin, trt_engines_dir, reference_photos):
+    from sparse_context.engines.errors import ProfileError
+
+    ours = runtime(trt_engines_dir, standin)
+    with pytest.raises(ProfileError, match=r"64 target tokens is outside the engines' range 16\.\.36.*--width/--height"):
+        ours.generate("x", reference_photos, num_steps=1, output_type="latent", height=128, width=128)
+    from conftest import photo
+
+    large = [photo(seed, 512, 512) for seed in range(3)]  # 3 x 1024 tokens: more than 3 refs of 256x256 px
+    with pytest.raises(ProfileError, match="3072 reference tokens .*exceed every engine profile; nearest profile "
+                                           "keep1.00 holds 79..768"):
+        ours.generate("x", large, num_steps=1, output_type="latent", height=96, width=96)
+    prompt = np.zeros((1, 32, ours.backend.dims.text_dim), np.float32)
+    import torch
+
+    with pytest.raises(ProfileError, match="padded to 64 tokens.*--text-tokens 32"):
+        ours.generate(prompt_embeds=torch.from_numpy(prompt), num_steps=1, output_type="latent", height=96, width=96)
+    assert not any(context.executions for context in (r.context for r in ours.backend.runners.values()))
+
+
+def test_corrupted_engine_is_refused_before_deserializing(standin, trt_engines_dir, tmp_path):
+    import shutil
+
+    from sparse_context.engines.errors import EngineCorruptError
+
+    copy = tmp_path / "engines"
+    shutil.copytree(trt_engines_dir, copy)
+    engines = json.loads((copy / "engines.json").read_text())
+    for entry in engines["graphs"].values():
+        entry["engine"] = entry["engine"].replace(str(trt_engines_dir), str(copy))
+    (copy / "engines.json").write_text(json.dumps(engines))
+    engine = engines["graphs"]["kv"]["engine"]
+    with open(engine, "ab") as stream:
+        stream.write(b"tampered")
+    with pytest.raises(EngineCorruptError, match="modified or truncated"):
+        runtime(copy, standin)

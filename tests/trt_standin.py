@@ -1,0 +1,266 @@
+"""A stand-in ``tensorrt`` module that executes "engines" with onnxruntime on host memory.
+
+TensorRT cannot be installed here, so the CPU tests drive the real build steps, runner and backend through this
+module: the builder records the parsed ONNX path and the optimization profiles into the "engine" bytes; the
+execution context checks shapes against the active profile (as TensorRT does), reads every input from the address
+it was given, runs the ONNX graph with onnxruntime and writes every output to its address. Only TensorRT is stood
+in for: the model, the graphs, the buffers, the profile logic and the runtime under test are the real ones.
+``HostMemory`` is the runner's device-memory interface on host RAM, so addresses are real host pointers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import types
+
+import numpy as np
+
+from sparse_context.engines.cuda_memory import DeviceInfo
+
+VERSION = "10.3.0"
+TRT_TYPES = {1: "FLOAT", 10: "HALF", 7: "INT64", 6: "INT32"}  # ONNX elem_type -> TensorRT DataType name
+NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
+
+
+def host_array(pointer: int, shape, dtype) -> np.ndarray:
+    """The array of ``shape`` at a host address (a view: writes go to that memory)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    nbytes = count * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    raw = (ctypes.c_uint8 * nbytes).from_address(int(pointer))
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+class HostMemory:
+    """The runner's memory interface on host RAM; counts uploads per tensor size to check what travels."""
+
+    stream_handle = 0
+
+    def __init__(self, compute_capability: str = "8.7"):
+        self.cc = compute_capability
+        self.uploads: list[int] = []  # bytes of each upload
+        self.downloads: list[int] = []
+        self.allocated: list[int] = []
+        self.freed = 0
+
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo("Stand-in GPU (host memory)", self.cc)
+
+    def alloc(self, nbytes: int) -> np.ndarray:
+        self.allocated.append(int(nbytes))
+        return np.zeros(max(int(nbytes), 1), np.uint8)
+
+    def pointer(self, buffer: np.ndarray) -> int:
+        return int(buffer.ctypes.data)
+
+    def free(self, buffer: np.ndarray) -> None:
+        self.freed += 1
+
+    def upload(self, buffer: np.ndarray, value, dtype_name: str) -> int:
+        array = np.ascontiguousarray(value, dtype=NUMPY[dtype_name])
+        buffer[: array.nbytes] = array.reshape(-1).view(np.uint8)
+        self.uploads.append(array.nbytes)
+        return self.pointer(buffer)
+
+    def download(self, buffer: np.ndarray, shape, dtype_name: str) -> np.ndarray:
+        array = host_array(self.pointer(buffer), shape, NUMPY[dtype_name]).copy()
+        self.downloads.append(array.nbytes)
+        return array
+
+    def synchronize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Tensor:
+    def __init__(self, name, shape):
+        self.name, self.shape = name, tuple(shape)
+
+
+class _Network:
+    def __init__(self):
+        self.path, self.inputs, self.outputs = None, [], []
+
+    @property
+    def num_inputs(self):
+        return len(self.inputs)
+
+    def get_input(self, index):
+        return self.inputs[index]
+
+
+class _Parser:
+    def __init__(self, network, logger):
+        self.network, self.num_errors = network, 0
+
+    def parse_from_file(self, path):
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)
+        dims = lambda value: [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        initializers = {i.name for i in model.graph.initializer}
+        self.network.path = str(path)
+        self.network.inputs = [_Tensor(v.name, dims(v)) for v in model.graph.input if v.name not in initializers]
+        return True
+
+
+class _OptimizationProfile:
+    def __init__(self):
+        self.shapes = {}
+
+    def set_shape(self, name, low, opt, high):
+        self.shapes[name] = [list(low), list(opt), list(high)]
+
+
+class _Config:
+    def __init__(self):
+        self.profiles, self.flags, self.progress_monitor = [], [], None
+        self.builder_optimization_level = 3
+
+    def set_memory_pool_limit(self, pool, nbytes):
+        self.workspace = nbytes
+
+    def set_flag(self, flag):
+        self.flags.append(flag)
+
+    def create_timing_cache(self, data):
+        return types.SimpleNamespace(serialize=lambda: b"stand-in timing cache")
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self.timing_cache = cache
+
+    def get_timing_cache(self):
+        return self.timing_cache
+
+    def add_optimization_profile(self, profile):
+        self.profiles.append(profile.shapes)
+        return len(self.profiles) - 1
+
+
+class _Builder:
+    def __init__(self, logger):
+        self.logger = logger
+
+    def create_network(self, flags):
+        return _Network()
+
+    def create_builder_config(self):
+        return _Config()
+
+    def create_optimization_profile(self):
+        return _OptimizationProfile()
+
+    def build_serialized_network(self, network, config):
+        monitor = config.progress_monitor
+        if monitor is not None:
+            monitor.phase_start("Building engine", None, 2)
+            for step in range(2):
+                monitor.step_complete("Building engine", step)
+            monitor.phase_finish("Building engine")
+        return json.dumps({"onnx": network.path, "profiles": config.profiles}).encode()
+
+
+class _Engine:
+    def __init__(self, data: bytes):
+        import onnx
+        import onnxruntime as ort
+
+        described = json.loads(data)
+        self.profiles = described["profiles"]
+        self.session = ort.InferenceSession(described["onnx"], providers=["CPUExecutionProvider"])
+        model = onnx.load(described["onnx"], load_external_data=False)
+        initializers = {i.name for i in model.graph.initializer}
+        self.io = {}  # name -> (mode, dtype name, dims with symbols)
+        for mode, values in (("INPUT", [v for v in model.graph.input if v.name not in initializers]),
+                             ("OUTPUT", model.graph.output)):
+            for value in values:
+                dims = [d.dim_param if d.dim_param else d.dim_value for d in value.type.tensor_type.shape.dim]
+                self.io[value.name] = (mode, TRT_TYPES[value.type.tensor_type.elem_type], dims)
+        self.names = list(self.io)
+
+    num_optimization_profiles = property(lambda self: len(self.profiles))
+    num_io_tensors = property(lambda self: len(self.names))
+
+    def get_tensor_name(self, index):
+        return self.names[index]
+
+    def get_tensor_mode(self, name):
+        return self.io[name][0]
+
+    def get_tensor_dtype(self, name):
+        return types.SimpleNamespace(name=self.io[name][1])
+
+    def get_tensor_shape(self, name):
+        return tuple(d if isinstance(d, int) else -1 for d in self.io[name][2])
+
+    def get_tensor_profile_shape(self, name, index):
+        return [tuple(s) for s in self.profiles[index][name]]
+
+    def create_execution_context(self):
+        return _Context(self)
+
+
+class _Context:
+    def __init__(self, engine):
+        self.engine, self.profile, self.shapes, self.addresses = engine, 0, {}, {}
+        self.executions = []  # (profile index, {input: shape}, {tensor: address}) per call
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = index
+        return 0 <= index < len(self.engine.profiles)
+
+    def set_input_shape(self, name, shape):
+        ranges = self.engine.profiles[self.profile].get(name)
+        if ranges is not None and not all(a <= d <= b for a, d, b in zip(ranges[0], shape, ranges[2])):
+            return False  # TensorRT: "does not satisfy any optimization profile"
+        self.shapes[name] = tuple(int(d) for d in shape)
+        return True
+
+    def _symbols(self):
+        values = {}
+        for name, (mode, _, dims) in self.engine.io.items():
+            if mode == "INPUT" and name in self.shapes:
+                values.update({d: s for d, s in zip(dims, self.shapes[name]) if isinstance(d, str)})
+        return values
+
+    def get_tensor_shape(self, name):
+        if name in self.shapes:
+            return self.shapes[name]
+        values = self._symbols()
+        return tuple(d if isinstance(d, int) else values.get(d, -1) for d in self.engine.io[name][2])
+
+    def set_tensor_address(self, name, pointer):
+        self.addresses[name] = int(pointer)
+        return True
+
+    def execute_async_v3(self, stream):
+        feeds = {}
+        for name, (mode, dtype, _) in self.engine.io.items():
+            if mode == "INPUT":
+                feeds[name] = host_array(self.addresses[name], self.shapes[name], NUMPY[dtype]).copy()
+        self.executions.append((self.profile, {n: a.shape for n, a in feeds.items()}, dict(self.addresses)))
+        outputs = [n for n, (mode, _, _) in self.engine.io.items() if mode == "OUTPUT"]
+        for name, value in zip(outputs, self.engine.session.run(outputs, feeds)):
+            host_array(self.addresses[name], value.shape, value.dtype)[...] = value
+        return True
+
+
+def make_module():
+    """A ``tensorrt`` module object for ``sys.modules``."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = VERSION
+    trt.BuilderFlag = types.SimpleNamespace(REFIT="REFIT", STRIP_PLAN="STRIP_PLAN", FP16="FP16", INT8="INT8")
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.ILogger = type("ILogger", (), {"Severity": types.SimpleNamespace(
+        INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)})
+    trt.IProgressMonitor = object
+    trt.Builder = _Builder
+    trt.OnnxParser = _Parser
+    trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=_Engine)
+    return trt
