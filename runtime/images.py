@@ -30,6 +30,9 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
     """Return ``source`` as an 8-bit RGB PIL image, upright per its EXIF orientation.
 
@@ -43,8 +46,9 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         image = source
     else:
         raise ImageError(bad_value("reference image", type(source).__name__, ALLOWED_SOURCES, "--ref"))
-    image = ImageOps.exif_transpose(image)  # a phone portrait is stored landscape plus an orientation tag
-    return _rgb8_from_pil(image)
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)  # a phone portrait is stored landscape plus an orientation tag
+    return _rgb8_from_pil(image)  # an upright RGB image comes back as is: no copy on the runtime's path
 
 
 def prepare_reference(
@@ -60,6 +64,8 @@ def prepare_reference(
     resized_size, crop_box = reference_geometry(*image.size, max_area=max_area, multiple_of=multiple_of)
     if resized_size != image.size:
         image = image.resize(resized_size, Image.Resampling.LANCZOS)
+    if crop_box == (0, 0, *image.size):
+        return image  # already whole tokens: no copy
     return image.crop(crop_box)
 
 

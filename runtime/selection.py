@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import enum
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -403,8 +405,12 @@ def select_references(
     max_area: int = MAX_REFERENCE_AREA,
     multiple_of: int = TOKEN_PIXELS,
     floor_fraction: float = DEFAULT_FLOOR_FRACTION,
+    workers: int | None = None,
 ) -> list[Selection]:
     """Prepare each reference as the VAE will see it, score its tokens, split the budget and pick the tokens.
+
+    References are prepared and scored in parallel threads (OpenCV, Pillow and numpy release the GIL), up to
+    ``workers`` (default: one per reference, at most the CPU count); the result does not depend on it.
 
     ``images``: anything ``load_image`` accepts. ``masks``: one per image, only with ``strategy="mask"``, each of
     the shape of the image as given (then resized and cropped like the image), of the prepared image, or of its
@@ -431,16 +437,29 @@ def select_references(
                                        "--strategy mask, or drop --mask"))
     masks = list(masks) if masks is not None else [None] * len(images)
 
-    # 2. the image each reference becomes inside the pipeline, its token grid, and its mask on those pixels
-    originals = [load_image(image) for image in images]
-    prepared = [prepare_reference(image, max_area=max_area, multiple_of=multiple_of) for image in originals]
-    grids = [token_grid(*image.size) for image in prepared]
-    masks = [_mask_for_prepared(mask, index, original, image, grid, max_area, multiple_of)
-             for index, (mask, original, image, grid) in enumerate(zip(masks, originals, prepared, grids))]
+    if workers is not None and (not _is_int(workers) or workers < 1):
+        raise SelectionError(bad_value("selection workers", workers, "an integer >= 1"))
 
-    # 3. score, budget, select
-    importances = [importance_map(np.asarray(image), grid, strategy, mask)
-                   for image, grid, mask in zip(prepared, grids, masks)]
+    # 2. per reference: the image it becomes inside the pipeline, its token grid, its mask on those pixels, and
+    #    its token importance (in parallel: this is the runtime's only per-reference CPU work)
+    def score(index: int) -> tuple[Any, tuple[int, int], np.ndarray]:
+        original = load_image(images[index])
+        image = prepare_reference(original, max_area=max_area, multiple_of=multiple_of)
+        grid = token_grid(*image.size)
+        mask = _mask_for_prepared(masks[index], index, original, image, grid, max_area, multiple_of)
+        return image, grid, importance_map(np.asarray(image), grid, strategy, mask)
+
+    count = workers or min(len(images), os.cpu_count() or 1)
+    if count > 1 and len(images) > 1:
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="select") as pool:
+            scored = list(pool.map(score, range(len(images))))  # in order; the first error propagates
+    else:
+        scored = [score(index) for index in range(len(images))]
+    prepared = [image for image, _, _ in scored]
+    grids = [grid for _, grid, _ in scored]
+    importances = [importance for _, _, importance in scored]
+
+    # 3. budget, select
     budgets = allocate_budget(importances, keep_fraction, token_count, allocation)
     selections = []
     for index, (image, grid, importance, budget) in enumerate(zip(prepared, grids, importances, budgets)):

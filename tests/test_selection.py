@@ -365,3 +365,25 @@ def test_runtime_imports_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_parallel_selection_equals_serial():
+    from sparse_context.runtime.images import sample_images
+    from sparse_context.runtime.selection import select_references
+
+    images = list(sample_images().values()) * 2  # 8 references
+    for strategy in ("edge", "saliency", "random"):
+        serial = select_references(images, strategy=strategy, keep_fraction=0.1, workers=1)
+        parallel = select_references(images, strategy=strategy, keep_fraction=0.1, workers=4)
+        for a, b in zip(serial, parallel, strict=True):
+            np.testing.assert_array_equal(a.indices, b.indices)
+            assert a.grid == b.grid
+
+
+def test_selection_workers_must_be_positive():
+    from sparse_context.runtime.errors import SelectionError
+    from sparse_context.runtime.images import sample_images
+    from sparse_context.runtime.selection import select_references
+
+    with pytest.raises(SelectionError, match="selection workers: got 0"):
+        select_references(list(sample_images().values()), strategy="edge", keep_fraction=0.1, workers=0)
