@@ -173,3 +173,32 @@ def test_corrupted_engine_is_refused_before_deserializing(standin, trt_engines_d
         stream.write(b"tampered")
     with pytest.raises(EngineCorruptError, match="modified or truncated"):
         runtime(copy, standin)
+
+
+# -- real TensorRT ------------------------------------------------------------------------------------------
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_real_tensorrt_generation_equals_pytorch(tiny_model_dir, tiny_generator, reference_photos, tmp_path):
+    """The same flow on real TensorRT and a CUDA GPU: fp32 engines of the tiny model, dense / sparse / sparse + KV."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install .[tensorrt])")
+    from sparse_context.engines.buckets import BucketPlan, Resolution
+    from sparse_context.engines.build import BuildRequest, build_engines
+    from sparse_context.engines.cuda_memory import default_memory
+    from sparse_context.engines.errors import RunnerError, TensorRTUnavailableError
+    from sparse_context.reference.generator import SparseContextGenerator
+
+    try:
+        default_memory().device_info()
+    except (TensorRTUnavailableError, RunnerError) as error:
+        pytest.skip(f"no CUDA device: {error}")
+    plan = BucketPlan(keep_fractions=(0.1, 1.0), max_refs=3, ref_resolution=Resolution(256, 256),
+                      target_resolutions=(Resolution(96, 96), Resolution(64, 64)), text_tokens=64).validate()
+    build_engines(BuildRequest(model_dir=tiny_model_dir, backend="trt", plan=plan, out_dir=tmp_path, precision="fp32"))
+    ours = SparseContextGenerator.from_engines(tmp_path)
+    for settings in (dict(keep_fraction=1.0), dict(keep_fraction=0.1, strategy="edge"),
+                     dict(keep_fraction=0.1, strategy="saliency", use_kv=True)):
+        kwargs = dict(num_steps=3, seed=2, output_type="latent", height=96, width=96, **settings)
+        result = ours.generate("a red bicycle", reference_photos, **kwargs)
+        reference = tiny_generator.generate("a red bicycle", reference_photos, **kwargs)
+        # TF32 may be used by TensorRT's fp32 kernels: a looser bound than onnxruntime CPU's 1e-4
+        np.testing.assert_allclose(result.image.numpy(), reference.image.numpy(), atol=2e-3, rtol=0)
