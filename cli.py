@@ -12,6 +12,8 @@ from sparse_context.runtime.errors import SparseContextError
 from sparse_context.runtime.progress import stderr_progress
 from sparse_context.runtime.selection import ALLOCATION_CHOICES, STRATEGY_CHOICES
 
+SPEED_REFS = [1, 2, 3, 4, 5, 6]  # `bench speed`; `bench engines` defaults to engine_benchmark.DEFAULT_REFS
+
 
 def _add_selection_arguments(parser: argparse.ArgumentParser, default_keep: float) -> None:
     parser.add_argument("--ref", action="append", default=[], metavar="IMAGE",
@@ -121,7 +123,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_engines(args: argparse.Namespace) -> int:
+    from sparse_context.reference.engine_benchmark import DEFAULT_REFS, EngineBenchOptions, benchmark_engines
+    from sparse_context.reference.engine_report import summary_lines, write_engine_report
+
+    options = EngineBenchOptions(
+        config=args.config, refs=tuple(args.refs or DEFAULT_REFS), keeps=tuple(args.keeps), target_px=args.target_px,
+        ref_px=args.ref_px, text_tokens=args.text_tokens, steps=args.steps, repeats=args.repeats, device=args.device,
+        precision=args.dtype, backend=args.backend, budget_s=args.budget_s, seed=args.seed,
+        work_dir=Path(args.work_dir) if args.work_dir else None)
+    result = benchmark_engines(options, on_event=lambda line: print(line, file=sys.stderr, flush=True))
+    print("\n".join(summary_lines(result)))
+    json_path, png_path = write_engine_report(result, args.out)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "engines":
+        return cmd_bench_engines(args)
     if args.what == "select":
         from sparse_context.runtime.benchmark_selection import benchmark_selection
 
@@ -134,9 +154,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"refs {row.refs} keep {row.keep:<5g} kv {'on ' if row.kv else 'off'} ref tokens {row.ref_tokens:6d} "
               f"{row.seconds:8.3f}s  {row.speedup:5.2f}x vs dense", flush=True)
 
-    result = benchmark_speed(config=args.config, refs=args.refs, keeps=args.keeps, target_px=args.target_px,
-                             ref_px=args.ref_px, text_tokens=args.text_tokens, steps=args.steps,
-                             repeats=args.repeats, device=args.device, dtype=_dtype(args.dtype), on_row=show)
+    result = benchmark_speed(config=args.config, refs=args.refs or SPEED_REFS, keeps=args.keeps,
+                             target_px=args.target_px, ref_px=args.ref_px, text_tokens=args.text_tokens,
+                             steps=args.steps, repeats=args.repeats, device=args.device, dtype=_dtype(args.dtype),
+                             on_row=show)
     print(f"target only (the limit): {result['target_only_seconds']:.3f}s on {result['device']}")
     json_path, png_path = write_speed_report(result, args.out)
     print(f"wrote {json_path} and {png_path}")
@@ -181,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    bench = commands.add_parser("bench", help="benchmarks: `speed` (PyTorch backend) or `select`")
-    bench.add_argument("what", choices=("speed", "select"))
+    bench = commands.add_parser("bench", help="benchmarks: `speed` (PyTorch backend), `engines` (PyTorch vs "
+                                "onnxruntime, issue 4's GPU check) or `select`")
+    bench.add_argument("what", choices=("speed", "engines", "select"))
     bench.add_argument("--config", default="tiny", help="tiny | klein-4b | klein-9b")
-    bench.add_argument("--refs", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    bench.add_argument("--refs", type=int, nargs="+", default=None,
+                       help="reference counts (default: 1 2 3 4 5 6 for speed, 1 3 6 for engines)")
     bench.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.25, 0.10, 0.05])
     bench.add_argument("--target-px", type=int, default=512)
     bench.add_argument("--ref-px", type=int, default=512)
@@ -194,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     bench.add_argument("--threads", type=int, default=1, help="OpenCV threads for `select`")
+    bench.add_argument("--backend", choices=("ort-cuda", "ort-cpu"), default=None,
+                       help="onnxruntime backend for `engines` (default: ort-cuda with --device cuda, else ort-cpu)")
+    # 540 = engine_benchmark.DEFAULT_BUDGET_S; not imported here because that module needs torch.
+    bench.add_argument("--budget-s", type=float, default=540.0,
+                       help="`engines`: seconds for the whole run; rows that would not fit are skipped and listed")
+    bench.add_argument("--work-dir", default=None,
+                       help="`engines`: folder for the ONNX exports, reused by later runs (default: the cache dir)")
+    bench.add_argument("--seed", type=int, default=0, help="`engines`: seed of weights and inputs")
     bench.add_argument("--out", default="out/bench")
     bench.set_defaults(func=cmd_bench)
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from sparse_context.runtime.errors import InputError, bad_value
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the pool finds buffers by object, never by comparing their contents
 class KVBuffers:
     """One keys and one values allocation, each holding up to ``capacity_tokens`` reference tokens."""
 

@@ -155,3 +155,13 @@ def test_kv_buffer_pool():
         EngineKVState(large, (1, 1, 101, 1, 2), np.float32, None)
     with pytest.raises(InputError, match="bytes per K/V token"):
         KVBufferPool(lambda n: None, token_bytes=0)
+
+
+def test_kv_buffer_pool_with_buffers_of_different_sizes_idle():
+    from sparse_context.runtime.kv_buffers import KVBufferPool
+
+    pool = KVBufferPool(lambda n: np.zeros(n, np.uint8), token_bytes=4, max_idle=3)
+    buffers = [pool.acquire(n) for n in (10, 40, 20)]
+    for b in buffers:
+        pool.release(b)
+    assert pool.acquire(15) is buffers[2] and pool.acquire(5) is buffers[0] and pool.acquire(30) is buffers[1]
