@@ -118,17 +118,43 @@ class OrtTransformerBackend:
             from sparse_context.engines.profiles import ProfileSelector
 
             self.selector = ProfileSelector(plan, strict_shapes=strict_shapes)
-        d = self.dims
-        self.kv_pool = KVBufferPool(self._allocate, d.num_layers * d.heads * d.head_dim * np.dtype(self.dtype).itemsize)
         self.static = IdentityMemo(STATIC_ENTRIES)
-        self._scratch = self._allocate(64)  # the address of zero-token K/V tensors
+        self._pools: dict[str, KVBufferPool] = {}
+        self._scratches: dict[str, Any] = {}
+        self.io_device = self.device
+
+    def set_io_device(self, device: str) -> None:
+        """Where inputs, outputs and K/V buffers live: the session's device (the default: I/O binding of device
+        buffers), or ``"cpu"``, which makes onnxruntime copy every input in and every output out on each call, as
+        a plain ``session.run`` does. The benchmark times both to show what device buffers buy."""
+        if device not in ("cpu", self.device):
+            raise ExportConfigError(bad_value("I/O device", device, f"cpu or {self.device}"))
+        self.static.clear()
+        self.io_device = device
+
+    @property
+    def kv_pool(self) -> KVBufferPool:
+        """The K/V buffer pool of the current I/O device."""
+        if self.io_device not in self._pools:
+            d = self.dims
+            token_bytes = d.num_layers * d.heads * d.head_dim * np.dtype(self.dtype).itemsize
+            self._pools[self.io_device] = KVBufferPool(self._allocate, token_bytes)
+        return self._pools[self.io_device]
+
+    @property
+    def _scratch(self) -> Any:
+        """A small buffer whose address zero-token tensors are bound to."""
+        if self.io_device not in self._scratches:
+            self._scratches[self.io_device] = self._allocate(64)
+        return self._scratches[self.io_device]
 
     # -- device memory -------------------------------------------------------------------------------------------
 
     def _allocate(self, nbytes: int) -> Any:
-        if self.device == "cpu":
+        if self.io_device == "cpu":
             return np.empty(int(nbytes), np.uint8)
-        return self._ort.OrtValue.ortvalue_from_shape_and_type([int(nbytes)], np.uint8, self.device, self.device_id)
+        return self._ort.OrtValue.ortvalue_from_shape_and_type([int(nbytes)], np.uint8, self.io_device,
+                                                               self.device_id)
 
     def _pointer(self, buffer: Any) -> int:
         return int(buffer.ctypes.data) if isinstance(buffer, np.ndarray) else int(buffer.data_ptr())
@@ -140,7 +166,7 @@ class OrtTransformerBackend:
         return np.frombuffer(host, dtype=self.dtype, count=count).reshape(shape)
 
     def _to_device(self, array: np.ndarray) -> Any:
-        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.io_device, self.device_id)
 
     def _static_value(self, name: str, sources: tuple[Any, ...], make: Any) -> Any:
         """Device copies of the arrays ``make()`` builds from ``sources`` (one array or a tuple), reused while the
@@ -181,14 +207,14 @@ class OrtTransformerBackend:
         return [d.num_layers, 1, int(tokens), d.heads, d.head_dim]
 
     def _bind_common(self, binding: Any, target, text, timestep) -> None:
-        binding.bind_output("velocity", self.device, self.device_id)  # first: _run reads output 0
+        binding.bind_output("velocity", self.io_device, self.device_id)  # first: _run reads output 0
         binding.bind_ortvalue_input("target", self._to_device(self._cast(target)))
         binding.bind_ortvalue_input("text", self._static_value("text", (text,), lambda: self._cast(text)))
         binding.bind_ortvalue_input("timestep", self._to_device(np.array([timestep], np.float32)))
 
     def _bind_pointer(self, binding: Any, name: str, pointer: int, shape: list[int], output: bool = False) -> None:
         bind = binding.bind_output if output else binding.bind_input
-        bind(name, self.device, self.device_id, self.dtype, shape, pointer)
+        bind(name, self.io_device, self.device_id, self.dtype, shape, pointer)
 
     def _run(self, session: Any, binding: Any) -> np.ndarray:
         session.run_with_iobinding(binding)
@@ -213,8 +239,8 @@ class OrtTransformerBackend:
         else:
             scratch = self._pointer(self._scratch)
             self._bind_pointer(binding, "refs", scratch, [1, 0, self.dims.in_channels])
-            binding.bind_input("ref_rope_cos", self.device, self.device_id, np.float32, [0, self.dims.head_dim], scratch)
-            binding.bind_input("ref_rope_sin", self.device, self.device_id, np.float32, [0, self.dims.head_dim], scratch)
+            for name in ("ref_rope_cos", "ref_rope_sin"):
+                binding.bind_input(name, self.io_device, self.device_id, np.float32, [0, self.dims.head_dim], scratch)
         for name, which in (("cached_keys", "keys"), ("cached_values", "values")):
             if cached is None:
                 self._bind_pointer(binding, name, self._pointer(self._scratch), self._kv_shape(0))

@@ -49,6 +49,7 @@ DEFAULT_BUDGET_S = 540.0  # the device check runs under a 600 s command limit
 SELECTION_STRATEGIES = ("edge", "saliency")
 SELECTION_REPEATS = 5
 # Guesses, used until measured; the report shows each next to the measured value so later runs can tune them.
+HOST_IO_GUESS = 3.0  # budget estimate: a host-I/O repeat of a row, as a multiple of its device-I/O wall time
 ORT_OVER_TORCH_GUESS = 1.5  # NOTES §3b measured up to 1.29 with fused attention
 SESSION_SECONDS = (2.0, 3.0)  # per session: fixed + per GB of weights (load, graph optimisation, upload)
 Event = Callable[[str], None]
@@ -401,6 +402,27 @@ def benchmark_engines(options: EngineBenchOptions, on_event: Event | None = None
     else:
         for row in plan:
             skip(row.label, "onnxruntime", reason=f"onnxruntime not run: {ort_problem}")
+
+    # 7b. What device buffers buy: the acceptance rows again with inputs, outputs and K/V in host memory, which
+    #     makes onnxruntime copy them in and out on every call, as a plain session.run does (on a CPU both are
+    #     the same memory, so there the ratio only checks the path).
+    io_binding: dict[str, dict[str, float]] = {}
+    if ort_backend is not None:
+        with _phase(phases, "ort_host_io", log):
+            ort_backend.set_io_device("cpu")
+            runner = LoopRunner(ort_backend, inputs, lambda a: a)
+            for row in [r for r in plan if r.refs == max(options.refs) and r.keep in (1.0, 0.1)]:
+                entry = measured[row]
+                if "ort_s" not in entry or (row.cache_hit and not runner.has_state_for(row)):
+                    continue
+                if not budget.fits(HOST_IO_GUESS * entry["ort_wall_s"]):
+                    skip(row.label, "onnxruntime host I/O", HOST_IO_GUESS * entry["ort_wall_s"])
+                elif (outcome := attempt(row.label, "onnxruntime host I/O", partial(runner.run, row))) is not None:
+                    io_binding[row.label] = {"host_io_s": outcome[0], "device_io_s": entry["ort_s"],
+                                             "host_over_device": outcome[0] / entry["ort_s"]}
+                    log(f"onnxruntime  {row.label:28s} {outcome[0]:8.3f}s with host I/O")
+            runner.release()
+            ort_backend.set_io_device(ort_backend.device)
     phases["total"] = budget.elapsed()
 
     # 8. The report
@@ -415,7 +437,7 @@ def benchmark_engines(options: EngineBenchOptions, on_event: Event | None = None
         "phases_s": phases, "estimates": {"sessions_s": session_estimate, "ort_over_torch": ORT_OVER_TORCH_GUESS},
         "exports": {graph: {"path": str(r.path), "reused": r.reused, "opset": r.manifest.get("opset")}
                     for graph, r in (exports or {}).items()},
-        "ort_problem": ort_problem, "rows": rows, "limits": speedup_limits(rows), "skipped": skipped,
+        "ort_problem": ort_problem, "io_binding": io_binding, "rows": rows, "limits": speedup_limits(rows), "skipped": skipped,
     }
     result["selection"] = selection_shares(selection, rows, max(options.refs))
     result["correctness"] = correctness(rows, max(options.refs))

@@ -153,6 +153,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"selection {strategy:9s} {s['references']} refs: select {s['select_s'] * 1e3:.1f} ms + pack "
                      f"{s['pack_s'] * 1e3:.1f} ms; share of generation torch {number(s['share_torch'], '.2%')}, "
                      f"ort {number(s['share_ort'], '.2%')}")
+    for label, io in result.get("io_binding", {}).items():
+        lines.append(f"I/O binding {label:28s} host buffers {io['host_io_s']:.3f}s, device buffers "
+                     f"{io['device_io_s']:.3f}s: {io['host_over_device']:.2f}x")
     lines.append("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["phases_s"].items()))
     if result["ort_problem"]:
         lines.append(f"onnxruntime not measured: {result['ort_problem']}")

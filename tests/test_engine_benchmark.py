@@ -77,6 +77,12 @@ def test_every_row_on_both_backends_with_consistent_ratios(work_dir, tmp_path, c
     assert {"build", "export", "torch_bench", "sessions", "ort_bench", "total"} <= set(result["phases_s"])
     assert {"torch", "onnxruntime", "diffusers"} <= set(result["versions"])
     assert "kv_speedup_ort" in printed and "ort/torch" in printed and "refs 3 keep 0.1 kv cached" in printed
+    # the I/O ablation re-ran the acceptance rows with host buffers
+    assert set(result["io_binding"]) == {"refs 3 keep 1 kv off", "refs 3 keep 1 kv on", "refs 3 keep 1 kv cached",
+                                         "refs 3 keep 0.1 kv on", "refs 3 keep 0.1 kv cached", "refs 3 keep 0.1 kv off"}
+    for io in result["io_binding"].values():
+        assert io["host_over_device"] == pytest.approx(io["host_io_s"] / io["device_io_s"])
+    assert "I/O binding refs 3 keep 0.1 kv on" in printed and "ort_host_io" in result["phases_s"]
 
 
 def test_a_spent_budget_skips_and_lists_every_row(work_dir, tmp_path, capsys):

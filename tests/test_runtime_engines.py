@@ -165,3 +165,18 @@ def test_kv_buffer_pool_with_buffers_of_different_sizes_idle():
     for b in buffers:
         pool.release(b)
     assert pool.acquire(15) is buffers[2] and pool.acquire(5) is buffers[0] and pool.acquire(30) is buffers[1]
+
+
+def test_host_io_mode_gives_the_same_result(engines_dir, reference_photos):
+    """Host buffers (what a plain session.run does) and device buffers run the same graph: identical latents."""
+    from sparse_context.export.errors import ExportConfigError
+    from sparse_context.reference.generator import SparseContextGenerator
+
+    ours = SparseContextGenerator.from_engines(engines_dir)
+    kwargs = dict(keep_fraction=0.1, use_kv=True, num_steps=2, output_type="latent", height=64, width=64)
+    device = ours.generate("a harbour", reference_photos, **kwargs).image.numpy()
+    ours.backend.set_io_device("cpu")
+    host = ours.generate("a harbour", reference_photos, **kwargs).image.numpy()
+    np.testing.assert_array_equal(device, host)
+    with pytest.raises(ExportConfigError, match="I/O device: got 'cuda'; allowed: cpu or cpu"):
+        ours.backend.set_io_device("cuda")
