@@ -16,18 +16,6 @@ pytest.importorskip("onnxruntime", reason="the engines runtime test needs onnxru
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def engines_dir(tiny_model_dir, tmp_path_factory):
-    from sparse_context.engines.buckets import BucketPlan, Resolution
-    from sparse_context.engines.build import BuildRequest, build_engines
-
-    out = tmp_path_factory.mktemp("engines")
-    plan = BucketPlan(keep_fractions=(0.1, 1.0), max_refs=3, ref_resolution=Resolution(256, 256),
-                      target_resolutions=(Resolution(256, 256),), text_tokens=64).validate()
-    build_engines(BuildRequest(model_dir=tiny_model_dir, backend="ort-cpu", plan=plan, out_dir=out, precision="fp32"))
-    return out
-
-
 def test_engines_manifest(engines_dir):
     engines = json.loads((engines_dir / "engines.json").read_text())
     assert engines["backend"] == "ort-cpu" and set(engines["graphs"]) == {"full", "kv"}

@@ -1,0 +1,184 @@
+"""The thin runtime: prompt embeddings + reference latents in, target latents out, with numpy and an engine.
+
+No torch anywhere on this path: an embedded application (or a Jetson) brings its own text encoder and VAE, or
+precomputed prompt embeddings and reference latents, and runs the transformer through the TensorRT or onnxruntime
+engines ``build_engines.py`` wrote. Token selection (OpenCV), packing, the flow-match schedule identical to
+diffusers', the denoising loop, the reference K/V reuse across steps and the persistent reference cache are the
+same code the PyTorch reference generator runs.
+
+Noise: with ``latents`` not given, the initial noise comes from numpy's generator for ``seed`` (diffusers draws
+with torch, so the same seed gives a different image than the pipelines; pass ``latents`` to match them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from sparse_context.runtime.errors import InputError, ModelLoadError, bad_value
+from sparse_context.runtime.kv_cache import ReferenceKVCache, array_digest, reference_key
+from sparse_context.runtime.packing import pack_references
+from sparse_context.runtime.sampler import Conditioning, denoise
+from sparse_context.runtime.schedule import flow_match_schedule
+from sparse_context.runtime.tokens import (
+    TOKEN_PIXELS, check_keep_fraction, check_reference_count, grid_position_ids, text_position_ids, token_grid,
+)
+
+
+@dataclass
+class RuntimeResult:
+    latents: np.ndarray  # (1, rows*cols, C) float32 packed target latents (decode with the VAE of your choice)
+    grid: tuple[int, int]  # (rows, cols) of the target latents
+    ref_tokens: int  # reference tokens the transformer saw
+    ref_tokens_available: int
+    selections: list[np.ndarray]  # kept flat indices per reference
+    timings: dict[str, float] = field(default_factory=dict)
+    kv_state: Any = None
+    cache_hit: bool = False
+
+
+def read_model_settings(model_dir: str | Path) -> tuple[dict[str, Any], bool]:
+    """(scheduler config, is_distilled) of a diffusers folder, read as JSON (no diffusers import)."""
+    folder = Path(model_dir)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelLoadError(bad_value("model folder", str(folder), "a diffusers folder with model_index.json and "
+                                       "scheduler/scheduler_config.json", "--model")) from error
+    return scheduler, bool(index.get("is_distilled", True))
+
+
+class EngineRuntime:
+    """Target latents from prompt embeddings and reference latents through any TransformerBackend with numpy
+    tensors (``engines.build.engine_backend``: TensorRT or onnxruntime)."""
+
+    def __init__(self, backend: Any, scheduler_config: dict[str, Any] | None = None,
+                 kv_cache: ReferenceKVCache | None = None):
+        self.backend = backend
+        self.scheduler_config = dict(scheduler_config or {})
+        self.kv_cache = kv_cache
+        manifests = getattr(backend, "manifests", {})
+        blob = json.dumps({g: m.get("onnx_sha256") for g, m in manifests.items()}, sort_keys=True)
+        self.model_fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+
+    @classmethod
+    def from_engines(cls, engines_dir: str | Path, kv_cache: ReferenceKVCache | None = None,
+                     memory: Any = None) -> EngineRuntime:
+        from sparse_context.engines.build import engine_backend, read_engines
+
+        engines = read_engines(engines_dir)
+        scheduler, _ = read_model_settings(engines["model_dir"])
+        return cls(engine_backend(engines, memory=memory), scheduler, kv_cache)
+
+    def generate_latents(
+        self,
+        prompt_embeds: np.ndarray,
+        reference_latents: Sequence[np.ndarray] = (),
+        *,
+        reference_images: Sequence[Any] | None = None,
+        keep_fraction: float = 1.0,
+        token_count: int | None = None,
+        strategy: str = "uniform",
+        allocation: str = "per_reference",
+        selections: Sequence[np.ndarray] | None = None,
+        use_kv: bool = False,
+        height: int = 1024,
+        width: int = 1024,
+        num_steps: int = 4,
+        seed: int = 0,
+        latents: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        guidance_scale: float = 1.0,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> RuntimeResult:
+        """Denoise ``num_steps`` steps. ``reference_latents``: per reference (C, rows, cols), normalised and
+        patchified as the Klein VAE path produces them. Tokens are kept by ``selections`` (flat indices per
+        reference), or scored on ``reference_images`` (the images those latents came from) with ``strategy``."""
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        check_keep_fraction(keep_fraction)
+        embeds = np.asarray(prompt_embeds, dtype=np.float32)
+        if embeds.ndim != 3 or embeds.shape[0] != 1:
+            raise InputError(bad_value("prompt_embeds shape", embeds.shape, "(1, text tokens, text dim)"))
+        grids = [np.asarray(g, dtype=np.float32) for g in reference_latents]
+        check_reference_count(len(grids))
+        if any(g.ndim != 3 for g in grids):
+            raise InputError(bad_value("reference latent shapes", [g.shape for g in grids], "(C, rows, cols) each"))
+        rows, cols = token_grid(int(width), int(height), TOKEN_PIXELS)
+
+        # 1. Which reference tokens to keep
+        if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
+            selections = self._select(reference_images, grids, keep_fraction, token_count, strategy, allocation,
+                                      seed)
+        timings["selection"] = time.perf_counter() - clock
+
+        # 2. Reference K/V from the persistent cache, or the packed tokens
+        clock = time.perf_counter()
+        kept = [np.asarray(s, np.int64) for s in selections] if selections is not None else [
+            np.arange(g.shape[1] * g.shape[2], dtype=np.int64) for g in grids]
+        kv_state, cache_key, cache_hit = None, None, False
+        if use_kv and self.kv_cache is not None and grids:
+            cache_key = reference_key(self.model_fingerprint, [array_digest(g) for g in grids], kept)
+            kv_state = self.kv_cache.get(cache_key)
+            cache_hit = kv_state is not None
+        refs = ref_ids = None
+        ref_tokens = 0
+        if grids and kv_state is None:
+            packed = pack_references(grids, selections)
+            refs, ref_ids, ref_tokens = packed.tokens[None], packed.position_ids, packed.num_tokens
+        elif kv_state is not None:
+            ref_tokens = int(kv_state.num_ref_tokens)
+        timings["packing"] = time.perf_counter() - clock
+
+        # 3. Noise, schedule, denoise
+        channels = self.backend.dims.in_channels
+        if latents is None:
+            noise = np.random.default_rng(int(seed)).standard_normal((1, rows * cols, channels))
+            latents = noise.astype(np.float32)
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.shape != (1, rows * cols, channels):
+            raise InputError(bad_value("latents shape", latents.shape, f"(1, {rows * cols}, {channels}) for "
+                                       f"{width}x{height} px", "--width/--height"))
+        negative = None if negative_prompt_embeds is None else np.asarray(negative_prompt_embeds, np.float32)
+        conditioning = Conditioning(embeds, text_position_ids(embeds.shape[1]), negative,
+                                    None if negative is None else text_position_ids(negative.shape[1]),
+                                    float(guidance_scale))
+        schedule = flow_match_schedule(num_steps, rows * cols, self.scheduler_config)
+        clock = time.perf_counter()
+        try:
+            latents, kv_state = denoise(self.backend, latents, grid_position_ids(rows, cols), conditioning, schedule,
+                                        refs, ref_ids, use_kv=use_kv, kv_state=kv_state, on_step=on_step)
+        finally:
+            if hasattr(self.backend, "release_static"):
+                self.backend.release_static()
+        timings["transformer"] = time.perf_counter() - clock
+        if cache_key is not None and not cache_hit and kv_state is not None:
+            self.kv_cache.put(cache_key, kv_state, int(kv_state.nbytes))
+        return RuntimeResult(np.asarray(latents, np.float32), (rows, cols), ref_tokens,
+                             sum(g.shape[1] * g.shape[2] for g in grids), kept, timings, kv_state, cache_hit)
+
+    @staticmethod
+    def _select(images, grids, keep_fraction, token_count, strategy, allocation, seed) -> list[np.ndarray]:
+        from sparse_context.runtime.selection import Strategy, parse_strategy, select_references
+
+        if images is None:
+            if parse_strategy(strategy) is not Strategy.RANDOM and parse_strategy(strategy) is not Strategy.UNIFORM:
+                raise InputError(bad_value("token selection", f"strategy {strategy!r} without reference_images",
+                                           "reference_images to score, explicit selections, or strategy "
+                                           "'uniform'/'random'", "--strategy"))
+            images = [np.zeros((g.shape[1] * TOKEN_PIXELS, g.shape[2] * TOKEN_PIXELS, 3), np.uint8) for g in grids]
+        chosen = select_references(images, strategy=strategy, keep_fraction=None if token_count else keep_fraction,
+                                   token_count=token_count, allocation=allocation, seed=seed)
+        for index, (selection, grid) in enumerate(zip(chosen, grids, strict=True)):
+            if tuple(selection.grid) != (grid.shape[1], grid.shape[2]):
+                raise InputError(bad_value(f"reference image {index}", f"a {selection.grid} token grid",
+                                           f"the grid of its latents {grid.shape[1:]} (prepare the image as the "
+                                           "VAE did)"))
+        return [s.indices for s in chosen]
