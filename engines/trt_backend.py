@@ -54,13 +54,10 @@ class TrtTransformerBackend:
         except BaseException:
             self.close()
             raise
-        manifest = read_export_manifest(next(iter(graphs.values()))["onnx"])
         self.manifests = {graph: read_export_manifest(entry["onnx"]) for graph, entry in graphs.items()}
-        self.dims = ModelDims.from_config(manifest["model_config"])
+        self.dims = ModelDims.from_config(next(iter(self.manifests.values()))["model_config"])
         self.selector = ProfileSelector(BucketPlan.from_json(engines["plan"]),
                                         {g: r.manifest.profiles for g, r in self.runners.items()}, strict_shapes=True)
-        first = next(iter(self.runners.values()))
-        self.dtype_name = first.dtypes["target"]  # FLOAT / HALF / BF16, from the engine itself
         d = self.dims
         kv_itemsize = _itemsize(self.runners["kv"].dtypes["ref_keys"]) if "kv" in self.runners else 2
         self.kv_pool = KVBufferPool(self.memory.alloc, d.num_layers * d.heads * d.head_dim * kv_itemsize,
@@ -102,11 +99,12 @@ class TrtTransformerBackend:
         return {"target": np.asarray(target), "text": text, "timestep": np.array([timestep], np.float32)}
 
     def _run_kv(self, target, target_ids, refs, ref_ids, text, text_ids, timestep, step: str,
-                cached: EngineKVState | None = None, into: Any = None) -> np.ndarray:
+                cached: EngineKVState | None = None, into: Any = None, choice: Any = None) -> np.ndarray:
         runner = self._runner("kv")
         num_refs = 0 if ref_ids is None else int(ref_ids.shape[0])
-        counted = cached.num_ref_tokens if cached is not None else num_refs
-        choice = self.selector.choose("kv", step, counted, np.shape(target)[1], np.shape(text)[1])
+        if choice is None:
+            counted = cached.num_ref_tokens if cached is not None else num_refs
+            choice = self.selector.choose("kv", step, counted, np.shape(target)[1], np.shape(text)[1])
         feed = self._feed(target, text, timestep)
         feed["rope_cos"], feed["rope_sin"] = self._rope("rope_text_target", text_ids, target_ids)
         if num_refs:
@@ -155,7 +153,8 @@ class TrtTransformerBackend:
         num_refs = int(ref_ids.shape[0])
         choice = self.selector.choose("kv", "extract", num_refs, np.shape(target)[1], np.shape(text)[1])
         buffers = self.kv_pool.acquire(choice.bucket.max_ref_tokens)
-        velocity = self._run_kv(target, target_ids, refs, ref_ids, text, text_ids, timestep, "extract", into=buffers)
+        velocity = self._run_kv(target, target_ids, refs, ref_ids, text, text_ids, timestep, "extract", into=buffers,
+                                choice=choice)
         dtype = np.float16 if self.runners["kv"].dtypes["ref_keys"] in ("HALF", "BF16") else np.float32
         state = EngineKVState(buffers, self._kv_shape(num_refs), dtype, self._read)
         self.kv_pool.track(state, buffers)
@@ -167,8 +166,7 @@ class TrtTransformerBackend:
         return self._run_kv(target, target_ids, None, None, text, text_ids, timestep, "cached", cached=kv_state)
 
     def euler_step(self, latents, velocity, delta):
-        stepped = np.asarray(latents, np.float32) + np.float32(delta) * np.asarray(velocity, np.float32)
-        return stepped
+        return np.asarray(latents, np.float32) + np.float32(delta) * np.asarray(velocity, np.float32)
 
     def release_static(self) -> None:
         self.static.clear()

@@ -7,8 +7,8 @@ a call picks its bucket's profile and sets the real shapes. ``tensorrt`` is impo
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np

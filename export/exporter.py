@@ -293,13 +293,14 @@ def export_graphs(options: ExportOptions, graphs: tuple[str, ...] = ("full", "kv
     results, loaded = [], None
     for graph in graphs:
         graph_options = _replace(options, graph=graph)
-        if loaded is None and not _is_cached(graph_options):
+        if loaded is None and not is_cached(graph_options):
             loaded, _ = load_transformer(graph_options.validate())
         results.append(export_onnx(graph_options, progress, transformer=loaded))
     return results
 
 
-def _is_cached(options: ExportOptions) -> bool:
+def is_cached(options: ExportOptions) -> bool:
+    """Whether a complete export for these options is already in ``options.out_dir``."""
     from sparse_context.reference.loading import read_model_index
 
     options.validate()

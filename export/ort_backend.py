@@ -101,7 +101,8 @@ class OrtTransformerBackend:
             self.sessions[graph] = ort.InferenceSession(str(path), sess_options=session_options,
                                                         providers=list(providers))
         manifest = next(iter(self.manifests.values()))
-        weights = {(m["base_weights_sha256"][:12], (m.get("lora") or {}).get("sha256")) for m in self.manifests.values()}
+        weights = {(m["base_weights_sha256"][:12], (m.get("lora") or {}).get("sha256"))
+                   for m in self.manifests.values()}
         if len(weights) > 1:
             raise ExportConfigError(bad_value("full and KV graphs", sorted(weights, key=str),
                                               "exports of the same weights and LoRA"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import json
 import platform
 import statistics
@@ -437,7 +436,8 @@ def benchmark_engines(options: EngineBenchOptions, on_event: Event | None = None
         "phases_s": phases, "estimates": {"sessions_s": session_estimate, "ort_over_torch": ORT_OVER_TORCH_GUESS},
         "exports": {graph: {"path": str(r.path), "reused": r.reused, "opset": r.manifest.get("opset")}
                     for graph, r in (exports or {}).items()},
-        "ort_problem": ort_problem, "io_binding": io_binding, "rows": rows, "limits": speedup_limits(rows), "skipped": skipped,
+        "ort_problem": ort_problem, "io_binding": io_binding, "rows": rows, "limits": speedup_limits(rows),
+        "skipped": skipped,
     }
     result["selection"] = selection_shares(selection, rows, max(options.refs))
     result["correctness"] = correctness(rows, max(options.refs))
@@ -495,7 +495,7 @@ def write_model_folder(model: Any, options: EngineBenchOptions) -> Path:
 
 def export_graphs(model: Any, options: EngineBenchOptions, log: Event) -> dict[str, Any]:
     """``{"full": ExportResult, "kv": ExportResult}``, exported from the CPU and cached in the work folder."""
-    from sparse_context.export.exporter import ExportOptions, _is_cached, export_onnx
+    from sparse_context.export.exporter import ExportOptions, export_onnx, is_cached
 
     model_dir = write_model_folder(model, options)
     graph_options = [ExportOptions(model_dir=model_dir, graph=graph, precision=options.precision,
@@ -505,7 +505,7 @@ def export_graphs(model: Any, options: EngineBenchOptions, log: Event) -> dict[s
                                    text_tokens=options.text_tokens, out_dir=_work_dir(options) / "onnx")
                      for graph in ("full", "kv")]
     device = next(model.parameters()).device
-    moved = device.type != "cpu" and not all(_is_cached(o) for o in graph_options)
+    moved = device.type != "cpu" and not all(is_cached(o) for o in graph_options)
     if moved:
         model.to("cpu")
     try:
@@ -520,18 +520,16 @@ def export_graphs(model: Any, options: EngineBenchOptions, log: Event) -> dict[s
 
 
 def open_backend(exports: dict[str, Any], options: EngineBenchOptions) -> Any:
-    """Our onnxruntime backend over both graphs; ``plan=`` only where this runtime's constructor takes it."""
+    """Our onnxruntime backend over both graphs, held to the bucket plan of this run's rows."""
     from sparse_context.engines.buckets import BucketPlan, Resolution
     from sparse_context.export.ort_backend import OrtTransformerBackend
 
-    extra = {}
-    if "plan" in inspect.signature(OrtTransformerBackend).parameters:
-        extra["plan"] = BucketPlan(keep_fractions=options.measured_keeps, max_refs=max(options.refs),
-                                   ref_resolution=Resolution(options.ref_px, options.ref_px),
-                                   target_resolutions=(Resolution(options.target_px, options.target_px),),
-                                   text_tokens=options.text_tokens)
+    plan = BucketPlan(keep_fractions=options.measured_keeps, max_refs=max(options.refs),
+                      ref_resolution=Resolution(options.ref_px, options.ref_px),
+                      target_resolutions=(Resolution(options.target_px, options.target_px),),
+                      text_tokens=options.text_tokens)
     return OrtTransformerBackend(full=exports["full"].path, kv=exports["kv"].path, providers=_providers(options),
-                                 **extra)
+                                 plan=plan)
 
 
 def compare_latents(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:

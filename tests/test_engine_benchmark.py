@@ -138,8 +138,7 @@ def test_row_order_and_budget_decisions():
     assert cost.estimate(50) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("accepts_plan", [True, False])
-def test_plan_is_passed_only_where_the_backend_takes_it(monkeypatch, accepts_plan):
+def test_backend_gets_the_bucket_plan_of_the_run(monkeypatch):
     import sparse_context.export.ort_backend as ort_backend
 
     calls = []
@@ -148,20 +147,13 @@ def test_plan_is_passed_only_where_the_backend_takes_it(monkeypatch, accepts_pla
         def __init__(self, full=None, kv=None, providers=(), plan=None):
             calls.append(plan)
 
-    class WithoutPlan:
-        def __init__(self, full=None, kv=None, providers=()):
-            calls.append("no plan")
-
-    monkeypatch.setattr(ort_backend, "OrtTransformerBackend", WithPlan if accepts_plan else WithoutPlan)
+    monkeypatch.setattr(ort_backend, "OrtTransformerBackend", WithPlan)
     exported = type("Export", (), {"path": "model.onnx"})
     options = EngineBenchOptions(refs=(1, 3), keeps=(0.25,), target_px=64, ref_px=128, text_tokens=16)
     open_backend({"full": exported, "kv": exported}, options)
-    if accepts_plan:
-        plan = calls[0]
-        assert plan.max_refs == 3 and plan.keep_fractions == (1.0, 0.25, 0.1) and plan.text_tokens == 16
-        assert plan.ref_resolution.tokens == 64 and plan.max_ref_tokens == 3 * 64
-    else:
-        assert calls == ["no plan"]
+    plan = calls[0]
+    assert plan.max_refs == 3 and plan.keep_fractions == (1.0, 0.25, 0.1) and plan.text_tokens == 16
+    assert plan.ref_resolution.tokens == 64 and plan.max_ref_tokens == 3 * 64
 
 
 @pytest.mark.parametrize("args, flag", [

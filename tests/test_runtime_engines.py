@@ -168,3 +168,20 @@ def test_host_io_mode_gives_the_same_result(engines_dir, reference_photos):
     np.testing.assert_array_equal(device, host)
     with pytest.raises(ExportConfigError, match="I/O device: got 'cuda'; allowed: cpu or cpu"):
         ours.backend.set_io_device("cuda")
+
+
+def test_ort_backend_argument_errors(engines_dir):
+    from sparse_context.engines.build import read_engines
+    from sparse_context.export.errors import ExportConfigError
+    from sparse_context.export.ort_backend import OrtTransformerBackend
+
+    kv = read_engines(engines_dir)["graphs"]["kv"]["onnx"]
+    with pytest.raises(ExportConfigError, match=r"execution providers: got \[\]; allowed: at least one"):
+        OrtTransformerBackend(kv=kv, providers=())
+    with pytest.raises(ExportConfigError, match="execution provider: got 'ROCMExecutionProvider'"):
+        OrtTransformerBackend(kv=kv, providers=("ROCMExecutionProvider",))
+    backend = OrtTransformerBackend(kv=kv)
+    with pytest.raises(ExportConfigError, match="kv_state: got 'tuple'.*EngineKVState"):
+        backend.kv_cached(np.zeros((1, 4, 128), np.float32), np.zeros((4, 4), np.int64), (None, None),
+                          np.zeros((1, 64, backend.dims.text_dim), np.float32), np.zeros((64, 4), np.int64),
+                          np.float32(0.5))

@@ -141,7 +141,8 @@ def test_request_outside_every_profile(standin, trt_engines_dir, reference_photo
     from sparse_context.engines.errors import ProfileError
 
     ours = runtime(trt_engines_dir, standin)
-    with pytest.raises(ProfileError, match=r"64 target tokens is outside the engines' range 16\.\.36.*--width/--height"):
+    with pytest.raises(ProfileError,
+                       match=r"64 target tokens is outside the engines' range 16\.\.36.*--width/--height"):
         ours.generate("x", reference_photos, num_steps=1, output_type="latent", height=128, width=128)
     from conftest import photo
 
@@ -202,3 +203,57 @@ def test_real_tensorrt_generation_equals_pytorch(tiny_model_dir, tiny_generator,
         reference = tiny_generator.generate("a red bicycle", reference_photos, **kwargs)
         # TF32 may be used by TensorRT's fp32 kernels: a looser bound than onnxruntime CPU's 1e-4
         np.testing.assert_allclose(result.image.numpy(), reference.image.numpy(), atol=2e-3, rtol=0)
+
+
+def _kv_only(engines_dir):
+    engines = json.loads((engines_dir / "engines.json").read_text())
+    engines["graphs"].pop("full")
+    return engines
+
+
+def test_backend_errors_name_the_fix(standin, trt_engines_dir):
+    from sparse_context.engines.errors import RunnerError
+    from sparse_context.engines.trt_backend import TrtTransformerBackend
+
+    engines = json.loads((trt_engines_dir / "engines.json").read_text())
+    no_engines = {**engines, "graphs": {graph: {**entry, "engine": None} for graph, entry in engines["graphs"].items()}}
+    with pytest.raises(RunnerError, match="TensorRT engines: got 'none in engines.json'.*--engines"):
+        TrtTransformerBackend(no_engines, memory=standin)
+    backend = TrtTransformerBackend(_kv_only(trt_engines_dir), memory=standin)
+    dims = backend.dims
+    target, text = np.zeros((1, 16, dims.in_channels), np.float32), np.zeros((1, 64, dims.text_dim), np.float32)
+    refs, ref_ids = np.zeros((1, 4, dims.in_channels), np.float32), np.zeros((4, 4), np.int64)
+    ids = np.zeros((16, 4), np.int64)
+    with pytest.raises(RunnerError, match=r"the full engine for this call \(build it with --graphs full\)"):
+        backend.full(target, ids, refs, ref_ids, text, np.zeros((64, 4), np.int64), np.float32(0.5))
+    with pytest.raises(RunnerError, match="kv_state: got 'dict'.*kv_extract"):
+        backend.kv_cached(target, ids, {}, text, np.zeros((64, 4), np.int64), np.float32(0.5))
+    backend.close()
+
+
+def test_runner_external_tensor_errors(standin, trt_engines_dir):
+    from sparse_context.engines.errors import RunnerError
+    from sparse_context.engines.trt_runner import DeviceTensor, TrtRunner
+
+    engine = json.loads((trt_engines_dir / "engines.json").read_text())["graphs"]["kv"]["engine"]
+    with pytest.raises(RunnerError, match=r"external tensors: got \['kv_cache'\]"):
+        TrtRunner(engine, memory=standin, external=("kv_cache",)).activate()
+    spec = ("cached_keys", "cached_values", "ref_keys", "ref_values")
+    with TrtRunner(engine, memory=standin, external=spec) as runner:
+        profile = runner.manifest.profiles[0]
+        feed = {name: np.zeros(ranges[0], np.float32) for name, ranges in profile.shapes}
+        feed["timestep"] = np.zeros((1,), np.float32)
+        kv = {name: DeviceTensor(standin.pointer(standin.alloc(64)), tuple(feed[name].shape)) for name in spec[:2]}
+        with pytest.raises(RunnerError, match="input 'cached_keys' is external: pass it as a DeviceTensor"):
+            runner.infer(feed, 0)
+        feed.update(kv)
+        with pytest.raises(RunnerError, match="output 'ref_keys' is external: pass its buffer in `into`"):
+            runner.infer(feed, 0)
+        refs_shape = list(profile.shape_dict()["refs"][2])  # the most new reference tokens this profile takes
+        feed["refs"] = np.zeros(refs_shape, np.float32)
+        feed["ref_rope_cos"] = feed["ref_rope_sin"] = np.zeros((refs_shape[1], runner.manifest.profiles[0]
+                                                                .shape_dict()["ref_rope_cos"][2][1]), np.float32)
+        small = {name: DeviceTensor(standin.pointer(standin.alloc(8)), (), 8) for name in spec[2:]}
+        with pytest.raises(RunnerError, match=r"output 'ref_keys' of shape .* needs \d+ bytes; the buffer given "
+                                              r"holds 8"):
+            runner.infer(feed, 0, into=small)
