@@ -30,8 +30,9 @@ FORMAT_VERSION = 1  # bump when the graph semantics or the folder layout change:
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
-DEFAULT_OPSET = {"matmul": 19, "fused": 23}
-OPSET_RANGE = {"matmul": (18, 20), "fused": (23, 23)}  # matmul: TensorRT 10.3 parses up to 20; Attention is 23
+DEFAULT_OPSET = {"matmul": 19, "fused": 23, "mha": 23}
+# matmul: TensorRT 10.3 parses up to 20; Attention is 23; the contrib op (mha) is independent of the opset.
+OPSET_RANGE = {"matmul": (18, 20), "fused": (23, 23), "mha": (18, 23)}
 DEFAULT_TEXT_TOKENS = 512  # Klein pads prompts to max_sequence_length=512
 
 Progress = Callable[[str, int, int], None]  # (stage, step, total steps)
@@ -219,12 +220,21 @@ def _trace(transformer: Any, spec: ExportSpec, options: ExportOptions, path: Pat
         try:
             program = torch.onnx.export(module, args, dynamo=True, opset_version=options.resolved_opset,
                                         dynamic_shapes=dynamic_shapes, input_names=spec.input_names,
-                                        output_names=spec.output_names, verbose=False)
+                                        output_names=spec.output_names, verbose=False,
+                                        custom_translation_table=_translations(options.attention))
         except Exception as error:  # the exporter raises many internal types; wrap with what was being exported
             raise ExportError(f"torch.onnx.export failed for the {spec.graph} graph ({options.attention} attention, "
                               f"opset {options.resolved_opset}, {spec.precision}): {error}") from error
     weight_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_LIMIT)
+
+
+def _translations(attention: str) -> dict[Any, Any] | None:
+    if attention != "mha":
+        return None
+    from sparse_context.export.ort_attention import translation_table
+
+    return translation_table()
 
 
 def export_onnx(options: ExportOptions, progress: Progress | None = None, transformer: Any = None) -> ExportResult:

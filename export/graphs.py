@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-ATTENTION_FORMS = ("matmul", "fused")
+ATTENTION_FORMS = ("matmul", "fused", "mha")
 # Reference modulation timestep of diffusers' KV path (``ref_fixed_timestep``).
 REF_FIXED_TIMESTEP = 0.0
 
@@ -51,14 +51,22 @@ _ATTENTION: dict[str, Callable[..., torch.Tensor]] = {"fn": matmul_attention}
 
 @contextlib.contextmanager
 def attention_form(form: str) -> Iterator[None]:
-    """Trace/run the graphs with attention written as ``form`` ('matmul' or 'fused'); restores the previous one."""
+    """Trace/run the graphs with attention written as ``form``; restores the previous one.
+
+    'matmul': MatMul-Softmax-MatMul (TensorRT); 'fused': the ONNX ``Attention`` op (opset 23); 'mha': onnxruntime's
+    contrib ``MultiHeadAttention`` (``export.ort_attention``, onnxruntime only)."""
     if form not in ATTENTION_FORMS:
         from sparse_context.export.errors import ExportConfigError
         from sparse_context.runtime.errors import bad_value
 
         raise ExportConfigError(bad_value("attention form", form, " or ".join(ATTENTION_FORMS), "--attention"))
     previous = _ATTENTION["fn"]
-    _ATTENTION["fn"] = matmul_attention if form == "matmul" else fused_attention
+    if form == "mha":
+        from sparse_context.export.ort_attention import mha_attention
+
+        _ATTENTION["fn"] = mha_attention
+    else:
+        _ATTENTION["fn"] = matmul_attention if form == "matmul" else fused_attention
     try:
         yield
     finally:
@@ -73,20 +81,29 @@ def _fused_contiguous(query, key, value):
     return fused_attention(query, key, value).contiguous()  # both branches of the cond must agree on strides
 
 
+def _mha_contiguous(query, key, value):
+    from sparse_context.export.ort_attention import mha_attention
+
+    return mha_attention(query, key, value).contiguous()
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, may_be_empty: bool = False) -> torch.Tensor:
     """Attention with the active form. ``may_be_empty``: the query axis can be 0 at run time (reference queries).
 
     onnxruntime's ``Attention`` kernel refuses empty queries ("Q sequence length must be greater than 0"), and
     torch.export assumes traced sizes are >= 2, so a shape-based guard is folded away; a ``torch.cond`` on the
-    runtime length (an ONNX ``If``) skips the op instead. MatMul-Softmax-MatMul handles empty axes as is.
+    runtime length (an ONNX ``If``) skips the op instead. The contrib ``MultiHeadAttention`` gets the same guard.
+    MatMul-Softmax-MatMul handles empty axes as is.
     """
     function = _ATTENTION["fn"]
     tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
-    if may_be_empty and function is fused_attention and not tracing:
+    guarded = function is not matmul_attention
+    if may_be_empty and guarded and not tracing:
         return _empty_like_query(query, key, value) if query.shape[1] == 0 else function(query, key, value)
-    if may_be_empty and function is fused_attention:
+    if may_be_empty and guarded:
         is_empty = torch._shape_as_tensor(query)[1] == 0  # a tensor, so the check survives tracing
-        return torch.cond(is_empty, _empty_like_query, _fused_contiguous, (query, key, value))
+        otherwise = _fused_contiguous if function is fused_attention else _mha_contiguous
+        return torch.cond(is_empty, _empty_like_query, otherwise, (query, key, value))
     return function(query, key, value)
 
 

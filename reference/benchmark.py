@@ -37,6 +37,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
                      num_attention_heads=32, joint_attention_dim=12288, timestep_guidance_channels=256,
                      mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False),
 }
+# Full-width, reduced-depth variants: every matrix shape, token count and attention kernel is the real one, only
+# the block count differs (d4: 1 double + 3 single blocks, d8: 2 + 6). Time per call is a fixed cost plus a cost
+# per block, so two depths predict the full-depth time (``reference.gpu_check.extrapolate``) without exporting
+# 2 x 18 GB at full depth.
+REDUCED_DEPTHS = {"d4": (1, 3), "d8": (2, 6)}
+for _name in ("klein-4b", "klein-9b"):
+    for _suffix, (_double, _single) in REDUCED_DEPTHS.items():
+        CONFIGS[f"{_name}-{_suffix}"] = dict(CONFIGS[_name], num_layers=_double, num_single_layers=_single)
+
 KLEIN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
 
 
