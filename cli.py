@@ -139,7 +139,41 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from sparse_context.reference.gpu_plan import VARIANTS, GpuCheckOptions, estimate_plan
+
+    options = GpuCheckOptions(
+        config=args.config, depths=tuple(args.depths) if args.depths else None,
+        variants=tuple(args.variants or VARIANTS), refs=max(args.refs), target_px=args.target_px,
+        ref_px=args.ref_px, text_tokens=args.text_tokens, steps=args.steps, repeats=args.repeats,
+        device=args.device, precision=args.dtype, budget_s=args.budget_s, seed=args.seed, out=Path(args.out),
+        work_dir=Path(args.work_dir) if args.work_dir else None, export_workers=args.export_workers,
+        bf16=not args.no_bf16, gpu_memory_gb=args.gpu_memory_gb).validate()
+    if args.dry_run:
+        print("\n".join(estimate_plan(options).lines()))
+        return 0
+    from sparse_context.reference.gpu_check import run_gpu_check
+
+    run_gpu_check(options, on_event=lambda line: print(line, flush=True))
+    print(f"wrote {Path(args.out) / 'gpu_check.json'} and {Path(args.out) / 'gpu_check.png'}")
+    return 0
+
+
+# Per-command defaults of the shared `bench` options (None in the parser): the GPU check runs the real sizes.
+BENCH_DEFAULTS = {
+    "default": dict(config="tiny", refs=None, target_px=512, ref_px=512, text_tokens=64, repeats=3, device="cpu",
+                    dtype="fp32", budget_s=540.0, out="out/bench"),
+    "gpu": dict(config="klein-9b", refs=[6], target_px=1024, ref_px=1024, text_tokens=512, repeats=2,
+                device="cuda", dtype="fp16", budget_s=480.0, out="out/gpu-check"),
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    for name, value in BENCH_DEFAULTS.get(args.what, BENCH_DEFAULTS["default"]).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.what == "gpu":
+        return cmd_bench_gpu(args)
     if args.what == "engines":
         return cmd_bench_engines(args)
     if args.what == "select":
@@ -202,30 +236,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    bench = commands.add_parser("bench", help="benchmarks: `speed` (PyTorch backend), `engines` (PyTorch vs "
-                                "onnxruntime, issue 4's GPU check) or `select`")
-    bench.add_argument("what", choices=("speed", "engines", "select"))
-    bench.add_argument("--config", default="tiny", help="tiny | klein-4b | klein-9b")
+    bench = commands.add_parser("bench", help="benchmarks: `gpu` (the GPU check: PyTorch vs onnxruntime, full depth "
+                                "and reduced depths, in one budget), `speed` (PyTorch backend), `engines` (PyTorch vs "
+                                "onnxruntime at one depth) or `select`")
+    bench.add_argument("what", choices=("gpu", "speed", "engines", "select"))
+    bench.add_argument("--config", default=None,
+                       help="tiny | klein-4b | klein-9b (default: klein-9b for gpu, tiny otherwise)")
     bench.add_argument("--refs", type=int, nargs="+", default=None,
-                       help="reference counts (default: 1 2 3 4 5 6 for speed, 1 3 6 for engines)")
+                       help="reference counts (default: 1 2 3 4 5 6 for speed, 1 3 6 for engines; gpu: the most, 6)")
     bench.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.25, 0.10, 0.05])
-    bench.add_argument("--target-px", type=int, default=512)
-    bench.add_argument("--ref-px", type=int, default=512)
-    bench.add_argument("--text-tokens", type=int, default=64)
+    bench.add_argument("--target-px", type=int, default=None, help="default 1024 for gpu, 512 otherwise")
+    bench.add_argument("--ref-px", type=int, default=None, help="default 1024 for gpu, 512 otherwise")
+    bench.add_argument("--text-tokens", type=int, default=None, help="default 512 for gpu, 64 otherwise")
     bench.add_argument("--steps", type=int, default=4)
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    bench.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 2 for gpu, else 3)")
+    bench.add_argument("--device", default=None, help="default cuda for gpu, cpu otherwise")
+    bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                       help="default fp16 for gpu, fp32 otherwise")
+    bench.add_argument("--depths", nargs=2, default=None,
+                       help="`gpu`: the two reduced depths (default: d4 d8; tiny: d2 d4)")
+    bench.add_argument("--variants", nargs="+", default=None,
+                       help="`gpu`: onnxruntime attention forms, first one first (default: mha fused)")
+    bench.add_argument("--export-workers", type=int, default=None,
+                       help="`gpu`: export processes beside the GPU phases (default 3 on cuda, 0 = in-process on cpu)")
+    bench.add_argument("--no-bf16", action="store_true", help="`gpu`: skip the PyTorch bf16 row set")
+    bench.add_argument("--dry-run", action="store_true", help="`gpu`: print the plan with estimated seconds and stop")
+    bench.add_argument("--gpu-memory-gb", type=float, default=None,
+                       help="`gpu --dry-run`: plan for a GPU of this size (default 80)")
     bench.add_argument("--threads", type=int, default=1, help="OpenCV threads for `select`")
     bench.add_argument("--backend", choices=("ort-cuda", "ort-cpu"), default=None,
                        help="onnxruntime backend for `engines` (default: ort-cuda with --device cuda, else ort-cpu)")
-    # 540 = engine_benchmark.DEFAULT_BUDGET_S; not imported here because that module needs torch.
-    bench.add_argument("--budget-s", type=float, default=540.0,
-                       help="`engines`: seconds for the whole run; rows that would not fit are skipped and listed")
+    bench.add_argument("--budget-s", type=float, default=None,
+                       help="`gpu`/`engines`: seconds for the whole run (default 480 / 540); work that would not "
+                            "fit is skipped and listed")
     bench.add_argument("--work-dir", default=None,
                        help="`engines`: folder for the ONNX exports, reused by later runs (default: the cache dir)")
     bench.add_argument("--seed", type=int, default=0, help="`engines`: seed of weights and inputs")
-    bench.add_argument("--out", default="out/bench")
+    bench.add_argument("--out", default=None, help="report folder (default out/gpu-check for gpu, else out/bench)")
     bench.set_defaults(func=cmd_bench)
 
     _add_optional_commands(commands)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sparse_context.reference.tiny import TINY_TRANSFORMER
+from sparse_context.reference.benchmark_configs import CONFIGS, KLEIN_SCHEDULER  # noqa: F401 (re-exported)
 from sparse_context.reference.torch_backend import TorchTransformerBackend
 from sparse_context.runtime.errors import InputError, bad_value
 from sparse_context.runtime.packing import pack_references
@@ -27,26 +27,6 @@ from sparse_context.runtime.sampler import Conditioning, denoise
 from sparse_context.runtime.schedule import flow_match_schedule
 from sparse_context.runtime.tokens import grid_position_ids, kept_token_count, text_position_ids
 
-# FLUX.2-klein transformer configs (NOTES §1); "tiny" is the embedded default.
-CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(TINY_TRANSFORMER),
-    "klein-4b": dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
-                     num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256,
-                     mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False),
-    "klein-9b": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=128,
-                     num_attention_heads=32, joint_attention_dim=12288, timestep_guidance_channels=256,
-                     mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False),
-}
-# Full-width, reduced-depth variants: every matrix shape, token count and attention kernel is the real one, only
-# the block count differs (d4: 1 double + 3 single blocks, d8: 2 + 6). Time per call is a fixed cost plus a cost
-# per block, so two depths predict the full-depth time (``reference.gpu_check.extrapolate``) without exporting
-# 2 x 18 GB at full depth.
-REDUCED_DEPTHS = {"d4": (1, 3), "d8": (2, 6)}
-for _name in ("klein-4b", "klein-9b"):
-    for _suffix, (_double, _single) in REDUCED_DEPTHS.items():
-        CONFIGS[f"{_name}-{_suffix}"] = dict(CONFIGS[_name], num_layers=_double, num_single_layers=_single)
-
-KLEIN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
 
 
 @dataclass(frozen=True)

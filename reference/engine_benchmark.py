@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from sparse_context.reference.benchmark import CONFIGS, KLEIN_SCHEDULER
+from sparse_context.reference.benchmark_configs import CONFIGS, KLEIN_SCHEDULER
 from sparse_context.reference.engine_report import (
     ACCEPTANCE_KEEP, REL_ERROR_FLAG, acceptance, correctness, selection_shares, speedup_limits,
 )

@@ -1,0 +1,633 @@
+"""``sparse-context bench gpu``: the GPU check in one command, sized for a freshly lent GPU (<= 8 minutes).
+
+Phases (``reference.gpu_plan`` estimates each; the report is rewritten after every row and phase, so a run killed at
+any point leaves every finished row):
+
+1. environment: device, free GPU memory, host memory and disk; stop early if the plan cannot fit.
+2. selection: token selection + packing of 6 x 1024^2 numpy references at keep 0.10, on a quiet CPU.
+3. export workers start: each graph (``full``, ``kv``) of each reduced depth and attention variant is exported in
+   its own process from the CPU (PyTorch cannot export from CUDA tensors, see the exporter), in parallel with the
+   GPU phases. A worker still running when the budget ends is killed: the export lives inside the budget.
+4. torch_full: PyTorch eager at full depth, the issue's rows first (:func:`gpu_plan.check_rows`).
+5. torch_<depth>: the same rows at both reduced depths, with the weights the workers export (same seed, built on
+   the CPU), and in bf16 at the first depth (fp16 vs bf16).
+6. ort_<depth>_<variant>: our onnxruntime runtime (CUDA provider, I/O binding, pooled K/V) on those exports: a
+   profiled probe call proves where every node ran, then the rows, each compared with PyTorch at the same depth.
+7. the acceptance block: PyTorch speedups at full depth, onnxruntime extrapolated from two depths, onnxruntime /
+   PyTorch per row at each depth, selection's share, and how well two depths predicted PyTorch's full depth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from sparse_context.reference.benchmark_configs import CONFIGS
+from sparse_context.reference.engine_benchmark import (
+    BenchInputs, CostModel, EngineBenchOptions, LoopRunner, RowKey, TimeBudget, compare_latents,
+)
+from sparse_context.reference.gpu_plan import (
+    ACCEPTANCE_KEEP, BUILD_SECONDS_PER_GB, ORT_OVER_TORCH_GUESS, RAM_PER_EXPORT_BYTES_PER_PARAM, SESSION_SECONDS,
+    Geometry, GpuCheckOptions, check_rows, depth_units, estimate_plan,
+)
+from sparse_context.reference.gpu_report import CheckReport
+from sparse_context.runtime.errors import InputError, bad_value
+
+Event = Callable[[str], None]
+SELECTION_STRATEGIES = ("uniform", "edge", "saliency")
+SELECTION_REPEATS = 10
+PROBE_BYTES = 4096  # a CPU node whose output is larger than this is real work, not shape arithmetic
+
+
+# -- the export workers ----------------------------------------------------------------------------------------
+
+class ExportQueue:
+    """Exports in child processes, ``workers`` at a time, started in order as slots free up (a thread pumps the
+    queue). Each job's options equal the parent's later ``export_onnx`` call, which then finds the cached export."""
+
+    def __init__(self, jobs: list[dict[str, Any]], workers: int, log_dir: Path, log: Event):
+        self.jobs = jobs
+        self.workers, self.log_dir, self.log = workers, log_dir, log
+        self.state: dict[str, dict[str, Any]] = {job["name"]: {"status": "queued"} for job in jobs}
+        self._processes: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump_forever, daemon=True)
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+
+    def _pump_forever(self) -> None:
+        while not self._stop.is_set():
+            self.pump()
+            self._stop.wait(0.25)
+
+    def pump(self) -> None:
+        with self._lock:
+            for name, process in list(self._processes.items()):
+                code = process.poll()
+                if code is not None:
+                    entry = self.state[name]
+                    entry.update(status="done" if code == 0 else "failed", exit_code=code,
+                                 seconds=time.perf_counter() - entry["started"])
+                    if code:
+                        entry["log_tail"] = _tail(self.log_dir / f"{name}.log")
+                    self.log(f"export {name}: {entry['status']} in {entry['seconds']:.0f}s")
+                    del self._processes[name]
+            for job in self.jobs:
+                if len(self._processes) >= self.workers:
+                    break
+                if self.state[job["name"]]["status"] == "queued":
+                    self._launch(job)
+
+    def _launch(self, job: dict[str, Any]) -> None:
+        log_file = open(self.log_dir / f"{job['name']}.log", "w")
+        command = [sys.executable, "-m", "sparse_context.reference.gpu_check", "--export-worker", json.dumps(job)]
+        environment = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+        self._processes[job["name"]] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                                        env=environment, start_new_session=True)
+        log_file.close()
+        self.state[job["name"]].update(status="running", started=time.perf_counter())
+        self.log(f"export {job['name']}: started")
+
+    def wait(self, names: list[str], deadline: Callable[[], bool]) -> bool:
+        """True when every named job finished well; False on a failure or when ``deadline()`` says stop."""
+        while True:
+            self.pump()
+            states = [self.state[name]["status"] for name in names]
+            if all(s == "done" for s in states):
+                return True
+            if any(s == "failed" for s in states) or deadline():
+                return False
+            time.sleep(0.25)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {name: {k: v for k, v in entry.items() if k != "started"} for name, entry in self.state.items()}
+
+    def close(self) -> None:
+        """Stop pumping and kill whatever still runs (the budget ended)."""
+        self._stop.set()
+        with self._lock:
+            for name, process in self._processes.items():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, 9)
+                process.wait()
+                self.state[name].update(status="killed", seconds=time.perf_counter() - self.state[name]["started"])
+            self._processes.clear()
+            for entry in self.state.values():
+                if entry["status"] == "queued":
+                    entry["status"] = "not started"
+
+
+def export_job(options: GpuCheckOptions, depth: str, variant: str, graph: str) -> dict[str, Any]:
+    grid = Geometry.of(options, CONFIGS[options.config]).ref_grid_tokens
+    return {"name": f"{depth}-{variant}-{graph}", "graph": graph, "attention": variant,
+            "precision": options.precision, "model_dir": str(model_folder(options, depth)),
+            "out_dir": str(options.work / "onnx"), "max_ref_tokens": options.refs * grid,
+            "target_px": options.target_px, "text_tokens": options.text_tokens}
+
+
+def export_options(job: dict[str, Any]) -> Any:
+    from sparse_context.export.exporter import ExportOptions
+
+    return ExportOptions(model_dir=Path(job["model_dir"]), graph=job["graph"], precision=job["precision"],
+                         attention=job["attention"], max_ref_tokens=job["max_ref_tokens"],
+                         target_sizes=((job["target_px"], job["target_px"]),), text_tokens=job["text_tokens"],
+                         out_dir=Path(job["out_dir"]))
+
+
+def run_export_job(job: dict[str, Any], log: Event) -> Any:
+    """Export one graph of a depth's model folder (the exporter loads its weights), or find it cached."""
+    from sparse_context.export.exporter import export_onnx
+
+    progress = lambda stage, step, total: log(f"export {job['name']}: {stage} {step}/{total}")
+    return export_onnx(export_options(job), progress)
+
+
+def model_folder(options: GpuCheckOptions, depth: str) -> Path:
+    return options.work / f"model-{options.depth_config(depth)}-seed{options.seed}-{options.precision}"
+
+
+def write_model_folder(options: GpuCheckOptions, depth: str) -> Path:
+    """A diffusers folder (``model_index.json`` + ``transformer/``) with the depth's seeded random weights, drawn
+    on the device (fast) and saved as safetensors: the exporter loads it like any user's folder, and PyTorch loads
+    the same file, so both run identical weights. Written to a staging folder and renamed when complete."""
+    import tempfile
+
+    import torch
+
+    from sparse_context.reference.benchmark import build_transformer
+
+    folder = model_folder(options, depth)
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{folder.name}-", dir=folder.parent))
+    try:
+        dtype = {"fp16": torch.float16, "fp32": torch.float32}[options.precision]
+        model = build_transformer(options.depth_config(depth), options.device, dtype, seed=options.seed)
+        model.save_pretrained(staging / "transformer", safe_serialization=True)
+        del model
+        index = {"_class_name": "Flux2KleinPipeline", "transformer": ["diffusers", "Flux2Transformer2DModel"]}
+        (staging / "model_index.json").write_text(json.dumps(index))
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+# -- the check -------------------------------------------------------------------------------------------------
+
+def run_gpu_check(options: GpuCheckOptions, on_event: Event | None = None) -> dict[str, Any]:
+    """The whole check (module doc); returns the report, also written to ``options.out`` after every step."""
+    options = options.validate()
+    log = on_event or (lambda line: None)
+    budget = TimeBudget(options.budget_s)
+    report = CheckReport(options, Path(options.out), log)
+    checker = _Check(options, budget, report, log)
+    try:
+        checker.run()
+    finally:
+        checker.close()
+        report.finish()
+    return report.data
+
+
+class _Check:
+    def __init__(self, options: GpuCheckOptions, budget: TimeBudget, report: CheckReport, log: Event):
+        import torch
+
+        self.torch = torch
+        self.options, self.budget, self.report, self.log = options, budget, report, log
+        self.dtype = {"fp16": torch.float16, "fp32": torch.float32}[options.precision]
+        self.rows = check_rows(options.refs)
+        self.full_config = CONFIGS[options.config]
+        self.geometry = Geometry.of(options, self.full_config)
+        self.rate: float | None = None  # measured FLOP/s on PyTorch (the slowest row's)
+        self.latents: dict[tuple[str, RowKey], np.ndarray] = {}
+        self.torch_wall: dict[str, float] = {}  # per depth: wall seconds of every PyTorch row (warm-ups included)
+        self.queue: ExportQueue | None = None
+
+    # 1.
+    def run(self) -> None:
+        options = self.options
+        with self.report.phase("environment"):
+            self.report.data["environment"] = self._environment()
+        options = self.options  # the environment may have dropped variants the disk cannot hold
+        bench = EngineBenchOptions(config=options.config, refs=tuple(sorted({1, 3, options.refs})),
+                                   keeps=(1.0, ACCEPTANCE_KEEP), target_px=options.target_px,
+                                   ref_px=min(options.ref_px, 1024), text_tokens=options.text_tokens,
+                                   steps=options.steps, repeats=options.repeats, device=options.device,
+                                   precision=options.precision, backend="ort-cuda" if options.cuda else "ort-cpu",
+                                   seed=options.seed).validate()
+        self.inputs = BenchInputs.create(bench, int(self.full_config["in_channels"]),
+                                         int(self.full_config["joint_attention_dim"]))
+        with self.report.phase("selection"):
+            self.report.data["selection"] = time_selection(options, self.inputs.grids[:options.refs])
+        with self.report.phase("weights") as phase:
+            for depth in options.ladder:
+                with _timed(phase, f"{depth}_s"):
+                    write_model_folder(options, depth)
+            self._free()
+        jobs = [export_job(options, depth, variant, graph)
+                for variant in options.variants for depth in options.ladder for graph in ("full", "kv")]
+        self.report.data["exports"] = {job["name"]: {} for job in jobs}
+        if options.workers:
+            self.queue = ExportQueue(jobs, self._workers_that_fit(), options.work / "logs", self.log)
+            self.report.exports_snapshot = self.queue.snapshot
+            self.queue.start()
+        if self._fits_phase("torch_full", self._torch_estimate(self.full_config, build=True)):
+            self.torch_phase("full", options.config)
+        for depth in options.ladder:
+            config = options.depth_config(depth)
+            if self._fits_phase(f"torch_{depth}", self._torch_estimate(CONFIGS[config], build=True)):
+                self.torch_phase(depth, config)
+        if options.bf16 and options.precision == "fp16" and options.cuda:
+            depth = options.ladder[0]
+            if self._fits_phase(f"torch_bf16_{depth}", self._torch_estimate(CONFIGS[options.depth_config(depth)])):
+                self.torch_phase(depth, options.depth_config(depth), dtype=self.torch.bfloat16)
+        for variant in options.variants:
+            for depth in options.ladder:
+                self.ort_phase(depth, variant)
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.queue.close()
+
+    # 2. Estimates and the budget
+    def _torch_estimate(self, config: dict[str, Any], build: bool = False) -> float:
+        rate = self.rate or _assumed_rate(self.options)
+        flops = sum(self.geometry.call_flops(row, config, self.options.steps) for row in self.rows)
+        seconds = (self.options.repeats + 1) * flops / rate
+        return seconds + (BUILD_SECONDS_PER_GB * self.geometry.weights_gb(config) if build else 0.0)
+
+    def _fits_phase(self, name: str, estimate: float) -> bool:
+        # A phase may start while its first row fits: rows that would not fit are skipped one by one.
+        if self.budget.left() > min(estimate, 0.25 * estimate + 5.0):
+            return True
+        self.report.skip(name, "phase", f"estimated {estimate:.0f}s, {max(self.budget.left(), 0):.0f}s left")
+        return False
+
+    def _workers_that_fit(self) -> int:
+        """Export workers that host memory allows beside this process (each holds its depth's weights ~3x)."""
+        available = _meminfo_bytes("MemAvailable")
+        largest = max(depth_units(CONFIGS[self.options.depth_config(d)]) for d in self.options.ladder)
+        per_worker = RAM_PER_EXPORT_BYTES_PER_PARAM * 1.1 * largest * self.geometry.unit_params + 2e9
+        fit = self.options.workers if available is None else max(1, int((available - 8e9) // per_worker))
+        workers = min(self.options.workers, fit)
+        self.report.data["environment"]["export_workers"] = {"asked": self.options.workers, "used": workers,
+                                                             "per_worker_gb": per_worker / 1e9}
+        return workers
+
+    # 3. PyTorch
+    def torch_phase(self, depth: str, config: str, dtype: Any = None) -> None:
+        from sparse_context.reference.benchmark import build_transformer
+        from sparse_context.reference.torch_backend import TorchTransformerBackend
+
+        torch, options = self.torch, self.options
+        dtype = dtype or self.dtype
+        tag = "bf16" if dtype == torch.bfloat16 and dtype != self.dtype else ""
+        name = f"torch_{tag + '_' if tag else ''}{depth}"
+        with self.report.phase(name) as phase:
+            if depth == "full":
+                model = build_transformer(config, options.device, dtype, seed=options.seed)
+            else:  # the weights the exports hold
+                from diffusers import Flux2Transformer2DModel
+
+                model = Flux2Transformer2DModel.from_pretrained(str(model_folder(options, depth)),
+                                                                subfolder="transformer", torch_dtype=dtype,
+                                                                local_files_only=True).to(options.device).eval()
+            phase["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+            sync = torch.cuda.synchronize if options.cuda else (lambda: None)
+            runner = LoopRunner(TorchTransformerBackend(model), self.inputs,
+                                lambda a: torch.from_numpy(a).to(options.device, dtype), sync)
+            cost = CostModel()
+            for row in self.rows:
+                estimate = cost.estimate(self.inputs.token_steps(row))
+                outcome = self._row(name, row, runner, estimate)
+                if outcome is None:
+                    continue
+                seconds, wall, latents = outcome
+                cost.observe(self.inputs.token_steps(row), wall)
+                flops = self.geometry.call_flops(row, CONFIGS[config], options.steps)
+                if not tag:
+                    self.torch_wall[depth] = self.torch_wall.get(depth, 0.0) + wall
+                    self.latents[(depth, row)] = latents
+                    measured = flops / seconds
+                    self.rate = measured if self.rate is None else min(self.rate, measured)
+                self.report.row(name, row, seconds=seconds, wall_s=wall, ref_tokens=self.inputs.ref_tokens(row),
+                                tflops=flops / seconds / 1e12, finite=bool(np.isfinite(latents).all()))
+            runner.release()
+            del runner, model
+            self._free()
+
+    def _row(self, phase: str, row: RowKey, runner: LoopRunner, estimate: float | None) -> Any:
+        if row.cache_hit and not runner.has_state_for(row):
+            self.report.skip(f"{phase}: {row.label}", "row", "its KV row did not run")
+            return None
+        if not self.budget.fits(estimate):
+            guess = "no estimate yet" if estimate is None else f"estimated {estimate:.1f}s"
+            self.report.skip(f"{phase}: {row.label}", "row", f"{guess}, {max(self.budget.left(), 0):.1f}s left")
+            return None
+        try:
+            outcome = runner.run(row)
+        except Exception as error:  # out of memory, a provider's kernel error: report it, keep the other rows
+            self.report.skip(f"{phase}: {row.label}", "row", f"failed: {type(error).__name__}: {str(error)[:300]}")
+            self._free()
+            return None
+        self.log(f"{phase:18s} {row.label:26s} {outcome[0]:8.3f}s  ({self.budget.left():.0f}s of budget left)")
+        return outcome
+
+    # 4. onnxruntime
+    def ort_phase(self, depth: str, variant: str) -> None:
+        name = f"ort_{depth}_{variant}"
+        config = CONFIGS[self.options.depth_config(depth)]
+        if not any((depth, row) in self.latents for row in self.rows):
+            self.report.skip(name, "phase", f"PyTorch did not run at {depth}: nothing to compare with")
+            return
+        gb = self.geometry.weights_gb(config)
+        sessions = 2 * (SESSION_SECONDS[0] + SESSION_SECONDS[1] * gb)
+        # The rows as PyTorch ran them at this depth, times the guessed ratio, plus the probe (about one row).
+        estimate = sessions + ORT_OVER_TORCH_GUESS * 1.2 * self.torch_wall.get(depth, 0.0)
+        jobs = [export_job(self.options, depth, variant, graph) for graph in ("full", "kv")]
+        if self.queue is not None:
+            ready = self.queue.wait([job["name"] for job in jobs], lambda: self.budget.left() < sessions + 5.0)
+            if not ready:
+                states = {job["name"]: self.queue.state[job["name"]]["status"] for job in jobs}
+                self.report.skip(name, "phase", f"exports not ready: {states}")
+                return
+        if not self._fits_phase(name, estimate):
+            return
+        with self.report.phase(name) as phase:
+            exports = {}
+            for job in jobs:
+                with _timed(phase, f"export_{job['graph']}_s"):
+                    exports[job["graph"]] = run_export_job(job, self.log)
+            phase["exports"] = {g: {"path": str(r.path), "reused": r.reused, "ops": r.manifest.get("ops")}
+                                for g, r in exports.items()}
+            with _timed(phase, "sessions_s"):
+                backend, profile_dir = self._open(exports, name)
+            phase["providers_used"] = {g: list(s.get_providers()) for g, s in backend.sessions.items()}
+            with _timed(phase, "probe_s"):
+                try:
+                    phase["placement"] = self._probe(backend)
+                    phase["io"] = backend.io_device
+                except Exception as error:  # device buffers failed: measure with host I/O rather than nothing
+                    phase["device_io_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+                    self.log(f"{name}: device I/O failed ({phase['device_io_error']}); retrying with host I/O")
+                    backend.set_io_device("cpu")
+                    phase["io"] = "cpu"
+                    phase["placement"] = self._probe(backend)
+            runner = LoopRunner(backend, self.inputs, lambda a: a)
+            cost = CostModel()
+            for row in self.rows:
+                estimate = cost.estimate(self.inputs.token_steps(row))
+                outcome = self._row(name, row, runner, estimate)
+                if outcome is None:
+                    continue
+                seconds, wall, latents = outcome
+                cost.observe(self.inputs.token_steps(row), wall)
+                reference = self.latents.get((depth, row))
+                compared = {"finite": bool(np.isfinite(latents).all())}
+                if reference is not None:  # PyTorch at the same depth, same weights and inputs
+                    compared.update(compare_latents(reference, latents), finite=compared["finite"])
+                self.report.row(name, row, seconds=seconds, wall_s=wall, ref_tokens=self.inputs.ref_tokens(row),
+                                **compared)
+            runner.release()
+            del runner, backend
+            shutil.rmtree(profile_dir, ignore_errors=True)
+            self._free()
+
+    def _open(self, exports: dict[str, Any], name: str) -> tuple[Any, Path]:
+        import onnxruntime as ort
+
+        from sparse_context.engines.buckets import BucketPlan, Resolution
+        from sparse_context.engines.build import PROVIDERS
+        from sparse_context.export.ort_backend import OrtTransformerBackend
+
+        options = self.options
+        profile_dir = options.work / "profiles" / name
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        session_options = ort.SessionOptions()
+        session_options.enable_profiling = True  # ended after the probe call: the timed rows run unprofiled
+        session_options.profile_file_prefix = str(profile_dir / "ort")
+        plan = BucketPlan(keep_fractions=(1.0, ACCEPTANCE_KEEP), max_refs=options.refs,
+                          ref_resolution=Resolution(options.ref_px, options.ref_px),
+                          target_resolutions=(Resolution(options.target_px, options.target_px),),
+                          text_tokens=options.text_tokens)
+        providers = PROVIDERS["ort-cuda" if options.cuda else "ort-cpu"]
+        backend = OrtTransformerBackend(full=exports["full"].path, kv=exports["kv"].path, providers=providers,
+                                        session_options=session_options, plan=plan)
+        return backend, profile_dir
+
+    def _probe(self, backend: Any) -> dict[str, Any]:
+        """One dense call through the full graph and one keep-0.10 KV call through the kv graph, profiled; then
+        where every node ran (provider per node from onnxruntime's own profile, not ``get_providers()``)."""
+        from sparse_context.runtime.packing import pack_references
+        from sparse_context.runtime.sampler import denoise
+
+        inputs, most = self.inputs, self.options.refs
+        for keep, use_kv in ((1.0, False), (ACCEPTANCE_KEEP, True)):
+            packed = pack_references(inputs.grids[:most], inputs.kept[(most, keep)])
+            conditioning = LoopRunner(backend, inputs, lambda a: a).conditioning
+            denoise(backend, inputs.latents, inputs.target_ids, conditioning, inputs.schedule, packed.tokens[None],
+                    packed.position_ids, use_kv=use_kv)
+        on_cpu = backend.device == "cpu"
+        return {graph: summarize_profile(Path(session.end_profiling()), expect_cpu=on_cpu)
+                for graph, session in backend.sessions.items()}
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.options.cuda:
+            self.torch.cuda.empty_cache()
+
+    def _environment(self) -> dict[str, Any]:
+        torch, options = self.torch, self.options
+        environment: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__,
+                                       "cpus": os.cpu_count(), "ram_available_gb": _gb(_meminfo_bytes("MemAvailable"))}
+        with contextlib.suppress(ImportError):
+            import onnxruntime
+
+            environment["onnxruntime"] = onnxruntime.__version__
+            environment["ort_providers"] = onnxruntime.get_available_providers()
+        options.work.mkdir(parents=True, exist_ok=True)
+        environment["disk_free_gb"] = shutil.disk_usage(options.work).free / 1e9
+        if options.cuda:
+            if not torch.cuda.is_available():
+                raise InputError(bad_value("device", options.device, "cpu (torch sees no CUDA GPU here)",
+                                           "--device"))
+            free, total = torch.cuda.mem_get_info(torch.device(options.device))
+            environment.update(device=torch.cuda.get_device_name(torch.device(options.device)),
+                               gpu_free_gb=free / 1e9, gpu_total_gb=total / 1e9)
+            if "CUDAExecutionProvider" not in environment.get("ort_providers", []):
+                raise InputError("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu "
+                                 "(see the README's GPU check for an offline host), or run with --device cpu")
+        else:
+            environment["device"] = f"cpu ({torch.get_num_threads()} threads)"
+        per_variant = sum(2 * self.geometry.weights_gb(CONFIGS[options.depth_config(d)]) for d in options.ladder)
+        folders = per_variant / 2
+        environment["exports_gb"] = folders + per_variant * len(options.variants)
+        room = int((environment["disk_free_gb"] / 1.1 - folders) // per_variant)
+        if room < 1:
+            raise InputError(bad_value("free disk for the model folders and exports in GB",
+                                       round(environment["disk_free_gb"], 1),
+                                       f"at least {(folders + per_variant) * 1.1:.0f}", "--work-dir"))
+        if room < len(options.variants):  # keep the first variants; say which ones the disk cannot hold
+            for variant in options.variants[room:]:
+                self.report.skip(f"variant {variant}", "phase", f"disk: {environment['disk_free_gb']:.0f} GB free "
+                                 f"holds {room} variant(s) of {per_variant:.0f} GB")
+            self.options = options = replace(options, variants=options.variants[:room])
+        plan = estimate_plan(options, environment.get("gpu_total_gb"))
+        environment["plan"] = [asdict(p) for p in plan.phases]
+        self.log("\n".join(plan.lines()))
+        return environment
+
+
+# -- selection -------------------------------------------------------------------------------------------------
+
+def time_selection(options: GpuCheckOptions, grids: list[np.ndarray]) -> dict[str, Any]:
+    """Median seconds of ``select_references`` on ``len(grids)`` numpy references of the reference size (the bundled
+    photos resized, as an application holding decoded frames would pass them) plus ``pack_references`` of the
+    reference latents, per strategy, at keep 0.10."""
+    import cv2
+
+    from sparse_context.runtime.images import sample_images
+    from sparse_context.runtime.packing import pack_references
+    from sparse_context.runtime.selection import select_references
+
+    photos = list(sample_images().values())
+    size = (options.ref_px, options.ref_px)
+    arrays = []
+    for index in range(len(grids)):
+        bgr = cv2.imread(str(photos[index % len(photos)]), cv2.IMREAD_COLOR)
+        arrays.append(np.ascontiguousarray(cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)[:, :, ::-1]))
+    timings: dict[str, Any] = {}
+    for strategy in SELECTION_STRATEGIES:
+        select_s, pack_s = [], []
+        for attempt in range(SELECTION_REPEATS + 1):
+            start = time.perf_counter()
+            selections = select_references(arrays, strategy=strategy, keep_fraction=ACCEPTANCE_KEEP,
+                                           seed=options.seed)
+            middle = time.perf_counter()
+            packed = pack_references(grids, [s.indices for s in selections])
+            if attempt:
+                select_s.append(middle - start)
+                pack_s.append(time.perf_counter() - middle)
+        timings[strategy] = {"references": len(grids), "ref_tokens": packed.num_tokens,
+                             "select_s": statistics.median(select_s), "pack_s": statistics.median(pack_s)}
+    return timings
+
+
+# -- onnxruntime's profile -------------------------------------------------------------------------------------
+
+HEAVY_OPS = {"MatMul", "Gemm", "MultiHeadAttention", "Attention", "Softmax", "LayerNormalization",
+             "SimplifiedLayerNormalization", "RMSNormalization", "Conv", "FusedMatMul"}
+
+
+def summarize_profile(path: Path, expect_cpu: bool = False) -> dict[str, Any]:
+    """Nodes per provider, CPU nodes doing real work (heavy ops, or outputs over ``PROBE_BYTES``; not counted when
+    the session runs on the CPU anyway), memcpy nodes, and time per op type, from one onnxruntime profile file."""
+    events = json.loads(path.read_text())
+    per_provider: dict[str, int] = {}
+    seen: set[tuple[str, str]] = set()
+    fallbacks: dict[str, dict[str, Any]] = {}
+    op_time: dict[str, float] = {}
+    memcpy = {"nodes": 0, "us": 0.0}
+    for event in events:
+        args = event.get("args") or {}
+        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
+            continue
+        node, provider, op = event["name"][:-len("_kernel_time")], args.get("provider", "?"), args.get("op_name", "?")
+        if (node, provider) not in seen:
+            seen.add((node, provider))
+            per_provider[provider] = per_provider.get(provider, 0) + 1
+        if op.startswith("Memcpy"):
+            memcpy["nodes"] += 1
+            memcpy["us"] += float(event.get("dur", 0))
+        if provider == "CPUExecutionProvider" and not expect_cpu:
+            output_bytes = int(args.get("output_size", 0) or 0)
+            if op in HEAVY_OPS or output_bytes > PROBE_BYTES:
+                fallbacks[node] = {"op": op, "output_bytes": output_bytes}
+        if provider != "CPUExecutionProvider" or expect_cpu:
+            op_time[op] = op_time.get(op, 0.0) + float(event.get("dur", 0))
+    total = sum(op_time.values()) or 1.0
+    top = sorted(op_time.items(), key=lambda item: -item[1])[:10]
+    shown = dict(sorted(fallbacks.items(), key=lambda item: -item[1]["output_bytes"])[:20])
+    return {"nodes_per_provider": per_provider, "cpu_fallback_count": len(fallbacks), "cpu_fallbacks": shown,
+            "memcpy": memcpy,
+            "top_ops": [{"op": op, "share": us / total, "ms": us / 1e3} for op, us in top]}
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+def _assumed_rate(options: GpuCheckOptions) -> float:
+    from sparse_context.reference.gpu_plan import EFFECTIVE_TFLOPS
+
+    return EFFECTIVE_TFLOPS["cuda" if options.cuda else "cpu"] * 1e12
+
+
+@contextlib.contextmanager
+def _timed(entry: dict[str, Any], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        entry[key] = time.perf_counter() - start
+
+
+def _meminfo_bytes(field_name: str) -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _gb(value: float | None) -> float | None:
+    return None if value is None else value / 1e9
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _worker_main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--export-worker":
+        print("usage: python -m sparse_context.reference.gpu_check --export-worker JOB_JSON", file=sys.stderr)
+        return 2
+    job = json.loads(argv[1])
+    started = time.perf_counter()
+    result = run_export_job(job, lambda line: print(f"{time.perf_counter() - started:7.1f}s {line}", flush=True))
+    print(f"exported {result.path} ({'reused' if result.reused else 'new'})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,293 @@
+"""The report of ``bench gpu`` (``reference.gpu_check``): rows per phase, the depth extrapolation, the acceptance
+block, ``gpu_check.json`` + ``gpu_check.png``. Every derived figure is recomputed from the rows on each save, so the
+files on disk are complete after every row and a killed run leaves everything it finished."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from sparse_context.reference.benchmark_configs import CONFIGS
+from sparse_context.reference.gpu_plan import ACCEPTANCE_KEEP, depth_units, extrapolate
+
+JSON_NAME, PNG_NAME = "gpu_check.json", "gpu_check.png"
+TARGETS = {"speedup_kv": 8.0, "speedup_cached": 9.5, "ort_over_torch": 1.0, "selection_share": 0.02}
+
+
+class CheckReport:
+    def __init__(self, options: Any, out: Path, log: Callable[[str], None]):
+        self.options, self.out, self.log = options, Path(out), log
+        self.started = time.perf_counter()
+        self.exports_snapshot: Callable[[], dict[str, Any]] | None = None
+        self.data: dict[str, Any] = {
+            "check": "sparse-context bench gpu", "config": options.config, "depths": list(options.ladder),
+            "variants": list(options.variants), "precision": options.precision, "device": options.device,
+            "setup": {"refs": options.refs, "target_px": options.target_px, "ref_px": options.ref_px,
+                      "text_tokens": options.text_tokens, "steps": options.steps, "repeats": options.repeats,
+                      "budget_s": options.budget_s, "seed": options.seed},
+            "status": "running", "phases": {}, "rows": {}, "skipped": [], "exports": {},
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[dict[str, Any]]:
+        entry: dict[str, Any] = {"status": "running", "started_s": self.elapsed()}
+        self.data["phases"][name] = entry
+        self.log(f"{name} ...")
+        start = time.perf_counter()
+        try:
+            yield entry
+            entry["status"] = "done"
+        except Exception as error:  # one broken phase must not cost the rows of the others
+            entry.update(status="failed", error=f"{type(error).__name__}: {str(error)[:500]}",
+                         traceback=traceback.format_exc()[-2000:])
+            self.log(f"{name} failed: {entry['error']}")
+            if _is_user_error(error):
+                raise
+        finally:
+            entry["seconds"] = time.perf_counter() - start
+            self.log(f"{name} {entry['status']} in {entry['seconds']:.1f}s")
+            self.save(png=True)
+
+    def row(self, phase: str, row: Any, **values: Any) -> None:
+        entry = {"label": row.label, "refs": row.refs, "keep": row.keep, "kv": row.kv, "cache_hit": row.cache_hit,
+                 **values}
+        self.data["rows"].setdefault(phase, []).append(entry)
+        self.save()
+
+    def skip(self, what: str, kind: str, reason: str) -> None:
+        self.data["skipped"].append({"what": what, "kind": kind, "reason": reason, "at_s": self.elapsed()})
+        self.log(f"skipped {what}: {reason}")
+        self.save()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def finish(self) -> None:
+        self.data["status"] = "finished"
+        self.data["total_s"] = self.elapsed()
+        self.save(png=True)
+        self.log("\n".join(summary_lines(self.data)))
+
+    def save(self, png: bool = False) -> None:
+        if self.exports_snapshot is not None:
+            self.data["exports"] = self.exports_snapshot()
+        self.data["derived"] = derive(self.data)
+        self.data["acceptance"] = acceptance(self.data)
+        _atomic_write(self.out / JSON_NAME, json.dumps(self.data, indent=1, default=str).encode())
+        if png:
+            with contextlib.suppress(ImportError):  # matplotlib is the plot extra
+                _atomic_write(self.out / PNG_NAME, plot_png(self.data))
+
+
+# -- derived figures -------------------------------------------------------------------------------------------
+
+def _by_label(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {row["label"]: row for row in rows}
+
+
+def _dense_label(row: dict[str, Any]) -> str:
+    return f"refs {row['refs']} keep 1 kv off"
+
+
+def speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per row: seconds of dense with the same references over this row's seconds (same phase, same backend)."""
+    table = _by_label(rows)
+    result = {}
+    for row in rows:
+        dense = table.get(_dense_label(row))
+        if row["refs"] and dense and row.get("seconds"):
+            result[row["label"]] = dense["seconds"] / row["seconds"]
+    return result
+
+
+def derive(data: dict[str, Any]) -> dict[str, Any]:
+    """Speedups per phase, onnxruntime / PyTorch per row and depth, and the full-depth extrapolation."""
+    rows = data["rows"]
+    depths = data["depths"]
+    units = {d: depth_units(CONFIGS[f"{data['config']}-{d}"]) for d in depths}
+    units["full"] = depth_units(CONFIGS[data["config"]])
+    derived: dict[str, Any] = {"units": units, "speedups": {p: speedups(r) for p, r in rows.items()}}
+    torch_full = _by_label(rows.get("torch_full", []))
+    torch_at = {d: _by_label(rows.get(f"torch_{d}", [])) for d in depths}
+
+    def predicted(tables: dict[str, dict[str, dict[str, Any]]], label: str) -> float | None:
+        a, b = (tables[d].get(label, {}).get("seconds") for d in depths)
+        if a is None or b is None:
+            return None
+        return extrapolate(a, units[depths[0]], b, units[depths[1]], units["full"])
+
+    check = {}
+    for label, row in torch_full.items():
+        guess = predicted(torch_at, label)
+        if guess is not None and row.get("seconds"):
+            check[label] = {"measured_s": row["seconds"], "predicted_s": guess,
+                            "error": guess / row["seconds"] - 1.0}
+    derived["torch_extrapolation_check"] = check
+    variants = {}
+    for variant in data["variants"]:
+        ort_at = {d: _by_label(rows.get(f"ort_{d}_{variant}", [])) for d in depths}
+        per_row = {}
+        labels = [r["label"] for r in rows.get("torch_full", [])] or [r["label"] for r in rows.get(
+            f"torch_{depths[0]}", [])]
+        for label in labels:
+            entry: dict[str, Any] = {}
+            for depth in depths:
+                ort, reference = ort_at[depth].get(label, {}), torch_at[depth].get(label, {})
+                if ort.get("seconds") and reference.get("seconds"):
+                    entry[f"ratio_{depth}"] = ort["seconds"] / reference["seconds"]
+                if ort.get("rel_diff") is not None:
+                    entry[f"rel_diff_{depth}"] = ort["rel_diff"]
+            full_ort = predicted(ort_at, label)
+            if full_ort is not None:
+                entry["predicted_full_s"] = full_ort
+                if torch_full.get(label, {}).get("seconds"):
+                    entry["ratio_full"] = full_ort / torch_full[label]["seconds"]
+            if entry:
+                per_row[label] = entry
+        predicted_rows = [{"label": label, "refs": row["refs"], "seconds": per_row[label]["predicted_full_s"]}
+                          for label, row in torch_full.items() if "predicted_full_s" in per_row.get(label, {})]
+        variants[variant] = {"rows": per_row, "predicted_full_speedups": speedups(predicted_rows)}
+    derived["ort"] = variants
+    bf16 = _by_label(rows.get(f"torch_bf16_{depths[0]}", []))
+    derived["bf16_over_fp16"] = {label: bf16[label]["seconds"] / row["seconds"]
+                                 for label, row in torch_at[depths[0]].items()
+                                 if label in bf16 and row.get("seconds")}
+    return derived
+
+
+def acceptance(data: dict[str, Any]) -> dict[str, Any]:
+    """Issue 8's GPU criteria with measured values; ``passed`` is None where nothing was measured, and every
+    criterion only means something on a GPU at the real setup (klein-9b, 1024^2, 512 text tokens, 4 steps)."""
+    derived, rows = data["derived"], data["rows"]
+    most = data["setup"]["refs"]
+    kv_label = f"refs {most} keep {ACCEPTANCE_KEEP:g} kv on"
+    hit_label = f"refs {most} keep {ACCEPTANCE_KEEP:g} kv cached"
+    torch_speedups = derived["speedups"].get("torch_full", {})
+    criteria: dict[str, Any] = {}
+
+    def criterion(name: str, value: float | None, op: str, target: float, **extra: Any) -> None:
+        passed = None if value is None else (value >= target if op == ">=" else value <= target)
+        criteria[name] = {"value": value, "target": f"{op} {target:g}", "passed": passed, **extra}
+
+    criterion("torch: speedup 6 refs keep 0.10 + KV", torch_speedups.get(kv_label), ">=", TARGETS["speedup_kv"])
+    criterion("torch: speedup persistent cache", torch_speedups.get(hit_label), ">=", TARGETS["speedup_cached"])
+    for variant, entry in derived["ort"].items():
+        predicted = entry["predicted_full_speedups"]
+        criterion(f"ort {variant}: speedup 6 refs keep 0.10 + KV (extrapolated)", predicted.get(kv_label), ">=",
+                  TARGETS["speedup_kv"])
+        criterion(f"ort {variant}: speedup persistent cache (extrapolated)", predicted.get(hit_label), ">=",
+                  TARGETS["speedup_cached"])
+        for key in [f"ratio_{d}" for d in data["depths"]] + ["ratio_full"]:
+            ratios = {label: r[key] for label, r in entry["rows"].items() if key in r}
+            worst = max(ratios.items(), key=lambda item: item[1]) if ratios else (None, None)
+            criterion(f"ort {variant}: onnxruntime / PyTorch, worst row, {key[6:]}", worst[1], "<=",
+                      TARGETS["ort_over_torch"], row=worst[0], rows=len(ratios))
+    generation = {row["label"]: row for row in rows.get("torch_full", [])}.get(kv_label, {}).get("seconds")
+    for strategy, entry in (data.get("selection") or {}).items():
+        if generation:
+            overhead = entry["select_s"] + entry["pack_s"]
+            criterion(f"selection + packing share ({strategy})", overhead / generation, "<=",
+                      TARGETS["selection_share"], seconds=overhead)
+    return criteria
+
+
+# -- text and picture ------------------------------------------------------------------------------------------
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    environment = data.get("environment", {})
+    lines = [f"== bench gpu: {data['config']} on {environment.get('device', data['device'])}, {data['precision']}, "
+             f"{data['setup']['target_px']}px target, {data['setup']['refs']} x {data['setup']['ref_px']}px refs, "
+             f"{data['setup']['text_tokens']} text tokens, {data['setup']['steps']} steps =="]
+    phases = list(data["rows"])
+    if phases:
+        lines.append(f"{'row':26s}" + "".join(f"{p[:16]:>17s}" for p in phases))
+        labels = list(dict.fromkeys(r["label"] for rows in data["rows"].values() for r in rows))
+        for label in labels:
+            cells = []
+            for phase in phases:
+                row = _by_label(data["rows"][phase]).get(label, {})
+                cells.append(f"{row['seconds']:>16.3f}s" if row.get("seconds") else f"{'-':>17s}")
+            lines.append(f"{label:26s}" + "".join(cells))
+    for variant, entry in data["derived"].get("ort", {}).items():
+        for label, values in entry["rows"].items():
+            shown = " ".join(f"{k}={v:.3g}" for k, v in values.items())
+            lines.append(f"ort {variant} {label}: {shown}")
+    for label, check in data["derived"].get("torch_extrapolation_check", {}).items():
+        lines.append(f"extrapolation check (PyTorch) {label}: predicted {check['predicted_s']:.3f}s, measured "
+                     f"{check['measured_s']:.3f}s ({100 * check['error']:+.1f} %)")
+    lines.append("-- acceptance --")
+    for name, entry in data["acceptance"].items():
+        value = "not measured" if entry["value"] is None else f"{entry['value']:.4g}"
+        verdict = {True: "PASS", False: "FAIL", None: "-"}[entry["passed"]]
+        lines.append(f"{verdict:4s} {name}: {value} (target {entry['target']})")
+    for skipped in data["skipped"]:
+        lines.append(f"skipped {skipped['what']}: {skipped['reason']}")
+    return lines
+
+
+def plot_png(data: dict[str, Any]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=100)
+    torch_speedups = data["derived"]["speedups"].get("torch_full", {})
+    series = {"PyTorch full depth": torch_speedups}
+    for variant, entry in data["derived"].get("ort", {}).items():
+        series[f"onnxruntime {variant} (extrapolated)"] = entry["predicted_full_speedups"]
+    labels = list(dict.fromkeys(label for values in series.values() for label in values))
+    width = 0.8 / max(len(series), 1)
+    for index, (name, values) in enumerate(series.items()):
+        left.bar([i + index * width for i in range(len(labels))], [values.get(label, 0.0) for label in labels],
+                 width, label=name)
+    left.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=30, ha="right", fontsize=7)
+    left.axhline(8.0, color="gray", linestyle=":", linewidth=1)
+    left.set_ylabel("speedup over dense (same refs)")
+    left.legend(fontsize=7)
+    for variant, entry in data["derived"].get("ort", {}).items():
+        keys = [f"ratio_{d}" for d in data["depths"]] + ["ratio_full"]
+        for label, values in entry["rows"].items():
+            points = [(i, values[k]) for i, k in enumerate(keys) if k in values]
+            if points:
+                right.plot([p[0] for p in points], [p[1] for p in points], marker="o", linewidth=1,
+                           label=f"{variant}: {label}")
+        right.set_xticks(range(len(keys)), [k[6:] for k in keys])
+    right.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    right.set_ylabel("onnxruntime / PyTorch time")
+    right.legend(fontsize=5, ncol=2)
+    environment = data.get("environment", {})
+    figure.suptitle(f"bench gpu — {data['config']}, {environment.get('device', data['device'])}, "
+                    f"{data['precision']}", fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _is_user_error(error: BaseException) -> bool:
+    from sparse_context.runtime.errors import SparseContextError
+
+    return isinstance(error, SparseContextError)
