@@ -115,9 +115,9 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
 
 def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Sequence[Profile],
                progress: Callable[[str, int, int], None] | None) -> Path:
-    from sparse_context.engines.cuda_memory import default_memory
+    from sparse_context.engines.trt.memory import default_memory
     from sparse_context.engines.manifest import EngineManifest, engine_cache_path, find_cached_engine, recipe_sha256
-    from sparse_context.engines.trt_build import build_engine, import_tensorrt
+    from sparse_context.engines.trt.loader import build_engine, import_tensorrt
 
     trt = import_tensorrt()
     device = default_memory().device_info()
@@ -156,10 +156,10 @@ def engine_backend(engines: Mapping[str, Any], memory: Any = None) -> Any:
     if backend not in BACKENDS:
         raise BuildOptionError(bad_value("engines backend", backend, ", ".join(BACKENDS), "--backend"))
     if backend == "trt":
-        from sparse_context.engines.trt_backend import TrtTransformerBackend
+        from sparse_context.engines.trt.backend import TrtTransformerBackend
 
         return TrtTransformerBackend(engines, memory=memory)
-    from sparse_context.export.ort_backend import OrtTransformerBackend
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
 
     graphs = engines["graphs"]
     providers: list[Any] = list(engines["providers"])

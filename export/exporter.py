@@ -23,7 +23,7 @@ from sparse_context.export.spec import (
     DEFAULT_MAX_REF_TOKENS, DEFAULT_TARGET_SIZES, GRAPHS, PRECISIONS, ExportSpec, ModelDims, build_spec,
     example_sizes,
 )
-from sparse_context.reference.lora import file_sha256
+from sparse_context.export.lora import file_sha256
 from sparse_context.runtime.errors import bad_value
 
 FORMAT_VERSION = 1  # bump when the graph semantics or the folder layout change: old caches stop matching
@@ -137,8 +137,8 @@ def load_transformer(options: ExportOptions) -> tuple[Any, dict[str, Any]]:
     import torch
     from diffusers import Flux2Transformer2DModel
 
-    from sparse_context.reference.loading import load_transformer_file, read_model_index
-    from sparse_context.reference.lora import merge_lora
+    from sparse_context.export.loading import load_transformer_file, read_model_index
+    from sparse_context.export.lora import merge_lora
     from sparse_context.runtime.errors import ModelLoadError
 
     read_model_index(options.model_dir)
@@ -155,7 +155,7 @@ def load_transformer(options: ExportOptions) -> tuple[Any, dict[str, Any]]:
 
 
 def text_tokens_for(options: ExportOptions) -> int:
-    from sparse_context.reference.loading import read_settings
+    from sparse_context.export.loading import read_settings
 
     if options.text_tokens is not None:
         return int(options.text_tokens)
@@ -236,7 +236,7 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
     # 1. Options and cache key
     options.validate()
     _report(progress, "hash")
-    from sparse_context.reference.loading import read_model_index
+    from sparse_context.export.loading import read_model_index
 
     read_model_index(options.model_dir)
     config = json.loads((Path(options.model_dir) / "transformer" / "config.json").read_text())
@@ -301,7 +301,7 @@ def export_graphs(options: ExportOptions, graphs: tuple[str, ...] = ("full", "kv
 
 def is_cached(options: ExportOptions) -> bool:
     """Whether a complete export for these options is already in ``options.out_dir``."""
-    from sparse_context.reference.loading import read_model_index
+    from sparse_context.export.loading import read_model_index
 
     options.validate()
     read_model_index(options.model_dir)
@@ -320,6 +320,6 @@ def _replace(options: ExportOptions, **changes: Any) -> ExportOptions:
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest next to an exported ``model.onnx`` (or in the export folder given)."""
-    from sparse_context.export.ort_backend import read_export_manifest
+    from sparse_context.engines.ort.backend import read_export_manifest
 
     return read_export_manifest(path)

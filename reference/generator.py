@@ -98,7 +98,7 @@ class SparseContextGenerator:
     def from_pretrained(cls, model_dir: Any, lora: Any = None, lora_scale: float = 1.0, transformer_file: Any = None,
                         dtype: torch.dtype = torch.float32, device: str = "cpu") -> "SparseContextGenerator":
         """Load a local diffusers folder (optionally a single-file transformer and a LoRA to merge)."""
-        from sparse_context.reference.loading import load_generator_parts
+        from sparse_context.export.loading import load_generator_parts
 
         return cls(**load_generator_parts(model_dir, lora=lora, lora_scale=lora_scale,
                                           transformer_file=transformer_file, dtype=dtype, device=device))
@@ -111,7 +111,7 @@ class SparseContextGenerator:
         exactly one bucket of the recorded plan, or fails with the build option that would cover it.
         ``memory``: the TensorRT runner's device-memory object (default: torch CUDA, else cuda-python)."""
         from sparse_context.engines.build import engine_backend, read_engines
-        from sparse_context.reference.loading import load_generator_parts
+        from sparse_context.export.loading import load_generator_parts
 
         engines = read_engines(engines_dir)
         backend = engine_backend(engines, memory=memory)

@@ -140,7 +140,7 @@ def _make_lora(model_dir: Path, path: Path, rank: int = 4) -> None:
 
 
 def test_lora_merged_export_equals_pytorch_with_lora(tiny_model_dir, tmp_path):
-    from sparse_context.export.validate import validate_export
+    from sparse_context.reference.validate import validate_export
 
     lora = tmp_path / "lora" / "style.safetensors"
     lora.parent.mkdir()
@@ -189,7 +189,7 @@ def test_bad_model_folder_and_exporter_failure(tiny_model_dir, tmp_path, monkeyp
 
 def test_ort_backend_and_manifest_errors(full_export, tmp_path):
     from sparse_context.export.exporter import load_manifest
-    from sparse_context.export.ort_backend import OrtTransformerBackend
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
 
     with pytest.raises(ExportConfigError, match="a full graph, a KV graph or both"):
         OrtTransformerBackend()

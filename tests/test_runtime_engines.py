@@ -80,7 +80,7 @@ def test_engines_json_errors_name_the_fix(tmp_path):
 
 def test_trt_progress_events_become_build_progress():
     from sparse_context.engines.build import _trt_progress
-    from sparse_context.engines.trt_build import BuildProgress
+    from sparse_context.engines.trt.loader import BuildProgress
 
     seen = []
     report = _trt_progress("kv", lambda stage, done, total: seen.append((stage, done, total)))
@@ -173,7 +173,7 @@ def test_host_io_mode_gives_the_same_result(engines_dir, reference_photos):
 def test_ort_backend_argument_errors(engines_dir):
     from sparse_context.engines.build import read_engines
     from sparse_context.export.errors import ExportConfigError
-    from sparse_context.export.ort_backend import OrtTransformerBackend
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
 
     kv = read_engines(engines_dir)["graphs"]["kv"]["onnx"]
     with pytest.raises(ExportConfigError, match=r"execution providers: got \[\]; allowed: at least one"):

@@ -26,9 +26,9 @@ ATOL = 1e-4
 def standin(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", make_module())
     memory = HostMemory()
-    monkeypatch.setattr("sparse_context.engines.cuda_memory.default_memory", lambda device=0: memory)
-    monkeypatch.setattr("sparse_context.engines.trt_backend.default_memory", lambda device=0: memory)
-    monkeypatch.setattr("sparse_context.engines.trt_runner.default_memory", lambda device=0: memory)
+    monkeypatch.setattr("sparse_context.engines.trt.memory.default_memory", lambda device=0: memory)
+    monkeypatch.setattr("sparse_context.engines.trt.backend.default_memory", lambda device=0: memory)
+    monkeypatch.setattr("sparse_context.engines.trt.runner.default_memory", lambda device=0: memory)
     return memory
 
 
@@ -39,7 +39,7 @@ def trt_engines_dir(tiny_model_dir, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "tensorrt", make_module())
-        patch.setattr("sparse_context.engines.cuda_memory.default_memory", lambda device=0: HostMemory())
+        patch.setattr("sparse_context.engines.trt.memory.default_memory", lambda device=0: HostMemory())
         out = tmp_path_factory.mktemp("trt-engines")
         plan = BucketPlan(keep_fractions=(0.1, 1.0), max_refs=3, ref_resolution=Resolution(256, 256),
                           target_resolutions=(Resolution(96, 96), Resolution(64, 64)), text_tokens=64).validate()
@@ -184,7 +184,7 @@ def test_real_tensorrt_generation_equals_pytorch(tiny_model_dir, tiny_generator,
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install .[tensorrt])")
     from sparse_context.engines.buckets import BucketPlan, Resolution
     from sparse_context.engines.build import BuildRequest, build_engines
-    from sparse_context.engines.cuda_memory import default_memory
+    from sparse_context.engines.trt.memory import default_memory
     from sparse_context.engines.errors import RunnerError, TensorRTUnavailableError
     from sparse_context.reference.generator import SparseContextGenerator
 
@@ -213,7 +213,7 @@ def _kv_only(engines_dir):
 
 def test_backend_errors_name_the_fix(standin, trt_engines_dir):
     from sparse_context.engines.errors import RunnerError
-    from sparse_context.engines.trt_backend import TrtTransformerBackend
+    from sparse_context.engines.trt.backend import TrtTransformerBackend
 
     engines = json.loads((trt_engines_dir / "engines.json").read_text())
     no_engines = {**engines, "graphs": {graph: {**entry, "engine": None} for graph, entry in engines["graphs"].items()}}
@@ -233,7 +233,7 @@ def test_backend_errors_name_the_fix(standin, trt_engines_dir):
 
 def test_runner_external_tensor_errors(standin, trt_engines_dir):
     from sparse_context.engines.errors import RunnerError
-    from sparse_context.engines.trt_runner import DeviceTensor, TrtRunner
+    from sparse_context.engines.trt.runner import DeviceTensor, TrtRunner
 
     engine = json.loads((trt_engines_dir / "engines.json").read_text())["graphs"]["kv"]["engine"]
     with pytest.raises(RunnerError, match=r"external tensors: got \['kv_cache'\]"):

@@ -15,11 +15,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from sparse_context.engines.buckets import BucketPlan
-from sparse_context.engines.cuda_memory import default_memory
+from sparse_context.engines.trt.memory import default_memory
 from sparse_context.engines.errors import RunnerError
 from sparse_context.engines.profiles import ProfileSelector
-from sparse_context.engines.trt_runner import DeviceTensor, TrtRunner, _itemsize
-from sparse_context.export.ort_backend import read_export_manifest
+from sparse_context.engines.trt.runner import DeviceTensor, TrtRunner, _itemsize
+from sparse_context.engines.ort.backend import read_export_manifest
 from sparse_context.export.rope import rope_cos_sin
 from sparse_context.export.spec import ModelDims
 from sparse_context.runtime.errors import bad_value
