@@ -23,12 +23,11 @@ from sparse_context.export.spec import (
     DEFAULT_MAX_REF_TOKENS, DEFAULT_TARGET_SIZES, GRAPHS, PRECISIONS, ExportSpec, ModelDims, build_spec,
     example_sizes,
 )
-from sparse_context.export.lora import file_sha256
+from sparse_context.export.manifest import MANIFEST, ONNX_FILE, read_export_manifest
 from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.fingerprints import file_sha256
 
 FORMAT_VERSION = 1  # bump when the graph semantics or the folder layout change: old caches stop matching
-MANIFEST = "manifest.json"
-ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
 DEFAULT_OPSET = {"matmul": 19, "fused": 23}
 OPSET_RANGE = {"matmul": (18, 20), "fused": (23, 23)}  # matmul: TensorRT 10.3 parses up to 20; Attention is 23
@@ -320,6 +319,4 @@ def _replace(options: ExportOptions, **changes: Any) -> ExportOptions:
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest next to an exported ``model.onnx`` (or in the export folder given)."""
-    from sparse_context.engines.ort.backend import read_export_manifest
-
     return read_export_manifest(path)
