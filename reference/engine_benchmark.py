@@ -596,7 +596,7 @@ def _check_environment(options: EngineBenchOptions) -> None:
 
 
 def _providers(options: EngineBenchOptions) -> tuple[str, ...]:
-    from sparse_context.engines.build import PROVIDERS
+    from sparse_context.engines.ort.loader import PROVIDERS
 
     return PROVIDERS[options.resolved_backend]
 
