@@ -142,9 +142,9 @@ def check_engine_options(args: argparse.Namespace) -> None:
         problems.append(f"{FLAG_TRANSFORMER} {args.transformer}: the engines were built {built}; build: "
                         f"{rebuild('transformer', transformer=args.transformer)}")
     scale = index.lora_scale if args.lora_scale is None else args.lora_scale
-    lora_differs = args.lora is not None and not (
-        same_file(args.lora, index.lora)
-        or (index.lora_sha256 is not None and Path(args.lora).is_file() and file_sha256(args.lora) == index.lora_sha256))
+    same_lora_bytes = (args.lora is not None and index.lora_sha256 is not None and Path(args.lora).is_file()
+                       and file_sha256(args.lora) == index.lora_sha256)
+    lora_differs = args.lora is not None and not (same_file(args.lora, index.lora) or same_lora_bytes)
     if lora_differs:
         built = f"with the LoRA {index.lora}" if index.lora else "without a LoRA"
         problems.append(f"{FLAG_LORA} {args.lora}: the engines were built {built}; build: "

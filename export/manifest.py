@@ -1,4 +1,4 @@
-"""Reading an export's ``manifest.json`` (numpy-free and torch-free, so engine backends read it without the exporter)."""
+"""Reading an export's ``manifest.json``: no numpy, no torch, so engine backends read it without the exporter."""
 
 from __future__ import annotations
 

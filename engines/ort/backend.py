@@ -152,7 +152,8 @@ class OrtTransformerBackend:
             else:
                 binding.bind_ortvalue_input(name, self._to_device(value))
 
-    def _bind_pointer(self, binding: Any, name: str, pointer: int, shape: tuple[int, ...], output: bool = False) -> None:
+    def _bind_pointer(self, binding: Any, name: str, pointer: int, shape: tuple[int, ...],
+                      output: bool = False) -> None:
         bind = binding.bind_output if output else binding.bind_input
         bind(name, self.io_device, self.device_id, self.dtype, list(shape), pointer)
 
