@@ -378,7 +378,8 @@ def _weights_fingerprint(model: torch.nn.Module) -> str:
     with torch.no_grad():
         samples = ((name, parameter.detach().reshape(-1)[:FINGERPRINT_SAMPLE].float().cpu().numpy())
                    for name, parameter in model.named_parameters())
-        return weights_fingerprint(dict(model.config), samples)
+        config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)  # transformers
+        return weights_fingerprint(config, samples)
 
 
 def _synchronize(device: torch.device) -> None:
