@@ -17,21 +17,24 @@ from typing import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from sparse_context.engines.buckets import add_bucket_arguments
-    from sparse_context.engines.build import BACKENDS
+    from sparse_context.engines.build import (
+        FLAG_BACKEND, FLAG_GRAPHS, FLAG_LORA, FLAG_LORA_SCALE, FLAG_MODEL, FLAG_OUT, FLAG_PRECISION, FLAG_TRANSFORMER,
+    )
+    from sparse_context.engines.index import BACKENDS
 
     parser = argparse.ArgumentParser(prog="build_engines.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="local diffusers folder of FLUX.2-klein")
+    parser.add_argument(FLAG_MODEL, type=Path, help="local diffusers folder of FLUX.2-klein")
     parser.add_argument("--demo", action="store_true", help="use the embedded tiny model (fp32, onnxruntime CPU)")
-    parser.add_argument("--transformer", type=Path, help="single-file transformer checkpoint (.safetensors)")
-    parser.add_argument("--lora", type=Path, help="LoRA .safetensors merged before export")
-    parser.add_argument("--lora-scale", type=float, default=1.0)
-    parser.add_argument("--backend", choices=BACKENDS, default=None, help="default: trt (ort-cpu with --demo)")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+    parser.add_argument(FLAG_TRANSFORMER, type=Path, help="single-file transformer checkpoint (.safetensors)")
+    parser.add_argument(FLAG_LORA, type=Path, help="LoRA .safetensors merged before export")
+    parser.add_argument(FLAG_LORA_SCALE, type=float, default=1.0)
+    parser.add_argument(FLAG_BACKEND, choices=BACKENDS, default=None, help="default: trt (ort-cpu with --demo)")
+    parser.add_argument(FLAG_PRECISION, choices=("fp32", "fp16", "bf16"), default=None,
                         help="default: fp16 (fp32 with --demo)")
-    parser.add_argument("--graphs", nargs="+", choices=("full", "kv"), default=["full", "kv"])
+    parser.add_argument(FLAG_GRAPHS, nargs="+", choices=("full", "kv"), default=["full", "kv"])
     parser.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder memory limit")
-    parser.add_argument("--out", type=Path, default=Path("engines_out"), help="engines folder (default engines_out)")
+    parser.add_argument(FLAG_OUT, type=Path, default=Path("engines_out"), help="engines folder (default engines_out)")
     add_bucket_arguments(parser)
     return parser
 
@@ -60,15 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         def progress(stage: str, done: int, total: int) -> None:
             print(f"[build] {stage} {done}/{total}", file=sys.stderr, flush=True)
 
-        engines = build_engines(request, progress)
+        index = build_engines(request, progress)
     except SparseContextError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for graph, entry in engines["graphs"].items():
-        where = entry.get("engine") or entry["onnx"]
-        print(f"{graph}: {len(entry['profiles'])} profiles, {'reused' if entry['reused_export'] else 'new'} export, "
-              f"{where}")
-    print(f"backend {engines['backend']}, precision {engines['precision']}: {args.out}/engines.json")
+    for graph, entry in index.graphs.items():
+        print(f"{graph}: {len(entry.profiles)} profiles, {'reused' if entry.reused_export else 'new'} export, "
+              f"{entry.engine or entry.onnx}")
+    print(f"backend {index.backend}, precision {index.precision}: {args.out}/engines.json")
     return 0
 
 

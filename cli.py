@@ -13,6 +13,14 @@ from sparse_context.runtime.progress import stderr_progress
 from sparse_context.runtime.selection import ALLOCATION_CHOICES, STRATEGY_CHOICES
 
 SPEED_REFS = [1, 2, 3, 4, 5, 6]  # `bench speed`; `bench engines` defaults to engine_benchmark.DEFAULT_REFS
+# `generate` options that engines fix at build time (refused, or checked equal, with --engines)
+FLAG_ENGINES = "--engines"
+FLAG_MODEL = "--model"
+FLAG_TRANSFORMER = "--transformer"
+FLAG_LORA = "--lora"
+FLAG_LORA_SCALE = "--lora-scale"
+FLAG_DTYPE = "--dtype"
+FLAG_DEVICE = "--device"
 
 
 def _add_selection_arguments(parser: argparse.ArgumentParser, default_keep: float) -> None:
@@ -87,11 +95,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sparse_context.runtime.overlay import save_png
 
     if args.engines:
-        generator = SparseContextGenerator.from_engines(args.engines)
+        check_engine_options(args)
+        generator = SparseContextGenerator.from_engines(args.engines, device=args.device)
     else:
-        generator = SparseContextGenerator.from_pretrained(args.model or tiny_model_dir(), lora=args.lora,
-                                                           lora_scale=args.lora_scale, transformer_file=args.transformer,
-                                                           dtype=_dtype(args.dtype), device=args.device)
+        generator = SparseContextGenerator.from_pretrained(
+            args.model or tiny_model_dir(), lora=args.lora,
+            lora_scale=1.0 if args.lora_scale is None else args.lora_scale, transformer_file=args.transformer,
+            dtype=_dtype(args.dtype or "fp32"), device=args.device or "cpu")
     use_kv = generator.prefers_kv if args.kv is None else args.kv
     result = generator.generate(
         args.prompt, args.ref, keep_fraction=args.keep if args.keep is not None else 1.0, token_count=args.tokens,
@@ -104,6 +114,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f" | {timings}")
     print(f"image: {args.out}")
     return 0
+
+
+def check_engine_options(args: argparse.Namespace) -> None:
+    """Options the engines fixed at build time must be absent or equal to what was built; otherwise one error
+    lists each difference with the build_engines.py command that would build engines for it."""
+    from sparse_context.engines.build import build_command
+    from sparse_context.engines.errors import FixedAtBuildError
+    from sparse_context.engines.index import EnginesIndex
+    from sparse_context.runtime.fingerprints import file_sha256
+
+    index = EnginesIndex.read(args.engines)
+    folder = Path(args.engines)
+
+    def same_file(given: str, built: str | None) -> bool:
+        return built is not None and Path(given).resolve() == Path(built).resolve()
+
+    def rebuild(suffix: str, **changes) -> str:
+        return build_command(index, folder.with_name(f"{folder.name}-{suffix}"), **changes)
+
+    problems = []
+    if args.model is not None and not same_file(args.model, index.model_dir):
+        problems.append(f"{FLAG_MODEL} {args.model}: the engines were built from {index.model_dir}; for this model "
+                        f"build: {rebuild('model', model=args.model)}")
+    if args.transformer is not None and not same_file(args.transformer, index.transformer_file):
+        built = f"with {index.transformer_file}" if index.transformer_file else "without a transformer checkpoint"
+        problems.append(f"{FLAG_TRANSFORMER} {args.transformer}: the engines were built {built}; build: "
+                        f"{rebuild('transformer', transformer=args.transformer)}")
+    scale = index.lora_scale if args.lora_scale is None else args.lora_scale
+    same_lora_bytes = (args.lora is not None and index.lora_sha256 is not None and Path(args.lora).is_file()
+                       and file_sha256(args.lora) == index.lora_sha256)
+    lora_differs = args.lora is not None and not (same_file(args.lora, index.lora) or same_lora_bytes)
+    if lora_differs:
+        built = f"with the LoRA {index.lora}" if index.lora else "without a LoRA"
+        problems.append(f"{FLAG_LORA} {args.lora}: the engines were built {built}; build: "
+                        f"{rebuild('lora', lora=args.lora, lora_scale=scale)}")
+    elif args.lora_scale is not None and args.lora_scale != index.lora_scale:
+        if index.lora is None:
+            problems.append(f"{FLAG_LORA_SCALE} {args.lora_scale:g}: the engines were built without a LoRA, so "
+                            f"there is nothing to scale (give {FLAG_LORA} and build engines with it)")
+        else:
+            problems.append(f"{FLAG_LORA_SCALE} {args.lora_scale:g}: the engines were built with the LoRA at scale "
+                            f"{index.lora_scale:g}; build: {rebuild('lora-scale', lora_scale=args.lora_scale)}")
+    if args.dtype is not None and args.dtype != index.precision:
+        problems.append(f"{FLAG_DTYPE} {args.dtype}: the engines were built in {index.precision}; build: "
+                        f"{rebuild(args.dtype, precision=args.dtype)}")
+    if problems:
+        raise FixedAtBuildError(f"{FLAG_ENGINES} {args.engines} fixes these options at build time:\n  "
+                                + "\n  ".join(problems))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -209,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--out", default="out/select", help="folder for overlays (default out/select)")
     select.set_defaults(func=cmd_select)
 
-    generate = commands.add_parser("generate", help="generate an image (PyTorch backend)")
-    generate.add_argument("--model", help="local diffusers folder of FLUX.2-klein (default: the embedded tiny model)")
-    generate.add_argument("--engines", help="engines folder from build_engines.py (onnxruntime backends)")
-    generate.add_argument("--transformer", help="single-file transformer .safetensors replacing the folder's")
-    generate.add_argument("--lora", help="LoRA .safetensors merged into the transformer")
-    generate.add_argument("--lora-scale", type=float, default=1.0)
+    generate = commands.add_parser("generate", help="generate an image (PyTorch, or engines with --engines)")
+    generate.add_argument(FLAG_MODEL, help="local diffusers folder of FLUX.2-klein (default: the embedded tiny "
+                          "model; with --engines: the folder the engines were built from)")
+    generate.add_argument(FLAG_ENGINES, help="engines folder from build_engines.py: the transformer runs there "
+                          "(TensorRT or onnxruntime); model, LoRA and precision are the ones it was built with")
+    generate.add_argument(FLAG_TRANSFORMER, help="single-file transformer .safetensors replacing the folder's")
+    generate.add_argument(FLAG_LORA, help="LoRA .safetensors merged into the transformer")
+    generate.add_argument(FLAG_LORA_SCALE, type=float, default=None, help="LoRA scale (default 1)")
     generate.add_argument("--prompt", required=True)
     _add_selection_arguments(generate, default_keep=1.0)
     kv = generate.add_mutually_exclusive_group()
@@ -224,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=4.0, help="CFG scale (base models only)")
     generate.add_argument("--width", type=int)
     generate.add_argument("--height", type=int)
-    generate.add_argument("--device", default="cpu")
-    generate.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    generate.add_argument(FLAG_DEVICE, default=None, help="cpu, cuda or cuda:N (default: cpu; with --engines: "
+                          "the engines' device, whose GPU index may be chosen)")
+    generate.add_argument(FLAG_DTYPE, choices=("fp32", "fp16", "bf16"), default=None,
+                          help="default: fp32 (with --engines: the engines' precision)")
     generate.add_argument("--out", default="out/generated.png")
     generate.set_defaults(func=cmd_generate)
 

@@ -1,27 +1,33 @@
 """From a diffusers folder (+ LoRA) to ready engines: export (reused when cached), profiles per sparsity bucket,
-a build per backend, and ``engines.json`` describing it all for the runtime."""
+a build per backend, and ``engines.json`` (:class:`~sparse_context.engines.index.EnginesIndex`) describing it all
+for the runtime."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from sparse_context.engines.buckets import BucketPlan, CACHED_TOKENS
-from sparse_context.engines.errors import BuildOptionError
-from sparse_context.engines.manifest import atomic_write_bytes
+from sparse_context.engines.errors import REBUILD_PROGRAM, BuildOptionError
+from sparse_context.engines.index import BACKENDS, EnginesIndex, GraphEntry
+from sparse_context.engines.ort.loader import PROVIDERS, ort_trt_provider_options
 from sparse_context.engines.profiles import Profile, engine_profiles
 from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.fingerprints import file_sha256
 
-BACKENDS = ("trt", "ort-cuda", "ort-trt", "ort-cpu")
-ENGINES_FILE = "engines.json"
+# build_engines.py's options that fix what an engine is; the generate CLI's refusals name them.
+FLAG_MODEL = "--model"
+FLAG_TRANSFORMER = "--transformer"
+FLAG_LORA = "--lora"
+FLAG_LORA_SCALE = "--lora-scale"
+FLAG_BACKEND = "--backend"
+FLAG_PRECISION = "--precision"
+FLAG_GRAPHS = "--graphs"
+FLAG_OUT = "--out"
 # TensorRT (and its onnxruntime EP) fuse MatMul-Softmax-MatMul and parse opset <= 20 on Jetson (TensorRT 10.3);
 # onnxruntime's CUDA EP needs the fused opset-23 Attention op to be fast and right at long sequences (NOTES §3b).
 ATTENTION_BY_BACKEND = {"trt": "matmul", "ort-trt": "matmul", "ort-cuda": "fused", "ort-cpu": "matmul"}
-PROVIDERS = {"ort-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-             "ort-trt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-             "ort-cpu": ("CPUExecutionProvider",)}
 
 
 @dataclass(frozen=True)
@@ -62,20 +68,8 @@ def symbol_names(spec: Any) -> dict[str, str]:
     return {CACHED_TOKENS: CACHED_REF_TOKENS}
 
 
-def ort_trt_provider_options(profiles: Sequence[Profile], cache_dir: Path) -> dict[str, str]:
-    """onnxruntime TensorRT EP options: every profile's shapes (a repeated name starts another profile) and an
-    engine cache, so engines are built once per bucket set and reused."""
-    def shapes(which: int) -> str:
-        return ",".join(f"{name}:{'x'.join(str(d) for d in ranges[which])}"
-                        for profile in profiles for name, ranges in profile.shapes)
-
-    return {"trt_profile_min_shapes": shapes(0), "trt_profile_opt_shapes": shapes(1),
-            "trt_profile_max_shapes": shapes(2), "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": "True"}
-
-
-def build_engines(request: BuildRequest, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Export, plan profiles and build for ``request.backend``; write and return the ``engines.json`` contents."""
+def build_engines(request: BuildRequest, progress: Callable[[str, int, int], None] | None = None) -> EnginesIndex:
+    """Export, plan profiles and build for ``request.backend``; write and return the ``engines.json`` index."""
     from sparse_context.export.exporter import ExportOptions, export_graphs
 
     request = request.validate()
@@ -93,31 +87,58 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
     exports = export_graphs(options, request.graphs, progress)
 
     # 2. One profile per bucket (and per KV step) for each graph; 3. the backend's build
-    graphs: dict[str, Any] = {}
+    graphs: dict[str, GraphEntry] = {}
     for graph, exported in zip(request.graphs, exports):
         profiles = engine_profiles(plan, graph, engine_input_shapes(exported.spec), symbol_names(exported.spec))
-        entry: dict[str, Any] = {"onnx": str(exported.path), "onnx_sha256": exported.manifest["onnx_sha256"],
-                                 "reused_export": exported.reused, "profiles": [p.to_json() for p in profiles]}
+        engine = provider_options = None
         if request.backend == "trt":
-            entry["engine"] = str(_build_trt(request, graph, exported, profiles, progress))
+            engine = str(_build_trt(request, graph, exported, profiles, progress))
         elif request.backend == "ort-trt":
-            entry["provider_options"] = ort_trt_provider_options(profiles, out_dir / "ort-trt-cache" / graph)
-        graphs[graph] = entry
+            provider_options = ort_trt_provider_options(profiles, out_dir / "ort-trt-cache" / graph)
+        graphs[graph] = GraphEntry(onnx=str(exported.path), onnx_sha256=exported.manifest["onnx_sha256"],
+                                   profiles=tuple(p.to_json() for p in profiles), reused_export=exported.reused,
+                                   engine=engine, provider_options=provider_options)
 
-    engines = {"format": 1, "backend": request.backend, "model_dir": str(Path(request.model_dir).resolve()),
-               "precision": request.precision, "attention": options.attention,
-               "providers": list(PROVIDERS.get(request.backend, ())), "build_args": list(plan.build_args()),
-               "plan": plan.to_json(),
-               "graphs": graphs}
-    atomic_write_bytes(out_dir / ENGINES_FILE, json.dumps(engines, indent=2).encode())
-    return engines
+    # 4. The index the runtime reads
+    index = EnginesIndex(
+        backend=request.backend, model_dir=str(Path(request.model_dir).resolve()), precision=request.precision,
+        attention=options.attention, plan=plan, graphs=graphs, providers=PROVIDERS.get(request.backend, ()),
+        lora=str(Path(request.lora).resolve()) if request.lora else None,
+        lora_sha256=file_sha256(request.lora) if request.lora else None,
+        lora_scale=float(request.lora_scale) if request.lora else 1.0,
+        transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None)
+    index.write(out_dir)
+    return index
+
+
+def build_command(index: EnginesIndex, out_dir: str | Path, **changes: Any) -> str:
+    """The ``build_engines.py`` command that rebuilds ``index`` into ``out_dir`` with ``changes`` (keys: model,
+    transformer, lora, lora_scale, precision, backend; None drops an option)."""
+    values = {"model": index.model_dir, "transformer": index.transformer_file, "lora": index.lora,
+              "lora_scale": index.lora_scale if index.lora else None, "backend": index.backend,
+              "precision": index.precision}
+    unknown = set(changes) - set(values)
+    if unknown:
+        raise BuildOptionError(bad_value("build_command changes", sorted(unknown), ", ".join(values)))
+    values.update(changes)
+    flags = {"model": FLAG_MODEL, "transformer": FLAG_TRANSFORMER, "lora": FLAG_LORA, "lora_scale": FLAG_LORA_SCALE,
+             "backend": FLAG_BACKEND, "precision": FLAG_PRECISION}
+    words = [REBUILD_PROGRAM]
+    for key, flag in flags.items():
+        if values[key] is not None and not (key == "lora_scale" and values["lora"] is None):
+            words += [flag, f"{values[key]:g}" if isinstance(values[key], float) else str(values[key])]
+    graphs = sorted(index.graphs)
+    if graphs != ["full", "kv"]:
+        words += [FLAG_GRAPHS, *graphs]
+    words += [*index.plan.build_args(), FLAG_OUT, str(out_dir)]
+    return " ".join(words)
 
 
 def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Sequence[Profile],
                progress: Callable[[str, int, int], None] | None) -> Path:
-    from sparse_context.engines.cuda_memory import default_memory
+    from sparse_context.engines.trt.memory import default_memory
     from sparse_context.engines.manifest import EngineManifest, engine_cache_path, find_cached_engine, recipe_sha256
-    from sparse_context.engines.trt_build import build_engine, import_tensorrt
+    from sparse_context.engines.trt.loader import build_engine, import_tensorrt
 
     trt = import_tensorrt()
     device = default_memory().device_info()
@@ -145,36 +166,3 @@ def _trt_progress(graph: str, progress: Callable[[str, int, int], None]) -> Call
             progress(f"trt {graph}: {event.phase}", event.step, event.num_steps)
 
     return report
-
-
-def engine_backend(engines: Mapping[str, Any], memory: Any = None) -> Any:
-    """The transformer backend for an ``engines.json``: TensorRT engines, or onnxruntime sessions with the
-    recorded providers (the TensorRT EP gets its per-bucket profiles and engine cache)."""
-    from sparse_context.engines.buckets import BucketPlan
-
-    backend = engines.get("backend")
-    if backend not in BACKENDS:
-        raise BuildOptionError(bad_value("engines backend", backend, ", ".join(BACKENDS), "--backend"))
-    if backend == "trt":
-        from sparse_context.engines.trt_backend import TrtTransformerBackend
-
-        return TrtTransformerBackend(engines, memory=memory)
-    from sparse_context.export.ort_backend import OrtTransformerBackend
-
-    graphs = engines["graphs"]
-    providers: list[Any] = list(engines["providers"])
-    options = graphs.get("kv", graphs.get("full", {})).get("provider_options")
-    if options and providers and providers[0] == "TensorrtExecutionProvider":
-        providers[0] = (providers[0], options)
-    plan = BucketPlan.from_json(engines["plan"]) if "plan" in engines else None
-    return OrtTransformerBackend(full=graphs.get("full", {}).get("onnx"), kv=graphs.get("kv", {}).get("onnx"),
-                                 providers=providers, plan=plan, strict_shapes=backend == "ort-trt")
-
-
-def read_engines(engines_dir: str | Path) -> Mapping[str, Any]:
-    path = Path(engines_dir) / ENGINES_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise BuildOptionError(bad_value("engines folder", str(engines_dir), f"a folder with {ENGINES_FILE} written "
-                                         "by build_engines.py", "--engines")) from error

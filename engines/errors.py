@@ -50,3 +50,17 @@ def rebuild_hint(build_args: tuple[str, ...] | list[str] = ()) -> str:
     """``rebuild it with: python build_engines.py <args>`` — the args recorded in the manifest, when known."""
     command = " ".join([REBUILD_PROGRAM, *build_args])
     return f"rebuild it on this machine with: {command}"
+
+
+class BackendOptionError(EngineError, InputError):
+    """An engine backend was asked for something it cannot do: a provider, a device, a graph it did not load, or
+    a K/V state from another backend."""
+
+
+class EnginesIndexError(EngineError, InputError):
+    """``engines.json`` is missing, unreadable, of another format version, or lacks a field it must have."""
+
+
+class FixedAtBuildError(EngineError, InputError):
+    """An option asked of engines was fixed when they were built (weights, LoRA, precision); only a rebuild
+    changes it. The message names the ``build_engines.py`` command that would."""

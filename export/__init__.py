@@ -2,12 +2,14 @@
 
 - ``spec`` (numpy only): :func:`build_spec`, :class:`ExportSpec` — names, dynamic axes, bounds, profiles, samples.
 - ``rope`` (numpy only): :func:`rope_cos_sin`, diffusers' ``Flux2PosEmbed`` outside the graph.
+- ``manifest`` (no numpy, no torch): :func:`read_export_manifest`.
 - ``graphs`` (torch): :class:`FullGraph`, :class:`KVGraph`, :func:`attention_form`.
 - ``exporter`` (torch): :class:`ExportOptions`, :func:`export_onnx`, :func:`export_graphs`.
+- ``loading`` / ``lora`` (torch): a local diffusers folder, a single-file transformer, a LoRA merged in.
 - ``checks``: :func:`check_graph`; ``trt_ops``: TensorRT 10.3 parser operator table.
-- ``validate``: :func:`validate_export`, :func:`validate_export_dir`.
-- ``ort_backend``: :class:`OrtTransformerBackend` for ``runtime.sampler.denoise``.
 - ``cli``: :func:`add_export_arguments`, :func:`run_export`.
 
-Sub-modules are imported on use, so ``import sparse_context.export.spec`` needs neither torch nor onnx.
+This layer imports only ``runtime``; running an export (onnxruntime backend: ``engines.ort``) and validating it
+against PyTorch (``reference.validate``) live above it. Sub-modules are imported on use, so
+``import sparse_context.export.spec`` needs neither torch nor onnx.
 """

@@ -62,7 +62,7 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"{manifest['graph']:>4} graph {state}: {result.path}  (opset {manifest['opset']}, "
                   f"{manifest['precision']}, {manifest['attention']} attention, sha256 {manifest['onnx_sha256'][:12]})")
             if getattr(args, "validate", False):
-                from sparse_context.export.validate import validate_export_dir
+                from sparse_context.reference.validate import validate_export_dir
 
                 report = validate_export_dir(result.path, args.model, lora=args.lora, lora_scale=args.lora_scale,
                                              transformer_file=args.transformer)

@@ -23,12 +23,11 @@ from sparse_context.export.spec import (
     DEFAULT_MAX_REF_TOKENS, DEFAULT_TARGET_SIZES, GRAPHS, PRECISIONS, ExportSpec, ModelDims, build_spec,
     example_sizes,
 )
-from sparse_context.reference.lora import file_sha256
+from sparse_context.export.manifest import MANIFEST, ONNX_FILE, read_export_manifest
 from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.fingerprints import file_sha256
 
 FORMAT_VERSION = 1  # bump when the graph semantics or the folder layout change: old caches stop matching
-MANIFEST = "manifest.json"
-ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
 DEFAULT_OPSET = {"matmul": 19, "fused": 23, "mha": 23}
 # matmul: TensorRT 10.3 parses up to 20; Attention is 23; the contrib op (mha) is independent of the opset.
@@ -138,8 +137,8 @@ def load_transformer(options: ExportOptions) -> tuple[Any, dict[str, Any]]:
     import torch
     from diffusers import Flux2Transformer2DModel
 
-    from sparse_context.reference.loading import load_transformer_file, read_model_index
-    from sparse_context.reference.lora import merge_lora
+    from sparse_context.export.loading import load_transformer_file, read_model_index
+    from sparse_context.export.lora import merge_lora
     from sparse_context.runtime.errors import ModelLoadError
 
     read_model_index(options.model_dir)
@@ -156,7 +155,7 @@ def load_transformer(options: ExportOptions) -> tuple[Any, dict[str, Any]]:
 
 
 def text_tokens_for(options: ExportOptions) -> int:
-    from sparse_context.reference.loading import read_settings
+    from sparse_context.export.loading import read_settings
 
     if options.text_tokens is not None:
         return int(options.text_tokens)
@@ -246,7 +245,7 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
     # 1. Options and cache key
     options.validate()
     _report(progress, "hash")
-    from sparse_context.reference.loading import read_model_index
+    from sparse_context.export.loading import read_model_index
 
     read_model_index(options.model_dir)
     config = json.loads((Path(options.model_dir) / "transformer" / "config.json").read_text())
@@ -311,7 +310,7 @@ def export_graphs(options: ExportOptions, graphs: tuple[str, ...] = ("full", "kv
 
 def is_cached(options: ExportOptions) -> bool:
     """Whether a complete export for these options is already in ``options.out_dir``."""
-    from sparse_context.reference.loading import read_model_index
+    from sparse_context.export.loading import read_model_index
 
     options.validate()
     read_model_index(options.model_dir)
@@ -330,6 +329,4 @@ def _replace(options: ExportOptions, **changes: Any) -> ExportOptions:
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest next to an exported ``model.onnx`` (or in the export folder given)."""
-    from sparse_context.export.ort_backend import read_export_manifest
-
     return read_export_manifest(path)

@@ -522,7 +522,7 @@ def export_graphs(model: Any, options: EngineBenchOptions, log: Event) -> dict[s
 def open_backend(exports: dict[str, Any], options: EngineBenchOptions) -> Any:
     """Our onnxruntime backend over both graphs, held to the bucket plan of this run's rows."""
     from sparse_context.engines.buckets import BucketPlan, Resolution
-    from sparse_context.export.ort_backend import OrtTransformerBackend
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
 
     plan = BucketPlan(keep_fractions=options.measured_keeps, max_refs=max(options.refs),
                       ref_resolution=Resolution(options.ref_px, options.ref_px),
@@ -596,7 +596,7 @@ def _check_environment(options: EngineBenchOptions) -> None:
 
 
 def _providers(options: EngineBenchOptions) -> tuple[str, ...]:
-    from sparse_context.engines.build import PROVIDERS
+    from sparse_context.engines.ort.loader import PROVIDERS
 
     return PROVIDERS[options.resolved_backend]
 

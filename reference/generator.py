@@ -2,12 +2,12 @@
 
 Every later backend (ONNX, TensorRT) is checked against this path, and this path is checked against diffusers:
 with every token kept it equals ``Flux2KleinPipeline`` (dense) and ``Flux2KleinKVPipeline`` (KV) for the same seed.
+A shell around the generation core (:func:`~sparse_context.runtime.core.generate_latents`, which the engine
+runtime runs too): it encodes the prompt and the references with diffusers' components and decodes the result.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -17,18 +17,19 @@ import torch
 from PIL import Image
 
 from sparse_context.reference.torch_backend import TorchTransformerBackend
+from sparse_context.runtime.core import References, cached_prompt, engine_fingerprint, generate_latents
 from sparse_context.runtime.errors import InputError, bad_value
-from sparse_context.runtime.kv_cache import ReferenceKVCache, array_digest, reference_key
+from sparse_context.runtime.fingerprints import FINGERPRINT_SAMPLE, array_digest, weights_fingerprint
 from sparse_context.runtime.images import load_image, prepare_reference
-from sparse_context.runtime.packing import pack_grid, pack_references, unpack_grid
-from sparse_context.runtime.sampler import Conditioning, denoise
-from sparse_context.runtime.schedule import flow_match_schedule
+from sparse_context.runtime.kv_cache import ReferenceKVCache
+from sparse_context.runtime.packing import pack_grid, unpack_grid
+from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
+from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
     MAX_REFERENCE_AREA,
     TOKEN_PIXELS,
     check_keep_fraction,
     check_reference_count,
-    grid_position_ids,
     text_position_ids,
 )
 
@@ -65,6 +66,7 @@ class SparseContextGenerator:
         prefers_kv: bool = False,
         kv_cache: ReferenceKVCache | None = None,
         backend: Any = None,
+        prompt_cache: PromptEmbeddingCache | None = None,
     ):
         self.transformer = transformer
         # Any TransformerBackend: the PyTorch one by default; onnxruntime/TensorRT ones work on numpy arrays.
@@ -78,7 +80,10 @@ class SparseContextGenerator:
         self.max_sequence_length = int(max_sequence_length)
         self.prefers_kv = prefers_kv  # a Klein KV checkpoint was trained for the KV path
         self.kv_cache = kv_cache  # persistent reference K/V across calls (KV mode only)
+        self.prompt_cache = prompt_cache  # prompt embeddings across calls
+        self.engines_index = None  # what the engines were built with (from_engines only)
         self._fingerprint: str | None = None
+        self._text_fingerprint: str | None = None
 
     @classmethod
     def from_pipeline(cls, pipe: Any, **overrides: Any) -> "SparseContextGenerator":
@@ -98,25 +103,28 @@ class SparseContextGenerator:
     def from_pretrained(cls, model_dir: Any, lora: Any = None, lora_scale: float = 1.0, transformer_file: Any = None,
                         dtype: torch.dtype = torch.float32, device: str = "cpu") -> "SparseContextGenerator":
         """Load a local diffusers folder (optionally a single-file transformer and a LoRA to merge)."""
-        from sparse_context.reference.loading import load_generator_parts
+        from sparse_context.export.loading import load_generator_parts
 
         return cls(**load_generator_parts(model_dir, lora=lora, lora_scale=lora_scale,
                                           transformer_file=transformer_file, dtype=dtype, device=device))
 
     @classmethod
-    def from_engines(cls, engines_dir: Any, device: str = "cpu", kv_cache: ReferenceKVCache | None = None,
+    def from_engines(cls, engines_dir: Any, device: str | None = None, kv_cache: ReferenceKVCache | None = None,
                      memory: Any = None) -> "SparseContextGenerator":
-        """The thin runtime: the transformer runs in the engines ``build_engines.py`` wrote (TensorRT or
-        onnxruntime); the text encoder and VAE come from the model folder recorded there. Every request maps to
+        """The transformer runs in the engines ``build_engines.py`` wrote (TensorRT or onnxruntime); the text
+        encoder and VAE come from the model folder recorded there and run on the CPU. Every request maps to
         exactly one bucket of the recorded plan, or fails with the build option that would cover it.
+        ``device``: where the engines run (``cpu``, ``cuda``, ``cuda:N``), checked against the engines.
         ``memory``: the TensorRT runner's device-memory object (default: torch CUDA, else cuda-python)."""
-        from sparse_context.engines.build import engine_backend, read_engines
-        from sparse_context.reference.loading import load_generator_parts
+        from sparse_context.engines.index import EnginesIndex, open_backend
+        from sparse_context.export.loading import load_generator_parts
 
-        engines = read_engines(engines_dir)
-        backend = engine_backend(engines, memory=memory)
-        parts = load_generator_parts(engines["model_dir"], device=device, with_transformer=False)
-        return cls(backend=backend, kv_cache=kv_cache, **parts)
+        index = EnginesIndex.read(engines_dir)
+        backend = open_backend(index, memory=memory, device=device)
+        parts = load_generator_parts(index.model_dir, device="cpu", with_transformer=False)
+        generator = cls(backend=backend, kv_cache=kv_cache, **parts)
+        generator.engines_index = index
+        return generator
 
     # -- components ------------------------------------------------------------------------------------------
 
@@ -147,17 +155,11 @@ class SparseContextGenerator:
     @property
     def model_fingerprint(self) -> str:
         """Identifies the transformer weights for the reference cache: config + a sample of every parameter."""
-        if self._fingerprint is None and self.transformer is None:
-            manifests = getattr(self.backend, "manifests", {})
-            blob = json.dumps({g: m.get("onnx_sha256") for g, m in manifests.items()}, sort_keys=True)
-            self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         if self._fingerprint is None:
-            digest = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
-            with torch.no_grad():
-                for name, parameter in self.transformer.named_parameters():
-                    digest.update(name.encode())
-                    digest.update(parameter.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()
+            if self.transformer is None:
+                self._fingerprint = engine_fingerprint(self.backend)
+            else:
+                self._fingerprint = _weights_fingerprint(self.transformer)
         return self._fingerprint
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -166,11 +168,19 @@ class SparseContextGenerator:
 
         if self.text_encoder is None or self.tokenizer is None:
             raise InputError(bad_value("prompt", prompt, "prompt_embeds when the model has no text encoder"))
-        embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(
-            text_encoder=self.text_encoder, tokenizer=self.tokenizer, prompt=[prompt], dtype=self.dtype,
-            device=self.device, max_sequence_length=self.max_sequence_length,
-            hidden_states_layers=self.text_encoder_out_layers,
-        )
+
+        def encode() -> torch.Tensor:
+            return Flux2KleinPipeline._get_qwen3_prompt_embeds(
+                text_encoder=self.text_encoder, tokenizer=self.tokenizer, prompt=[prompt], dtype=self.dtype,
+                device=self.device, max_sequence_length=self.max_sequence_length,
+                hidden_states_layers=self.text_encoder_out_layers,
+            )
+
+        if self.prompt_cache is not None and self._text_fingerprint is None:
+            self._text_fingerprint = _weights_fingerprint(self.text_encoder)
+        settings = {"max_sequence_length": self.max_sequence_length, "layers": self.text_encoder_out_layers,
+                    "dtype": str(self.dtype), "device": str(self.device)}
+        embeds = cached_prompt(self.prompt_cache, self._text_fingerprint or "", prompt, settings, encode)
         return embeds, text_position_ids(embeds.shape[1])
 
     def prepare_references(self, references: Sequence[Any]) -> list[Image.Image]:
@@ -266,7 +276,7 @@ class SparseContextGenerator:
         conditioning = Conditioning(prompt_embeds, text_ids, negative, negative_ids, guidance_scale)
         timings["text"] = time.perf_counter() - clock
 
-        # 3. References: prepare as the VAE sees them, choose tokens, encode
+        # 3. References: prepare as the VAE sees them, choose tokens (the core encodes them when it needs to)
         clock = time.perf_counter()
         prepared = self.prepare_references(references) if len(references) else []
         grids = [(im.height // self.token_pixels, im.width // self.token_pixels) for im in prepared]
@@ -276,19 +286,6 @@ class SparseContextGenerator:
         if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
             selections = self._select(prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed)
         timings["selection"] = time.perf_counter() - clock
-
-        cache_key = None
-        cache_hit = False
-        if use_kv and self.kv_cache is not None and kv_state is None and prepared:
-            kept = selections if selections is not None else [np.arange(r * c) for r, c in grids]
-            cache_key = reference_key(self.model_fingerprint, [array_digest(im) for im in prepared], kept)
-            kv_state = self.kv_cache.get(cache_key)
-            cache_hit = kv_state is not None
-
-        clock = time.perf_counter()
-        if reference_latents is None and kv_state is None:
-            reference_latents = [self.encode_reference(im) for im in prepared]
-        timings["vae_encode"] = time.perf_counter() - clock
 
         # 4. Target latents (seeded on the CPU, as diffusers' randn_tensor does with a CPU generator)
         if prepared and height is None and width is None:
@@ -305,37 +302,29 @@ class SparseContextGenerator:
             latents = torch.randn((1, channels, rows, cols), generator=generator, dtype=prompt_embeds.dtype)
             latents = pack_grid(latents[0])[None]  # (1, rows*cols, C)
         latents = latents.to(self.device, prompt_embeds.dtype)
-        target_ids = grid_position_ids(rows, cols)
 
-        # 5. Pack kept reference tokens at their original positions
-        refs = ref_ids = None
-        ref_tokens = 0
-        available = sum(r * c for r, c in grids)
+        # 5. The generation core: reference cache, VAE encoding on a miss, packing, schedule, denoise
+        references_in = None
         if reference_latents is not None and len(reference_latents):
-            packed = pack_references(list(reference_latents), selections)
-            refs = packed.tokens[None].to(self.device, self.vae.dtype if self.vae is not None else self.dtype)
-            ref_ids = packed.position_ids
-            ref_tokens = packed.num_tokens
-        elif kv_state is not None:
-            ref_tokens = int(kv_state.num_ref_tokens)
-
-        # 6. Denoise
-        clock = time.perf_counter()
-        schedule = flow_match_schedule(num_steps, rows * cols, self.scheduler_config)
+            given = list(reference_latents)
+            references_in = References(tuple(grids), tuple(array_digest(_np(g)) for g in given), lambda: given)
+        elif prepared:
+            references_in = References(tuple(grids), tuple(array_digest(im) for im in prepared),
+                                       lambda: [self.encode_reference(im) for im in prepared])
         if self._numpy_backend:  # the text encoder and VAE stay in torch; the transformer backend takes numpy
-            latents, kv_state = denoise(self.backend, _np(latents), target_ids, _np_conditioning(conditioning),
-                                        schedule, _np(refs), ref_ids, use_kv=use_kv, kv_state=kv_state,
-                                        on_step=on_step)
-            latents = torch.from_numpy(np.asarray(latents, dtype=np.float32))
+            latents, conditioning, to_backend = _np(latents), _np_conditioning(conditioning), _np
         else:
-            latents, kv_state = denoise(self.backend, latents, target_ids, conditioning, schedule, refs, ref_ids,
-                                        use_kv=use_kv, kv_state=kv_state, on_step=on_step)
-        _synchronize(self.device)
-        timings["transformer"] = time.perf_counter() - clock
-        if hasattr(self.backend, "release_static"):  # device copies of this image's prompt, references, RoPE
-            self.backend.release_static()
-        if cache_key is not None and not cache_hit and kv_state is not None:
-            self.kv_cache.put(cache_key, kv_state, _kv_nbytes(kv_state))
+            ref_dtype = self.vae.dtype if self.vae is not None else self.dtype
+            to_backend = lambda tokens: tokens.to(self.device, ref_dtype)  # noqa: E731
+        core = generate_latents(
+            self.backend, latents, (rows, cols), conditioning, num_steps=num_steps,
+            scheduler_config=self.scheduler_config, references=references_in, selections=selections, use_kv=use_kv,
+            kv_state=kv_state, kv_cache=self.kv_cache, model_fingerprint=lambda: self.model_fingerprint,
+            to_backend=to_backend, synchronize=lambda: _synchronize(self.device), on_step=on_step)
+        timings.update(core.timings)
+        latents = core.latents
+        if self._numpy_backend:
+            latents = torch.from_numpy(np.asarray(latents, dtype=np.float32))
 
         # 7. Decode
         clock = time.perf_counter()
@@ -348,10 +337,9 @@ class SparseContextGenerator:
                 image = Image.fromarray((image * 255).round().astype("uint8"))
         timings["vae_decode"] = time.perf_counter() - clock
 
-        kept = [np.asarray(s, dtype=np.int64) for s in selections] if selections is not None else [
-            np.arange(r * c, dtype=np.int64) for r, c in grids]
-        return GenerationResult(image=image, latents=latents, ref_tokens=ref_tokens, ref_tokens_available=available,
-                                selections=kept, timings=timings, kv_state=kv_state, cache_hit=cache_hit)
+        return GenerationResult(image=image, latents=latents, ref_tokens=core.ref_tokens,
+                                ref_tokens_available=core.ref_tokens_available, selections=core.selections,
+                                timings=timings, kv_state=core.kv_state, cache_hit=core.cache_hit)
 
     def _select(self, prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed):
         from sparse_context.runtime.selection import select_references
@@ -386,11 +374,12 @@ def _np_conditioning(conditioning: Conditioning) -> Conditioning:
                         conditioning.negative_text_ids, conditioning.guidance_scale)
 
 
-def _kv_nbytes(kv_state: Any) -> int:
-    if hasattr(kv_state, "nbytes"):
-        return int(kv_state.nbytes)  # engine backends: the pooled buffers the state holds
-    layers = list(kv_state.double_block_caches) + list(kv_state.single_block_caches)
-    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.k_ref, layer.v_ref) if t is not None)
+def _weights_fingerprint(model: torch.nn.Module) -> str:
+    with torch.no_grad():
+        samples = ((name, parameter.detach().reshape(-1)[:FINGERPRINT_SAMPLE].float().cpu().numpy())
+                   for name, parameter in model.named_parameters())
+        config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)  # transformers
+        return weights_fingerprint(config, samples)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -6,31 +6,13 @@ depend on the prompt, the noise or the step (NOTES §2). Bounded by a byte cap w
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from sparse_context.runtime.errors import InputError, bad_value
-
-
-def array_digest(array: Any) -> str:
-    """sha256 of an array's dtype, shape and bytes (numpy, PIL images via np.asarray, or CPU torch tensors)."""
-    values = np.ascontiguousarray(np.asarray(array))
-    digest = hashlib.sha256(f"{values.dtype.str}{values.shape}".encode())
-    digest.update(values.tobytes())
-    return digest.hexdigest()
-
-
-def reference_key(model_fingerprint: str, reference_digests: Sequence[str], selections: Sequence[np.ndarray]) -> str:
-    """Cache key of one set of references: the model, each prepared reference, and the kept token indices."""
-    digest = hashlib.sha256(model_fingerprint.encode())
-    for index, (reference, kept) in enumerate(zip(reference_digests, selections, strict=True)):
-        digest.update(f"|{index}:{reference}:".encode())
-        digest.update(np.ascontiguousarray(np.asarray(kept, dtype=np.int64)).tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -42,12 +24,14 @@ class CacheStats:
     entries: int = 0
 
 
-class ReferenceKVCache:
-    """LRU map from :func:`reference_key` to a backend's K/V state, holding at most ``max_bytes``."""
+class ByteCappedLRU:
+    """LRU map from a string key to a value of a stated size, holding at most ``max_bytes``."""
+
+    what = "cache size"  # for the error on a bad cap
 
     def __init__(self, max_bytes: int):
-        if not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
-            raise InputError(bad_value("reference cache size", max_bytes, "a byte count >= 0", "--kv-cache-mb"))
+        if not isinstance(max_bytes, (int, np.integer)) or isinstance(max_bytes, bool) or max_bytes < 0:
+            raise InputError(bad_value(self.what, max_bytes, "a byte count >= 0"))
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self.stats = CacheStats()
@@ -61,8 +45,8 @@ class ReferenceKVCache:
         self.stats.hits += 1
         return entry[0]
 
-    def put(self, key: str, state: Any, nbytes: int) -> bool:
-        """Store ``state``; evict least-recently-used entries to fit. A state larger than the cap is not kept."""
+    def put(self, key: str, value: Any, nbytes: int) -> bool:
+        """Store ``value``; evict least-recently-used entries to fit. A value larger than the cap is not kept."""
         if key in self._entries:
             self.stats.bytes -= self._entries.pop(key)[1]
         if nbytes > self.max_bytes:
@@ -72,7 +56,7 @@ class ReferenceKVCache:
             _, (_, freed) = self._entries.popitem(last=False)
             self.stats.bytes -= freed
             self.stats.evictions += 1
-        self._entries[key] = (state, int(nbytes))
+        self._entries[key] = (value, int(nbytes))
         self.stats.bytes += int(nbytes)
         self._sync()
         return True
@@ -90,3 +74,10 @@ class ReferenceKVCache:
 
     def _sync(self) -> None:
         self.stats.entries = len(self._entries)
+
+
+class ReferenceKVCache(ByteCappedLRU):
+    """Reference K/V states (a backend's ``kv_state``) keyed by :func:`~sparse_context.runtime.fingerprints.
+    reference_key`."""
+
+    what = "reference K/V cache size"

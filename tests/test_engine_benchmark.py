@@ -139,7 +139,7 @@ def test_row_order_and_budget_decisions():
 
 
 def test_backend_gets_the_bucket_plan_of_the_run(monkeypatch):
-    import sparse_context.export.ort_backend as ort_backend
+    import sparse_context.engines.ort.backend as ort_backend
 
     calls = []
 

@@ -41,7 +41,7 @@ def conditioning(tiny_model_dir):
 def test_runtime_equals_pytorch_generator(engines_dir, conditioning, settings):
     import torch
 
-    from sparse_context.runtime.engine_runtime import EngineRuntime
+    from sparse_context.engines.runtime import EngineRuntime
 
     generator, embeds, grids, prepared, noise = conditioning
     runtime = EngineRuntime.from_engines(engines_dir)
@@ -56,7 +56,7 @@ def test_runtime_equals_pytorch_generator(engines_dir, conditioning, settings):
 
 
 def test_persistent_cache_second_call(engines_dir, conditioning):
-    from sparse_context.runtime.engine_runtime import EngineRuntime
+    from sparse_context.engines.runtime import EngineRuntime
     from sparse_context.runtime.kv_cache import ReferenceKVCache
 
     _, embeds, grids, prepared, noise = conditioning
@@ -77,7 +77,7 @@ def test_runtime_runs_without_torch(engines_dir):
         import sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         import numpy as np
-        from sparse_context.runtime.engine_runtime import EngineRuntime
+        from sparse_context.engines.runtime import EngineRuntime
         runtime = EngineRuntime.from_engines({str(engines_dir)!r})
         rng = np.random.default_rng(0)
         embeds = rng.standard_normal((1, 64, runtime.backend.dims.text_dim)).astype(np.float32)
@@ -94,7 +94,7 @@ def test_runtime_runs_without_torch(engines_dir):
 
 
 def test_runtime_input_errors(engines_dir):
-    from sparse_context.runtime.engine_runtime import EngineRuntime, read_model_settings
+    from sparse_context.engines.runtime import EngineRuntime, read_model_settings
     from sparse_context.runtime.errors import InputError, ModelLoadError
 
     runtime = EngineRuntime.from_engines(engines_dir)

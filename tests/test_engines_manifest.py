@@ -15,7 +15,7 @@ from sparse_context.engines.manifest import (
     read_manifest, recipe_sha256, release, sha256_file, verify_engine,
 )
 from sparse_context.engines.profiles import engine_profiles
-from sparse_context.engines.trt_build import save_engine
+from sparse_context.engines.trt.loader import save_engine
 
 PLAN = BucketPlan(keep_fractions=(0.10, 1.0), max_refs=2)
 PROFILES = engine_profiles(PLAN, "kv", {"refs": (1, "ref_tokens", 128), "cached_keys": (2, 1, "cached_tokens", 64)})
@@ -182,7 +182,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
 
 def test_manifest_written_after_engine(tmp_path, monkeypatch):
     # If the engine write fails, no manifest may claim an engine exists.
-    import sparse_context.engines.trt_build as trt_build
+    import sparse_context.engines.trt.loader as trt_build
 
     def fail(*_):
         raise OSError("disk full")

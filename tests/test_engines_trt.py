@@ -13,20 +13,20 @@ import types
 import numpy as np
 import pytest
 
-from sparse_context.engines import trt_build
+from sparse_context.engines.trt import loader as trt_build
 from sparse_context.engines.buckets import BucketPlan
-from sparse_context.engines.cuda_memory import DeviceInfo
+from sparse_context.engines.trt.memory import DeviceInfo
 from sparse_context.engines.errors import (
     BuildOptionError, EngineBuildError, EngineCorruptError, EngineMismatchError, ProfileError, RunnerError,
     TensorRTUnavailableError,
 )
 from sparse_context.engines.manifest import EngineManifest
 from sparse_context.engines.profiles import Profile
-from sparse_context.engines.trt_build import (
+from sparse_context.engines.trt.loader import (
     BuildProgress, ParsedNetwork, _logger_class, _progress_class, add_profiles, builder_config, check_build_flags,
     engine_bytes_from_network, import_tensorrt, network_from_onnx_path, save_engine,
 )
-from sparse_context.engines.trt_runner import TrtRunner
+from sparse_context.engines.trt.runner import TrtRunner
 
 
 class Recorder:
@@ -249,7 +249,7 @@ def tiny_matmul_onnx(path, weight):
 def test_tiny_engine_matches_onnxruntime(tmp_path):
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install .[tensorrt])")
     ort = pytest.importorskip("onnxruntime", reason="the reference output needs onnxruntime")
-    from sparse_context.engines.cuda_memory import default_memory
+    from sparse_context.engines.trt.memory import default_memory
     from sparse_context.engines.profiles import engine_profiles
 
     try:

@@ -140,7 +140,7 @@ def _make_lora(model_dir: Path, path: Path, rank: int = 4) -> None:
 
 
 def test_lora_merged_export_equals_pytorch_with_lora(tiny_model_dir, tmp_path):
-    from sparse_context.export.validate import validate_export
+    from sparse_context.reference.validate import validate_export
 
     lora = tmp_path / "lora" / "style.safetensors"
     lora.parent.mkdir()
@@ -188,19 +188,20 @@ def test_bad_model_folder_and_exporter_failure(tiny_model_dir, tmp_path, monkeyp
 
 
 def test_ort_backend_and_manifest_errors(full_export, tmp_path):
+    from sparse_context.engines.errors import BackendOptionError
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
     from sparse_context.export.exporter import load_manifest
-    from sparse_context.export.ort_backend import OrtTransformerBackend
 
-    with pytest.raises(ExportConfigError, match="a full graph, a KV graph or both"):
+    with pytest.raises(BackendOptionError, match="a full graph, a KV graph or both"):
         OrtTransformerBackend()
-    with pytest.raises(ExportConfigError, match="an export of the kv graph"):
+    with pytest.raises(BackendOptionError, match="an export of the kv graph"):
         OrtTransformerBackend(kv=full_export.path)
     with pytest.raises(ExportError, match="manifest.json"):
         OrtTransformerBackend(full=tmp_path / "model.onnx")
     with pytest.raises(ExportError, match="manifest.json"):
         load_manifest(tmp_path)
     backend = OrtTransformerBackend(full=full_export.path.parent)
-    with pytest.raises(ExportConfigError, match="--graph kv"):
+    with pytest.raises(BackendOptionError, match="--graph kv"):
         backend.kv_cached(None, None, None, None, None, np.float32(0.5))
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript")
 torch = pytest.importorskip("torch")
 
 from sparse_context.export.exporter import ExportOptions, export_onnx  # noqa: E402
-from sparse_context.export.validate import validate_export  # noqa: E402
+from sparse_context.reference.validate import validate_export  # noqa: E402
 
 TARGET_SIZES = ((64, 48), (32, 32))  # 12 and 4 tokens
 MAX_REF_TOKENS = 40
@@ -106,7 +106,7 @@ def test_rerun_reuses_cached_export(tiny_model_dir, out_dir, full_export):
 
 
 def test_one_kv_session_serves_extract_and_cached_steps(kv_export, torch_transformer):
-    from sparse_context.export.ort_backend import OrtTransformerBackend
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
     from sparse_context.reference.torch_backend import TorchTransformerBackend
     from sparse_context.runtime.tokens import grid_position_ids, text_position_ids
 
@@ -132,7 +132,7 @@ def test_one_kv_session_serves_extract_and_cached_steps(kv_export, torch_transfo
 @pytest.mark.parametrize("mode", ["dense", "sparse", "sparse_kv"])
 def test_tiny_generation_on_ort_equals_pytorch_generator(tiny_generator, full_export, kv_export, mode):
     """runtime.sampler.denoise on onnxruntime equals SparseContextGenerator's latents (atol 1e-4)."""
-    from sparse_context.export.ort_backend import OrtTransformerBackend
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
     from sparse_context.runtime.packing import pack_grid, pack_references
     from sparse_context.runtime.sampler import Conditioning, denoise
     from sparse_context.runtime.schedule import flow_match_schedule

@@ -95,3 +95,24 @@ def test_speed_benchmark_writes_json_and_plot(tmp_path):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(InputError, match="--config"):
         benchmark_speed(config="klein-99b")
+
+
+def test_prompt_embedding_cache_skips_the_text_encoder(tiny_generator):
+    """A cached prompt comes back as the very tensor encoded the first time; images do not change."""
+    from sparse_context.reference.generator import SparseContextGenerator
+    from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
+
+    g = tiny_generator
+    cached = SparseContextGenerator(g.transformer, vae=g.vae, text_encoder=g.text_encoder, tokenizer=g.tokenizer,
+                                    scheduler_config=g.scheduler_config, is_distilled=g.is_distilled,
+                                    text_encoder_out_layers=g.text_encoder_out_layers,
+                                    max_sequence_length=g.max_sequence_length,
+                                    prompt_cache=PromptEmbeddingCache(64 << 20))
+    first, _ = cached.encode_prompt("a red bicycle")
+    again, _ = cached.encode_prompt("a red bicycle")
+    other, _ = cached.encode_prompt("a blue bicycle")
+    assert again is first and other is not first and cached.prompt_cache.stats.hits == 1
+    kwargs = dict(num_steps=2, seed=0, output_type="latent", height=64, width=64)
+    ours = cached.generate("a red bicycle", **kwargs).image
+    assert cached.prompt_cache.stats.hits == 2
+    torch.testing.assert_close(ours, g.generate("a red bicycle", **kwargs).image, atol=0, rtol=0)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from sparse_context.runtime.errors import InputError
-from sparse_context.runtime.kv_cache import ReferenceKVCache, array_digest, reference_key
+from sparse_context.runtime.fingerprints import array_digest, reference_key
+from sparse_context.runtime.kv_cache import ReferenceKVCache
 
 
 def test_key_depends_on_model_references_and_selection():
@@ -34,7 +35,7 @@ def test_lru_eviction_under_byte_cap():
 
 
 def test_bad_cap():
-    with pytest.raises(InputError, match="--kv-cache-mb"):
+    with pytest.raises(InputError, match="reference K/V cache size"):
         ReferenceKVCache(-1)
 
 

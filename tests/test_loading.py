@@ -61,8 +61,8 @@ def test_merged_lora_equals_diffusers_lora(tiny_model_dir, lora_file):
     """Our merge (W + alpha/r * B A) equals diffusers' peft-backed LoRA at scale 1 and at scale 0.5."""
     from diffusers import Flux2KleinPipeline
 
-    from sparse_context.reference.loading import load_pipeline
-    from sparse_context.reference.lora import merge_lora
+    from sparse_context.export.loading import load_pipeline
+    from sparse_context.export.lora import merge_lora
 
     base = _velocity(load_pipeline(tiny_model_dir).transformer)
     for scale in (1.0, 0.5):
@@ -91,8 +91,8 @@ def test_generator_from_pretrained_with_lora(tiny_model_dir, lora_file):
 def test_lora_with_unknown_modules_is_refused(tiny_model_dir, tmp_path):
     from safetensors.torch import save_file
 
-    from sparse_context.reference.loading import load_pipeline
-    from sparse_context.reference.lora import merge_lora
+    from sparse_context.export.loading import load_pipeline
+    from sparse_context.export.lora import merge_lora
 
     path = tmp_path / "foreign.safetensors"
     save_file({"transformer.blocks.99.attn.to_q.lora_A.weight": torch.zeros(4, 64),
@@ -107,8 +107,8 @@ def test_lora_with_unknown_modules_is_refused(tiny_model_dir, tmp_path):
 def test_lora_with_wrong_shapes_is_refused(tiny_model_dir, tmp_path):
     from safetensors.torch import save_file
 
-    from sparse_context.reference.loading import load_pipeline
-    from sparse_context.reference.lora import merge_lora
+    from sparse_context.export.loading import load_pipeline
+    from sparse_context.export.lora import merge_lora
 
     path = tmp_path / "wrong.safetensors"
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 99),
@@ -118,15 +118,15 @@ def test_lora_with_wrong_shapes_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_missing_lora_file(tiny_model_dir, tmp_path):
-    from sparse_context.reference.loading import load_pipeline
-    from sparse_context.reference.lora import merge_lora
+    from sparse_context.export.loading import load_pipeline
+    from sparse_context.export.lora import merge_lora
 
     with pytest.raises(LoraError, match="--lora"):
         merge_lora(load_pipeline(tiny_model_dir).transformer, tmp_path / "nope.safetensors")
 
 
 def test_missing_model_folder(tmp_path):
-    from sparse_context.reference.loading import load_pipeline
+    from sparse_context.export.loading import load_pipeline
 
     with pytest.raises(ModelLoadError, match=r"model folder: got .*nope.*--model"):
         load_pipeline(tmp_path / "nope")
@@ -136,7 +136,7 @@ def test_missing_model_folder(tmp_path):
 
 
 def test_unsupported_pipeline_class(tiny_model_dir, tmp_path):
-    from sparse_context.reference.loading import load_pipeline
+    from sparse_context.export.loading import load_pipeline
 
     folder = tmp_path / "other"
     shutil.copytree(tiny_model_dir, folder)
@@ -163,7 +163,7 @@ def test_single_file_transformer(tiny_model_dir, tmp_path):
     """A single .safetensors transformer replaces the folder's one; a foreign file is refused."""
     from safetensors.torch import save_file
 
-    from sparse_context.reference.loading import load_pipeline, load_transformer_file
+    from sparse_context.export.loading import load_pipeline, load_transformer_file
 
     other = load_pipeline(tiny_model_dir).transformer
     with torch.no_grad():

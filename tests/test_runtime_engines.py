@@ -65,22 +65,22 @@ def test_build_engines_cli_demo_and_errors(tmp_path, capsys, monkeypatch):
 
 
 def test_engines_json_errors_name_the_fix(tmp_path):
-    from sparse_context.engines.errors import BuildOptionError, RunnerError
+    from sparse_context.engines.errors import BuildOptionError, EnginesIndexError
+    from sparse_context.engines.index import FORMAT_VERSION
     from sparse_context.reference.generator import SparseContextGenerator
 
-    (tmp_path / "engines.json").write_text(json.dumps({"backend": "trt", "graphs": {}}))
-    with pytest.raises(RunnerError, match="no recorded bucket plan.*--engines"):
-        SparseContextGenerator.from_engines(tmp_path)
-    (tmp_path / "engines.json").write_text(json.dumps({"backend": "tpu", "graphs": {}}))
+    (tmp_path / "engines.json").write_text(json.dumps({"format": FORMAT_VERSION, "backend": "tpu", "model_dir": "m",
+                                                       "precision": "fp32", "attention": "matmul", "plan": {},
+                                                       "graphs": {"kv": {}}}))
     with pytest.raises(BuildOptionError, match="'tpu'.*--backend"):
         SparseContextGenerator.from_engines(tmp_path)
-    with pytest.raises(BuildOptionError, match="engines.json written by build_engines.py"):
+    with pytest.raises(EnginesIndexError, match="engines.json written by build_engines.py.*--engines"):
         SparseContextGenerator.from_engines(tmp_path / "missing")
 
 
 def test_trt_progress_events_become_build_progress():
     from sparse_context.engines.build import _trt_progress
-    from sparse_context.engines.trt_build import BuildProgress
+    from sparse_context.engines.trt.loader import BuildProgress
 
     seen = []
     report = _trt_progress("kv", lambda stage, done, total: seen.append((stage, done, total)))
@@ -157,7 +157,7 @@ def test_kv_buffer_pool_with_buffers_of_different_sizes_idle():
 
 def test_host_io_mode_gives_the_same_result(engines_dir, reference_photos):
     """Host buffers (what a plain session.run does) and device buffers run the same graph: identical latents."""
-    from sparse_context.export.errors import ExportConfigError
+    from sparse_context.engines.errors import BackendOptionError
     from sparse_context.reference.generator import SparseContextGenerator
 
     ours = SparseContextGenerator.from_engines(engines_dir)
@@ -166,22 +166,70 @@ def test_host_io_mode_gives_the_same_result(engines_dir, reference_photos):
     ours.backend.set_io_device("cpu")
     host = ours.generate("a harbour", reference_photos, **kwargs).image.numpy()
     np.testing.assert_array_equal(device, host)
-    with pytest.raises(ExportConfigError, match="I/O device: got 'cuda'; allowed: cpu or cpu"):
+    with pytest.raises(BackendOptionError, match="I/O device: got 'cuda'; allowed: cpu or cpu"):
         ours.backend.set_io_device("cuda")
 
 
 def test_ort_backend_argument_errors(engines_dir):
-    from sparse_context.engines.build import read_engines
-    from sparse_context.export.errors import ExportConfigError
-    from sparse_context.export.ort_backend import OrtTransformerBackend
+    from sparse_context.engines.errors import BackendOptionError
+    from sparse_context.engines.index import EnginesIndex
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
 
-    kv = read_engines(engines_dir)["graphs"]["kv"]["onnx"]
-    with pytest.raises(ExportConfigError, match=r"execution providers: got \[\]; allowed: at least one"):
+    kv = EnginesIndex.read(engines_dir).graphs["kv"].onnx
+    with pytest.raises(BackendOptionError, match=r"execution providers: got \[\]; allowed: at least one"):
         OrtTransformerBackend(kv=kv, providers=())
-    with pytest.raises(ExportConfigError, match="execution provider: got 'ROCMExecutionProvider'"):
+    with pytest.raises(BackendOptionError, match="execution provider: got 'ROCMExecutionProvider'"):
         OrtTransformerBackend(kv=kv, providers=("ROCMExecutionProvider",))
     backend = OrtTransformerBackend(kv=kv)
-    with pytest.raises(ExportConfigError, match="kv_state: got 'tuple'.*EngineKVState"):
+    with pytest.raises(BackendOptionError, match="kv_state: got 'tuple'.*EngineKVState"):
         backend.kv_cached(np.zeros((1, 4, 128), np.float32), np.zeros((4, 4), np.int64), (None, None),
                           np.zeros((1, 64, backend.dims.text_dim), np.float32), np.zeros((64, 4), np.int64),
                           np.float32(0.5))
+
+
+def _build_flags() -> set[str]:
+    from sparse_context.build_engines import build_parser
+
+    return {flag for action in build_parser()._actions for flag in action.option_strings}
+
+
+def test_generate_with_engines_refuses_options_fixed_at_build_time(engines_dir, tmp_path, capsys):
+    """Every option the engines fixed is refused when it differs, in one error listing each with the
+    build_engines.py command that would build engines for it (and those commands name only real flags)."""
+    from sparse_context.cli import main
+
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"not read: the engines were built without a LoRA")
+    other_model = tmp_path / "other-model"
+    base = ["generate", "--engines", str(engines_dir), "--prompt", "x", "--out", str(tmp_path / "x.png")]
+    assert main(base + ["--lora", str(lora), "--dtype", "fp16", "--model", str(other_model),
+                        "--transformer", str(tmp_path / "t.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert f"--engines {engines_dir} fixes these options at build time" in error
+    for expected in ("--lora", "built without a LoRA", "--dtype fp16: the engines were built in fp32",
+                     f"--model {other_model}: the engines were built from", "--transformer",
+                     "without a transformer checkpoint"):
+        assert expected in error
+    commands = [line.split("build: ", 1)[1] for line in error.splitlines() if "build: " in line]
+    assert len(commands) == 4 and all(c.startswith("python build_engines.py ") for c in commands)
+    assert f"--lora {lora}" in commands[2] and "--precision fp16" in commands[3]
+    flags = _build_flags()
+    for command in commands:
+        assert {word for word in command.split() if word.startswith("--")} <= flags, command
+    assert main(base + ["--lora-scale", "0.5"]) == 2
+    assert "--lora-scale 0.5: the engines were built without a LoRA, so there is nothing to scale" in \
+        capsys.readouterr().err
+    assert main(base + ["--device", "cuda"]) == 2
+    assert "device: got 'cuda'; allowed: cpu: these engines were built for --backend ort-cpu" in \
+        capsys.readouterr().err
+
+
+def test_generate_with_engines_accepts_the_options_they_were_built_with(engines_dir, tiny_model_dir, tmp_path,
+                                                                        capsys):
+    from sparse_context.cli import main
+
+    out = tmp_path / "same.png"
+    assert main(["generate", "--engines", str(engines_dir), "--prompt", "x", "--model", str(tiny_model_dir),
+                 "--dtype", "fp32", "--device", "cpu", "--steps", "1", "--width", "64", "--height", "64",
+                 "--out", str(out)]) == 0
+    assert out.is_file() and "image:" in capsys.readouterr().out

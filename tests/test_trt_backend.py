@@ -26,9 +26,9 @@ ATOL = 1e-4
 def standin(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", make_module())
     memory = HostMemory()
-    monkeypatch.setattr("sparse_context.engines.cuda_memory.default_memory", lambda device=0: memory)
-    monkeypatch.setattr("sparse_context.engines.trt_backend.default_memory", lambda device=0: memory)
-    monkeypatch.setattr("sparse_context.engines.trt_runner.default_memory", lambda device=0: memory)
+    monkeypatch.setattr("sparse_context.engines.trt.memory.default_memory", lambda device=0: memory)
+    monkeypatch.setattr("sparse_context.engines.trt.backend.default_memory", lambda device=0: memory)
+    monkeypatch.setattr("sparse_context.engines.trt.runner.default_memory", lambda device=0: memory)
     return memory
 
 
@@ -39,7 +39,7 @@ def trt_engines_dir(tiny_model_dir, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "tensorrt", make_module())
-        patch.setattr("sparse_context.engines.cuda_memory.default_memory", lambda device=0: HostMemory())
+        patch.setattr("sparse_context.engines.trt.memory.default_memory", lambda device=0: HostMemory())
         out = tmp_path_factory.mktemp("trt-engines")
         plan = BucketPlan(keep_fractions=(0.1, 1.0), max_refs=3, ref_resolution=Resolution(256, 256),
                           target_resolutions=(Resolution(96, 96), Resolution(64, 64)), text_tokens=64).validate()
@@ -184,7 +184,7 @@ def test_real_tensorrt_generation_equals_pytorch(tiny_model_dir, tiny_generator,
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install .[tensorrt])")
     from sparse_context.engines.buckets import BucketPlan, Resolution
     from sparse_context.engines.build import BuildRequest, build_engines
-    from sparse_context.engines.cuda_memory import default_memory
+    from sparse_context.engines.trt.memory import default_memory
     from sparse_context.engines.errors import RunnerError, TensorRTUnavailableError
     from sparse_context.reference.generator import SparseContextGenerator
 
@@ -206,17 +206,21 @@ def test_real_tensorrt_generation_equals_pytorch(tiny_model_dir, tiny_generator,
 
 
 def _kv_only(engines_dir):
+    from sparse_context.engines.index import EnginesIndex
+
     engines = json.loads((engines_dir / "engines.json").read_text())
     engines["graphs"].pop("full")
-    return engines
+    return EnginesIndex.from_json(engines)
 
 
 def test_backend_errors_name_the_fix(standin, trt_engines_dir):
     from sparse_context.engines.errors import RunnerError
-    from sparse_context.engines.trt_backend import TrtTransformerBackend
+    from sparse_context.engines.index import EnginesIndex
+    from sparse_context.engines.trt.backend import TrtTransformerBackend
 
     engines = json.loads((trt_engines_dir / "engines.json").read_text())
-    no_engines = {**engines, "graphs": {graph: {**entry, "engine": None} for graph, entry in engines["graphs"].items()}}
+    no_engines = EnginesIndex.from_json({**engines, "graphs": {graph: {**entry, "engine": None}
+                                                               for graph, entry in engines["graphs"].items()}})
     with pytest.raises(RunnerError, match="TensorRT engines: got 'none in engines.json'.*--engines"):
         TrtTransformerBackend(no_engines, memory=standin)
     backend = TrtTransformerBackend(_kv_only(trt_engines_dir), memory=standin)
@@ -233,7 +237,7 @@ def test_backend_errors_name_the_fix(standin, trt_engines_dir):
 
 def test_runner_external_tensor_errors(standin, trt_engines_dir):
     from sparse_context.engines.errors import RunnerError
-    from sparse_context.engines.trt_runner import DeviceTensor, TrtRunner
+    from sparse_context.engines.trt.runner import DeviceTensor, TrtRunner
 
     engine = json.loads((trt_engines_dir / "engines.json").read_text())["graphs"]["kv"]["engine"]
     with pytest.raises(RunnerError, match=r"external tensors: got \['kv_cache'\]"):
@@ -257,3 +261,38 @@ def test_runner_external_tensor_errors(standin, trt_engines_dir):
         with pytest.raises(RunnerError, match=r"output 'ref_keys' of shape .* needs \d+ bytes; the buffer given "
                                               r"holds 8"):
             runner.infer(feed, 0, into=small)
+
+
+def test_fp16_engines_give_the_same_latents_on_both_backends(standin, tiny_model_dir, tmp_path):
+    """fp16 engines: the TensorRT backend (stand-in) and the onnxruntime backend run the same ONNX graphs with the
+    same feeds and the same Euler step, so they return identical velocities (float16) and identical latents."""
+    from sparse_context.engines.buckets import BucketPlan, Resolution
+    from sparse_context.engines.build import BuildRequest, build_engines
+    from sparse_context.engines.index import open_backend
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
+    from sparse_context.engines.runtime import EngineRuntime, read_model_settings
+
+    plan = BucketPlan(keep_fractions=(0.25, 1.0), max_refs=2, ref_resolution=Resolution(128, 128),
+                      target_resolutions=(Resolution(64, 64),), text_tokens=64).validate()
+    index = build_engines(BuildRequest(model_dir=tiny_model_dir, backend="trt", plan=plan, out_dir=tmp_path,
+                                       precision="fp16"))
+    trt = open_backend(index, memory=standin)
+    ort = OrtTransformerBackend(full=index.graphs["full"].onnx, kv=index.graphs["kv"].onnx, plan=index.plan)
+    scheduler, _ = read_model_settings(index.model_dir)
+    rng = np.random.default_rng(3)
+    embeds = rng.standard_normal((1, 64, trt.dims.text_dim)).astype(np.float32)
+    grids = [rng.standard_normal((trt.dims.in_channels, 8, 8)).astype(np.float32) for _ in range(2)]
+    for settings in (dict(keep_fraction=1.0), dict(keep_fraction=0.25), dict(keep_fraction=0.25, use_kv=True)):
+        kwargs = dict(height=64, width=64, num_steps=3, seed=1, strategy="uniform", **settings)
+        results = [EngineRuntime(backend, scheduler).generate_latents(embeds, grids, **kwargs)
+                   for backend in (trt, ort)]
+        assert results[0].ref_tokens == results[1].ref_tokens > 0
+        np.testing.assert_array_equal(results[0].latents, results[1].latents)
+    target, target_ids = np.zeros((1, 16, trt.dims.in_channels), np.float32), np.zeros((16, 4), np.int64)
+    text_ids = np.zeros((64, 4), np.int64)
+    velocities = [b.full(target, target_ids, None, None, embeds, text_ids, np.float32(0.5)) for b in (trt, ort)]
+    assert velocities[0].dtype == velocities[1].dtype == np.float16
+    steps = [b.euler_step(target, v, np.float32(-0.3)) for b, v in zip((trt, ort), velocities)]
+    assert steps[0].dtype == steps[1].dtype == np.float16
+    np.testing.assert_array_equal(steps[0], steps[1])
+    trt.close()

@@ -16,7 +16,7 @@ import types
 
 import numpy as np
 
-from sparse_context.engines.cuda_memory import DeviceInfo
+from sparse_context.engines.trt.memory import DeviceInfo
 
 VERSION = "10.3.0"
 TRT_TYPES = {1: "FLOAT", 10: "HALF", 7: "INT64", 6: "INT32"}  # ONNX elem_type -> TensorRT DataType name

@@ -2,9 +2,10 @@
 
 No torch anywhere on this path: an embedded application (or a Jetson) brings its own text encoder and VAE, or
 precomputed prompt embeddings and reference latents, and runs the transformer through the TensorRT or onnxruntime
-engines ``build_engines.py`` wrote. Token selection (OpenCV), packing, the flow-match schedule identical to
-diffusers', the denoising loop, the reference K/V reuse across steps and the persistent reference cache are the
-same code the PyTorch reference generator runs.
+engines ``build_engines.py`` wrote. Token selection (OpenCV) and the generation core
+(:func:`~sparse_context.runtime.core.generate_latents`: packing, the flow-match schedule identical to diffusers',
+the denoising loop, the reference K/V reuse across steps and the persistent reference cache) are the same code
+the PyTorch reference generator runs.
 
 Noise: with ``latents`` not given, the initial noise comes from numpy's generator for ``seed`` (diffusers draws
 with torch, so the same seed gives a different image than the pipelines; pass ``latents`` to match them).
@@ -12,7 +13,6 @@ with torch, so the same seed gives a different image than the pipelines; pass ``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,13 +21,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from sparse_context.engines.index import EnginesIndex, open_backend
+from sparse_context.runtime.core import References, engine_fingerprint, generate_latents
 from sparse_context.runtime.errors import InputError, ModelLoadError, bad_value
-from sparse_context.runtime.kv_cache import ReferenceKVCache, array_digest, reference_key
-from sparse_context.runtime.packing import pack_references
-from sparse_context.runtime.sampler import Conditioning, denoise
-from sparse_context.runtime.schedule import flow_match_schedule
+from sparse_context.runtime.fingerprints import array_digest
+from sparse_context.runtime.kv_cache import ReferenceKVCache
+from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
-    TOKEN_PIXELS, check_keep_fraction, check_reference_count, grid_position_ids, text_position_ids, token_grid,
+    TOKEN_PIXELS, check_keep_fraction, check_reference_count, text_position_ids, token_grid,
 )
 
 
@@ -57,25 +58,23 @@ def read_model_settings(model_dir: str | Path) -> tuple[dict[str, Any], bool]:
 
 class EngineRuntime:
     """Target latents from prompt embeddings and reference latents through any TransformerBackend with numpy
-    tensors (``engines.build.engine_backend``: TensorRT or onnxruntime)."""
+    tensors (:func:`~sparse_context.engines.index.open_backend`: TensorRT or onnxruntime)."""
 
     def __init__(self, backend: Any, scheduler_config: dict[str, Any] | None = None,
-                 kv_cache: ReferenceKVCache | None = None):
+                 kv_cache: ReferenceKVCache | None = None, index: EnginesIndex | None = None):
         self.backend = backend
         self.scheduler_config = dict(scheduler_config or {})
         self.kv_cache = kv_cache
-        manifests = getattr(backend, "manifests", {})
-        blob = json.dumps({g: m.get("onnx_sha256") for g, m in manifests.items()}, sort_keys=True)
-        self.model_fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+        self.index = index  # what the engines were built with, when they came from an engines folder
+        self.model_fingerprint = engine_fingerprint(backend)
 
     @classmethod
     def from_engines(cls, engines_dir: str | Path, kv_cache: ReferenceKVCache | None = None,
-                     memory: Any = None) -> EngineRuntime:
-        from sparse_context.engines.build import engine_backend, read_engines
-
-        engines = read_engines(engines_dir)
-        scheduler, _ = read_model_settings(engines["model_dir"])
-        return cls(engine_backend(engines, memory=memory), scheduler, kv_cache)
+                     memory: Any = None, device: str | None = None) -> EngineRuntime:
+        """``device``: ``cpu``, ``cuda`` or ``cuda:N``, checked against where the engines run."""
+        index = EnginesIndex.read(engines_dir)
+        scheduler, _ = read_model_settings(index.model_dir)
+        return cls(open_backend(index, memory=memory, device=device), scheduler, kv_cache, index)
 
     def generate_latents(
         self,
@@ -119,25 +118,7 @@ class EngineRuntime:
                                       seed)
         timings["selection"] = time.perf_counter() - clock
 
-        # 2. Reference K/V from the persistent cache, or the packed tokens
-        clock = time.perf_counter()
-        kept = [np.asarray(s, np.int64) for s in selections] if selections is not None else [
-            np.arange(g.shape[1] * g.shape[2], dtype=np.int64) for g in grids]
-        kv_state, cache_key, cache_hit = None, None, False
-        if use_kv and self.kv_cache is not None and grids:
-            cache_key = reference_key(self.model_fingerprint, [array_digest(g) for g in grids], kept)
-            kv_state = self.kv_cache.get(cache_key)
-            cache_hit = kv_state is not None
-        refs = ref_ids = None
-        ref_tokens = 0
-        if grids and kv_state is None:
-            packed = pack_references(grids, selections)
-            refs, ref_ids, ref_tokens = packed.tokens[None], packed.position_ids, packed.num_tokens
-        elif kv_state is not None:
-            ref_tokens = int(kv_state.num_ref_tokens)
-        timings["packing"] = time.perf_counter() - clock
-
-        # 3. Noise, schedule, denoise
+        # 2. Noise and prompt
         channels = self.backend.dims.in_channels
         if latents is None:
             noise = np.random.default_rng(int(seed)).standard_normal((1, rows * cols, channels))
@@ -150,19 +131,20 @@ class EngineRuntime:
         conditioning = Conditioning(embeds, text_position_ids(embeds.shape[1]), negative,
                                     None if negative is None else text_position_ids(negative.shape[1]),
                                     float(guidance_scale))
-        schedule = flow_match_schedule(num_steps, rows * cols, self.scheduler_config)
-        clock = time.perf_counter()
-        try:
-            latents, kv_state = denoise(self.backend, latents, grid_position_ids(rows, cols), conditioning, schedule,
-                                        refs, ref_ids, use_kv=use_kv, kv_state=kv_state, on_step=on_step)
-        finally:
-            if hasattr(self.backend, "release_static"):
-                self.backend.release_static()
-        timings["transformer"] = time.perf_counter() - clock
-        if cache_key is not None and not cache_hit and kv_state is not None:
-            self.kv_cache.put(cache_key, kv_state, int(kv_state.nbytes))
-        return RuntimeResult(np.asarray(latents, np.float32), (rows, cols), ref_tokens,
-                             sum(g.shape[1] * g.shape[2] for g in grids), kept, timings, kv_state, cache_hit)
+
+        # 3. The generation core: cache, packing, schedule, denoise
+        references = None
+        if grids:
+            references = References(tuple((g.shape[1], g.shape[2]) for g in grids),
+                                    tuple(array_digest(g) for g in grids), lambda: grids)
+        core = generate_latents(self.backend, latents, (rows, cols), conditioning, num_steps=num_steps,
+                                scheduler_config=self.scheduler_config, references=references,
+                                selections=selections, use_kv=use_kv, kv_cache=self.kv_cache,
+                                model_fingerprint=self.model_fingerprint, on_step=on_step)
+        timings.update(core.timings)
+        timings.pop("vae_encode", None)  # the latents were given: nothing was encoded
+        return RuntimeResult(np.asarray(core.latents, np.float32), (rows, cols), core.ref_tokens,
+                             core.ref_tokens_available, core.selections, timings, core.kv_state, core.cache_hit)
 
     @staticmethod
     def _select(images, grids, keep_fraction, token_count, strategy, allocation, seed) -> list[np.ndarray]:

@@ -90,7 +90,7 @@ def load_generator_parts(model_dir: str | Path, lora: str | Path | None = None, 
                          transformer_file: str | Path | None = None, dtype: torch.dtype = torch.float32,
                          device: str = "cpu", with_transformer: bool = True) -> dict[str, Any]:
     """Keyword arguments for ``SparseContextGenerator`` from a local folder (+ transformer file, + LoRA)."""
-    from sparse_context.reference.lora import merge_lora
+    from sparse_context.export.lora import merge_lora
 
     pipe = load_pipeline(model_dir, dtype, with_transformer=with_transformer)
     if transformer_file is not None:

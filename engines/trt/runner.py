@@ -13,11 +13,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from sparse_context.engines.cuda_memory import default_memory
+from sparse_context.engines.trt.memory import default_memory
 from sparse_context.engines.errors import EngineCorruptError, ProfileError, RunnerError
 from sparse_context.engines.manifest import EngineManifest, read_manifest, verify_engine
 from sparse_context.engines.profiles import Profile
-from sparse_context.engines.trt_build import logged_errors, import_tensorrt, make_logger
+from sparse_context.engines.trt.loader import logged_errors, import_tensorrt, make_logger
 from sparse_context.runtime.errors import bad_value
 
 

@@ -7,7 +7,6 @@ Keys or shapes that match nothing in the model are refused with the list of offe
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,9 @@ from typing import Any
 import torch
 
 from sparse_context.runtime.errors import LoraError, bad_value
+from sparse_context.runtime.fingerprints import file_sha256
 
 _PREFIX = "transformer."
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sparse_context.export.errors import ValidationError
-from sparse_context.export.ort_backend import OrtTransformerBackend, read_export_manifest
+from sparse_context.engines.ort.backend import OrtTransformerBackend
+from sparse_context.export.manifest import read_export_manifest
 from sparse_context.export.spec import (
     REF_TOKENS, TARGET_TOKENS, TEXT_TOKENS, build_spec, check_grid, ModelDims, sample_position_ids,
 )

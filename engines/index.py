@@ -1,0 +1,162 @@
+"""``engines.json``: what ``build_engines.py`` built (backend, precision, weights, LoRA, bucket plan, one entry per
+graph), read back into a frozen :class:`EnginesIndex` whose format version is checked before anything else, and
+the factory that opens the transformer backend it describes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from sparse_context.engines.buckets import BucketPlan
+from sparse_context.engines.errors import BuildOptionError, EnginesIndexError, ProfileError, rebuild_hint
+from sparse_context.engines.manifest import atomic_write_bytes
+from sparse_context.runtime.errors import bad_value
+
+ENGINES_FILE = "engines.json"
+FORMAT_VERSION = 2  # 2: records the LoRA and transformer checkpoint, so options fixed at build time can be checked
+BACKENDS = ("trt", "ort-cuda", "ort-trt", "ort-cpu")
+DEVICE_BY_BACKEND = {"trt": "cuda", "ort-cuda": "cuda", "ort-trt": "cuda", "ort-cpu": "cpu"}
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One exported graph and what was built from it."""
+
+    onnx: str
+    onnx_sha256: str
+    profiles: tuple[Mapping[str, Any], ...]  # Profile.to_json() of each optimization profile
+    reused_export: bool = False
+    engine: str | None = None  # the TensorRT engine (backend trt)
+    provider_options: Mapping[str, str] | None = None  # onnxruntime TensorRT EP options (backend ort-trt)
+
+    @classmethod
+    def from_json(cls, graph: str, data: Any) -> GraphEntry:
+        if not isinstance(data, Mapping):
+            raise EnginesIndexError(bad_value(f"{ENGINES_FILE} graph {graph!r}", type(data).__name__, "an object"))
+        _require(data, ("onnx", "onnx_sha256", "profiles"), f"graph {graph!r}")
+        return cls(onnx=str(data["onnx"]), onnx_sha256=str(data["onnx_sha256"]),
+                   profiles=tuple(dict(p) for p in data["profiles"]), reused_export=bool(data.get("reused_export")),
+                   engine=data.get("engine"), provider_options=data.get("provider_options"))
+
+    def to_json(self) -> dict[str, Any]:
+        entry = {"onnx": self.onnx, "onnx_sha256": self.onnx_sha256, "reused_export": self.reused_export,
+                 "profiles": [dict(p) for p in self.profiles]}
+        if self.engine is not None:
+            entry["engine"] = self.engine
+        if self.provider_options is not None:
+            entry["provider_options"] = dict(self.provider_options)
+        return entry
+
+
+@dataclass(frozen=True)
+class EnginesIndex:
+    """The contents of ``engines.json``. Everything here was fixed at build time."""
+
+    backend: str
+    model_dir: str
+    precision: str
+    attention: str
+    plan: BucketPlan
+    graphs: Mapping[str, GraphEntry]
+    providers: tuple[str, ...] = ()
+    lora: str | None = None
+    lora_sha256: str | None = None
+    lora_scale: float = 1.0
+    transformer_file: str | None = None
+    format: int = field(default=FORMAT_VERSION)
+
+    @property
+    def device(self) -> str:
+        """``"cuda"`` or ``"cpu"``: where these engines run."""
+        return DEVICE_BY_BACKEND[self.backend]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(plan=self.plan.to_json(), graphs={g: e.to_json() for g, e in self.graphs.items()},
+                    providers=list(self.providers), build_args=list(self.plan.build_args()))
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = ENGINES_FILE) -> EnginesIndex:
+        """Check the format version first, then every field; each problem names the file and the fix."""
+        if not isinstance(data, Mapping):
+            raise EnginesIndexError(bad_value(source, type(data).__name__, "a JSON object written by build_engines.py"))
+        version = data.get("format")
+        if version != FORMAT_VERSION:
+            raise EnginesIndexError(f"{source}: format {version!r}; this version reads format {FORMAT_VERSION}; "
+                                    f"{rebuild_hint(_recorded_args(data))}")
+        _require(data, ("backend", "model_dir", "precision", "attention", "plan", "graphs"), source)
+        if data["backend"] not in BACKENDS:
+            raise BuildOptionError(bad_value("engines backend", data["backend"], ", ".join(BACKENDS), "--backend"))
+        if not isinstance(data["graphs"], Mapping) or not data["graphs"]:
+            raise EnginesIndexError(bad_value(f"{source} graphs", data["graphs"], "at least one of full, kv"))
+        try:
+            plan = BucketPlan.from_json(data["plan"])
+        except ProfileError as error:
+            raise EnginesIndexError(f"{source}: {error}") from error
+        return cls(backend=data["backend"], model_dir=str(data["model_dir"]), precision=str(data["precision"]),
+                   attention=str(data["attention"]), plan=plan,
+                   graphs={g: GraphEntry.from_json(g, e) for g, e in data["graphs"].items()},
+                   providers=tuple(data.get("providers") or ()), lora=data.get("lora"),
+                   lora_sha256=data.get("lora_sha256"), lora_scale=float(data.get("lora_scale", 1.0)),
+                   transformer_file=data.get("transformer_file"), format=int(version))
+
+    @classmethod
+    def read(cls, engines_dir: str | Path) -> EnginesIndex:
+        path = Path(engines_dir) / ENGINES_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise EnginesIndexError(bad_value("engines folder", str(engines_dir), f"a folder with {ENGINES_FILE} "
+                                              "written by build_engines.py", "--engines")) from error
+        return cls.from_json(data, str(path))
+
+    def write(self, engines_dir: str | Path) -> Path:
+        path = Path(engines_dir) / ENGINES_FILE
+        atomic_write_bytes(path, json.dumps(self.to_json(), indent=2).encode())
+        return path
+
+
+def open_backend(index: EnginesIndex, memory: Any = None, device: str | None = None) -> Any:
+    """The transformer backend an index describes: TensorRT engines, or onnxruntime sessions with the recorded
+    providers (the TensorRT EP gets its per-bucket profiles and engine cache). ``device``: ``"cpu"``,
+    ``"cuda"`` or ``"cuda:N"``; it must be where the engines run (the GPU index is honoured)."""
+    device_id = check_device(index, device)
+    if index.backend == "trt":
+        from sparse_context.engines.trt.backend import TrtTransformerBackend
+
+        return TrtTransformerBackend(index, memory=memory, device=device_id)
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
+
+    providers: list[Any] = list(index.providers)
+    entry = index.graphs.get("kv", index.graphs.get("full"))
+    if entry.provider_options and providers and providers[0] == "TensorrtExecutionProvider":
+        providers[0] = (providers[0], dict(entry.provider_options))
+    full, kv = index.graphs.get("full"), index.graphs.get("kv")
+    return OrtTransformerBackend(full=full.onnx if full else None, kv=kv.onnx if kv else None, providers=providers,
+                                 plan=index.plan, strict_shapes=index.backend == "ort-trt", device_id=device_id)
+
+
+def check_device(index: EnginesIndex, device: str | None) -> int:
+    """The GPU index in ``device`` (0 if none given), after checking it names where the engines run."""
+    if device is None:
+        return 0
+    kind, _, number = str(device).partition(":")
+    if kind != index.device or (number and not number.isdigit()) or (kind == "cpu" and number):
+        allowed = "cpu" if index.device == "cpu" else "cuda or cuda:N"
+        raise BuildOptionError(bad_value("device", device, f"{allowed}: these engines were built for "
+                                         f"--backend {index.backend}, which runs on {index.device}", "--device"))
+    return int(number or 0)
+
+
+def _require(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise EnginesIndexError(f"{where}: missing {', '.join(missing)}; {rebuild_hint(_recorded_args(data))}")
+
+
+def _recorded_args(data: Mapping[str, Any]) -> tuple[str, ...]:
+    args = data.get("build_args") if isinstance(data, Mapping) else None
+    return tuple(str(a) for a in args) if isinstance(args, list) else ()

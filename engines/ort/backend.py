@@ -1,0 +1,218 @@
+"""onnxruntime behind the sampler's :class:`~sparse_context.runtime.sampler.TransformerBackend` protocol.
+
+Tensors are numpy arrays; the inputs of each call come from :class:`~sparse_context.engines.feeds.FeedBuilder`
+(shared with the TensorRT backend) and the Euler step is :func:`~sparse_context.runtime.schedule.euler_step`, so
+both backends give the same latents in every precision. One session of the KV graph serves both extract and
+cached steps, so the weights are held once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sparse_context.engines.errors import BackendOptionError
+from sparse_context.engines.feeds import KV_INPUTS, KV_OUTPUTS, STATIC_ENTRIES, CallFeed, Empty, FeedBuilder
+from sparse_context.engines.ort.loader import (
+    graph_exports, import_onnxruntime, providers_device, session_from_onnx, with_default_options,
+)
+from sparse_context.export.spec import NUMPY_DTYPES, ModelDims
+from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.kv_buffers import EngineKVState, KVBufferPool
+from sparse_context.runtime.memo import IdentityMemo
+from sparse_context.runtime.schedule import euler_step
+
+
+class OrtTransformerBackend:
+    """Runs the exported full and/or KV graph with onnxruntime through I/O binding.
+
+    Inputs that do not change across the denoising steps (prompt embeddings, packed references, RoPE tables) are
+    copied to the session's device once per generation; only the target latents and the timestep travel per step.
+    Reference K/V live in :class:`~sparse_context.runtime.kv_buffers.KVBufferPool` buffers sized at the request's
+    bucket maximum: the extract step writes them in place and cached steps read them in place. The same code runs
+    on the CPU EP (CI) and the CUDA / TensorRT EPs (device buffers).
+
+    ``plan``: the bucket plan the engines were built for; each call then maps to exactly one bucket (else a
+    ProfileError saying what to rebuild) and ``strict_shapes`` also checks target and text lengths (TensorRT EP).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, full: str | Path | None = None, kv: str | Path | None = None,
+                 providers: Sequence[Any] = ("CPUExecutionProvider",), session_options: Any = None, *,
+                 plan: Any = None, strict_shapes: bool = False, device_id: int = 0):
+        self._ort = import_onnxruntime()
+        self.device = providers_device(providers)
+        self.device_id = int(device_id)
+        providers = with_default_options(providers, self.device_id)
+        exports = graph_exports(full, kv)
+        self.manifests = {graph: manifest for graph, (_, manifest) in exports.items()}
+        self.sessions = {graph: session_from_onnx(path, providers, session_options)
+                         for graph, (path, _) in exports.items()}
+        manifest = next(iter(self.manifests.values()))
+        weights = {(m["base_weights_sha256"][:12], (m.get("lora") or {}).get("sha256"))
+                   for m in self.manifests.values()}
+        if len(weights) > 1:
+            raise BackendOptionError(bad_value("full and KV graphs", sorted(weights, key=str),
+                                               "exports of the same weights and LoRA"))
+        if len({m["precision"] for m in self.manifests.values()}) > 1:
+            raise BackendOptionError(bad_value("full and KV graphs", "different precisions", "one precision"))
+        self.precision = manifest["precision"]
+        self.dtype = NUMPY_DTYPES[self.precision]
+        if self.dtype is None:
+            raise BackendOptionError(bad_value("precision of the ONNX export", self.precision, "fp32 or fp16 "
+                                               "(numpy has no bfloat16 for the host side of the runtime)",
+                                               "--precision"))
+        self.dims = ModelDims.from_config(manifest["model_config"])
+        self.feeds = FeedBuilder(self.dims, self.dtype)
+        self.selector = None
+        if plan is not None:
+            from sparse_context.engines.profiles import ProfileSelector
+
+            self.selector = ProfileSelector(plan, strict_shapes=strict_shapes)
+        self.static = IdentityMemo(STATIC_ENTRIES)
+        self._pools: dict[str, KVBufferPool] = {}
+        self._scratches: dict[str, Any] = {}
+        self.io_device = self.device
+
+    def set_io_device(self, device: str) -> None:
+        """Where inputs, outputs and K/V buffers live: the session's device (the default: I/O binding of device
+        buffers), or ``"cpu"``, which makes onnxruntime copy every input in and every output out on each call, as
+        a plain ``session.run`` does. The benchmark times both to show what device buffers buy."""
+        if device not in ("cpu", self.device):
+            raise BackendOptionError(bad_value("I/O device", device, f"cpu or {self.device}"))
+        self.static.clear()
+        self.io_device = device
+
+    @property
+    def kv_pool(self) -> KVBufferPool:
+        """The K/V buffer pool of the current I/O device."""
+        if self.io_device not in self._pools:
+            d = self.dims
+            token_bytes = d.num_layers * d.heads * d.head_dim * np.dtype(self.dtype).itemsize
+            self._pools[self.io_device] = KVBufferPool(self._allocate, token_bytes)
+        return self._pools[self.io_device]
+
+    @property
+    def _scratch(self) -> Any:
+        """A small buffer whose address zero-token tensors are bound to."""
+        if self.io_device not in self._scratches:
+            self._scratches[self.io_device] = self._allocate(64)
+        return self._scratches[self.io_device]
+
+    # -- device memory -------------------------------------------------------------------------------------------
+
+    def _allocate(self, nbytes: int) -> Any:
+        if self.io_device == "cpu":
+            return np.empty(int(nbytes), np.uint8)
+        return self._ort.OrtValue.ortvalue_from_shape_and_type([int(nbytes)], np.uint8, self.io_device,
+                                                               self.device_id)
+
+    def _pointer(self, buffer: Any) -> int:
+        return int(buffer.ctypes.data) if isinstance(buffer, np.ndarray) else int(buffer.data_ptr())
+
+    def _read(self, buffer: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """A host array of the first ``shape`` elements of a buffer: a view on CPU, a copy from a GPU."""
+        host = buffer if isinstance(buffer, np.ndarray) else buffer.numpy()
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(host, dtype=self.dtype, count=count).reshape(shape)
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.io_device, self.device_id)
+
+    def release_static(self) -> None:
+        """Drop this generation's static inputs and their device copies (the generation core calls this after
+        each image)."""
+        self.feeds.clear()
+        self.static.clear()
+
+    # -- binding ---------------------------------------------------------------------------------------------
+
+    def _session(self, graph: str) -> Any:
+        if graph not in self.sessions:
+            raise BackendOptionError(bad_value("ONNX graphs loaded", sorted(self.sessions), f"the {graph} graph for "
+                                               "this call (export it with --graph " + graph + ")"))
+        return self.sessions[graph]
+
+    def _choose(self, graph: str, step: str, ref_tokens: int, target: Any, text: Any) -> Any:
+        if self.selector is None:
+            return None
+        return self.selector.choose(graph, step, ref_tokens, int(np.shape(target)[1]), int(np.shape(text)[1]))
+
+    def _bind_feed(self, binding: Any, feed: CallFeed) -> None:
+        binding.bind_output("velocity", self.io_device, self.device_id)  # first: _run reads output 0
+        scratch = self._pointer(self._scratch)
+        for name, value in feed.inputs.items():
+            if isinstance(value, Empty):
+                binding.bind_input(name, self.io_device, self.device_id, value.dtype, list(value.shape), scratch)
+            elif name in feed.static:  # one device copy per host array, which stays the same all generation
+                binding.bind_ortvalue_input(name, self.static.get(name, (value,), lambda v=value: self._to_device(v)))
+            else:
+                binding.bind_ortvalue_input(name, self._to_device(value))
+
+    def _bind_pointer(self, binding: Any, name: str, pointer: int, shape: tuple[int, ...],
+                      output: bool = False) -> None:
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, self.io_device, self.device_id, self.dtype, list(shape), pointer)
+
+    def _run(self, session: Any, binding: Any) -> np.ndarray:
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()  # only the velocity comes to the host; K/V stay in place
+
+    def run_kv(self, target, target_ids, refs, ref_ids, text, text_ids, timestep, cached: Any = None,
+               into: Any = None) -> np.ndarray:
+        """One call of the KV graph: new references ``refs`` (may be 0 tokens) written into the buffers ``into``
+        (a :class:`KVBuffers`), plus the K/V of ``cached`` (an :class:`EngineKVState`) read in place."""
+        session = self._session("kv")
+        feed = self.feeds.kv(target, target_ids, refs, ref_ids, text, text_ids, timestep)
+        if into is None and feed.ref_tokens:
+            raise BackendOptionError("run_kv: new reference K/V need buffers (`into`)")
+        binding = session.io_binding()
+        self._bind_feed(binding, feed)
+        for name, which in zip(KV_INPUTS, ("keys", "values")):
+            if cached is None:
+                self._bind_pointer(binding, name, self._pointer(self._scratch), self.feeds.kv_shape(0))
+            else:
+                self._bind_pointer(binding, name, self._pointer(getattr(cached.buffers, which)),
+                                   self.feeds.kv_shape(cached.num_ref_tokens))
+        for name, which in zip(KV_OUTPUTS, ("keys", "values")):
+            pointer = self._pointer(self._scratch if into is None else getattr(into, which))
+            self._bind_pointer(binding, name, pointer, self.feeds.kv_shape(feed.ref_tokens), output=True)
+        return self._run(session, binding)
+
+    # -- TransformerBackend ----------------------------------------------------------------------------------
+
+    def full(self, target, target_ids, refs, ref_ids, text, text_ids, timestep):
+        num_refs = 0 if refs is None or ref_ids is None else int(ref_ids.shape[0])
+        if "full" not in self.sessions and num_refs == 0:
+            # Without references the KV graph computes the dense forward: no need for a second engine.
+            self._choose("kv", "extract", 0, target, text)
+            return self.run_kv(target, target_ids, None, None, text, text_ids, timestep)
+        self._choose("full", "full", num_refs, target, text)
+        session = self._session("full")
+        binding = session.io_binding()
+        self._bind_feed(binding, self.feeds.full(target, target_ids, refs, ref_ids, text, text_ids, timestep))
+        return self._run(session, binding)
+
+    def kv_extract(self, target, target_ids, refs, ref_ids, text, text_ids, timestep):
+        self._session("kv")
+        num_refs = int(ref_ids.shape[0])
+        choice = self._choose("kv", "extract", num_refs, target, text)
+        buffers = self.kv_pool.acquire(choice.bucket.max_ref_tokens if choice is not None else num_refs)
+        velocity = self.run_kv(target, target_ids, refs, ref_ids, text, text_ids, timestep, into=buffers)
+        state = EngineKVState(buffers, self.feeds.kv_shape(num_refs), self.dtype, self._read)
+        self.kv_pool.track(state, buffers)
+        return velocity, state
+
+    def kv_cached(self, target, target_ids, kv_state, text, text_ids, timestep):
+        self._session("kv")  # fail with the flag to change before touching the arguments
+        if not isinstance(kv_state, EngineKVState):
+            raise BackendOptionError(bad_value("kv_state", type(kv_state).__name__, "a state from this backend's "
+                                               "kv_extract (EngineKVState)"))
+        self._choose("kv", "cached", kv_state.num_ref_tokens, target, text)
+        return self.run_kv(target, target_ids, None, None, text, text_ids, timestep, cached=kv_state)
+
+    def euler_step(self, latents, velocity, delta):
+        return euler_step(latents, velocity, delta)
