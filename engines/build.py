@@ -27,7 +27,10 @@ FLAG_GRAPHS = "--graphs"
 FLAG_OUT = "--out"
 # TensorRT (and its onnxruntime EP) fuse MatMul-Softmax-MatMul and parse opset <= 20 on Jetson (TensorRT 10.3);
 # onnxruntime's CUDA EP needs the fused opset-23 Attention op to be fast and right at long sequences (NOTES §3b).
-ATTENTION_BY_BACKEND = {"trt": "matmul", "ort-trt": "matmul", "ort-cuda": "fused", "ort-cpu": "matmul"}
+# onnxruntime CUDA runs its contrib MultiHeadAttention (flash kernels): on an H200 at klein-9b width it measured
+# 0.94-1.05x PyTorch eager per row at full depth (extrapolated from 2 depths), the ONNX Attention op 1.19-1.34x
+# (`sparse-context bench gpu`, reference/measured/). TensorRT parses neither: MatMul-Softmax-MatMul, which it fuses.
+ATTENTION_BY_BACKEND = {"trt": "matmul", "ort-trt": "matmul", "ort-cuda": "mha", "ort-cpu": "matmul"}
 
 
 @dataclass(frozen=True)

@@ -418,8 +418,8 @@ class _Check:
         import onnxruntime as ort
 
         from sparse_context.engines.buckets import BucketPlan, Resolution
-        from sparse_context.engines.build import PROVIDERS
-        from sparse_context.export.ort_backend import OrtTransformerBackend
+        from sparse_context.engines.ort.loader import PROVIDERS
+        from sparse_context.engines.ort.backend import OrtTransformerBackend
 
         options = self.options
         profile_dir = options.work / "profiles" / name
