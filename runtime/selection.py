@@ -201,13 +201,15 @@ def mask_importance(mask: np.ndarray | None, image_hw: tuple[int, int], grid: tu
         raise SelectionError(bad_value("importance mask dtype", str(values.dtype), "bool, integer or float", "--mask"))
     if values.shape not in (tuple(image_hw), (rows, cols)):
         raise SelectionError(bad_value("importance mask shape", values.shape, allowed_shapes, "--mask"))
-    values = values.astype(np.float32)
-    finite = np.isfinite(values)
-    if not finite.all() or float(values.min()) < 0:
+    values = values.astype(np.float32, copy=False)  # a float32 mask at 1024^2 is 4 MB: not copied to be read
+    low, high = float(values.min()), float(values.max())  # NaN propagates into both, -inf/+inf into one
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
+        finite = np.isfinite(values)
         span = f"finite range [{values[finite].min()}, {values[finite].max()}]" if finite.any() else "no finite values"
         raise SelectionError(bad_value("importance mask values", f"{span}, {int((~finite).sum())} NaN or infinite",
                                        "non-negative finite values", "--mask"))
-    return values if values.shape == (rows, cols) else _pool(values, grid)
+    # A token-grid mask is copied: the result is made read-only and must not be the caller's array.
+    return values.copy() if values.shape == (rows, cols) else _pool(values, grid)
 
 
 def _pool(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
