@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    bench.add_argument("--threads", type=int, default=1, help="OpenCV threads for `select`'s per-reference timing")
+    bench.add_argument("--threads", type=int, default=1,
+                       help="OpenCV threads for `select`'s per-reference timing")
     bench.add_argument(GENERATION_FLAG, type=float, default=DEFAULT_GENERATION_S,
                        help="`select`: seconds of the generation that selection + packing of the references may "
                        "take 2%% of (default 0.80: 6 refs at keep 0.10 with KV, FLUX.2-klein-9B on an H200)")

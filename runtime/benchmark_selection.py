@@ -189,9 +189,11 @@ def summary_lines(result: dict) -> list[str]:
             f"(budget {result['budget_share']:.0%} = {result['budget_ms']:g} ms):")
     lines = [head]
     for strategy, row in result["strategies"].items():
+        verdict = "pass" if row["passes"] else "FAIL"
         lines.append(f"  {strategy:<9} select {row['select_ms']:8.2f} ms  pack {row['pack_ms']:6.2f} ms  "
-                     f"total {row['total_ms']:8.2f} ms  {row['share']:7.2%}  {'pass' if row['passes'] else 'FAIL'}")
-    lines.append(f"selection + packing within {result['budget_share']:.0%}: {'yes' if result['passes'] else 'no'}")
+                     f"total {row['total_ms']:8.2f} ms  {row['share']:7.2%}  {verdict}")
+    verdict = "yes" if result["passes"] else "no"
+    lines.append(f"selection + packing within {result['budget_share']:.0%}: {verdict}")
     return lines
 
 

@@ -98,7 +98,7 @@ def prepare_reference_with_size(
     else:
         pixels, picture = None, load_image(image)
         size = picture.size
-    resized_size, (left, top, right, bottom) = reference_geometry(*size, max_area=max_area, multiple_of=multiple_of)
+    resized_size, (left, top, right, bottom) = reference_geometry(*size, max_area, multiple_of)
     if resized_size != size:
         # Pillow's LANCZOS is what diffusers runs; another resampler would change the prepared pixels.
         picture = picture if picture is not None else Image.fromarray(pixels)

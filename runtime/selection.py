@@ -470,7 +470,8 @@ def select_references(
     scores_pixels = strategy in (Strategy.EDGE, Strategy.SALIENCY, Strategy.MASK)
     cheap = not scores_pixels and all(_is_view_ready(image, max_area) for image in images)
     if count > 1 and len(images) > 1 and not cheap:
-        scored = list(_thread_pool(count, os.getpid()).map(score, range(len(images))))  # in order; errors propagate
+        pool = _thread_pool(count, os.getpid())
+        scored = list(pool.map(score, range(len(images))))  # in order; the first error propagates
     else:
         scored = [score(index) for index in range(len(images))]
     prepared = [pixels for pixels, _, _ in scored]

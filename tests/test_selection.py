@@ -407,7 +407,8 @@ def test_array_references_select_what_pil_references_select(size, strategy, tmp_
     mask = np.zeros(size[::-1], np.float32)  # (H, W) of the image as given: its left third
     mask[:, : size[0] // 3] = 1.0
     masks = [mask, mask] if strategy is Strategy.MASK else None
-    results = {name: select_references([source, source], strategy=strategy, keep_fraction=0.1, seed=4, masks=masks)
+    results = {name: select_references([source, source], strategy=strategy, keep_fraction=0.1, seed=4,
+                                       masks=masks)
                for name, source in kinds.items()}
     expected = np.asarray(prepare_reference(kinds["pil"]))  # (h, w, 3)
     for name, selections in results.items():
@@ -447,6 +448,7 @@ def test_cheap_selection_of_prepared_arrays_skips_the_thread_pool(monkeypatch):
 
 def test_token_grid_mask_stays_the_callers_writable_array():
     mask = np.ones((4, 6), np.float32)  # (rows, cols) of a 96x64 reference
-    (selection,) = select_references([np.zeros((64, 96, 3), np.uint8)], strategy="mask", token_count=5, masks=[mask])
+    reference = np.zeros((64, 96, 3), np.uint8)
+    (selection,) = select_references([reference], strategy="mask", token_count=5, masks=[mask])
     assert mask.flags.writeable and not selection.importance.flags.writeable
     assert not np.shares_memory(selection.importance, mask)
