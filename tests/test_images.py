@@ -8,7 +8,8 @@ from PIL import Image
 
 from sparse_context.runtime.errors import ImageError, InputError
 from sparse_context.runtime.images import (
-    SAMPLES_DIR, load_image, prepare_mask, prepare_reference, reference_geometry, sample_images,
+    SAMPLES_DIR, load_image, prepare_mask, prepare_reference, prepare_reference_array, prepare_reference_with_size,
+    reference_geometry, sample_images,
 )
 
 EXIF_ORIENTATION = 0x0112
@@ -168,7 +169,8 @@ def test_prepare_reference_sizes(photo, size, prepared):
 
 
 @pytest.mark.parametrize("size", [(600, 400), (1037, 1029), (1500, 1000), (1000, 1500), (333, 517), (2048, 1024)])
-def test_prepare_reference_matches_diffusers(photo, size):
+@pytest.mark.parametrize("prepare", ["pil", "array"])
+def test_prepare_reference_matches_diffusers(photo, size, prepare):
     pytest.importorskip("diffusers", reason="the equivalence check runs diffusers' own Flux2ImageProcessor")
     from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
@@ -184,9 +186,63 @@ def test_prepare_reference_matches_diffusers(photo, size):
     tensor = processor.preprocess(image, height=height, width=width, resize_mode="crop")  # (1, 3, H, W) in [-1, 1]
     theirs = ((tensor[0].permute(1, 2, 0).numpy() + 1.0) / 2.0 * 255.0).round()  # (H, W, 3)
 
-    ours = np.asarray(prepare_reference(reference))  # (H, W, 3) uint8
+    if prepare == "pil":
+        ours = np.asarray(prepare_reference(reference))  # (H, W, 3) uint8
+    else:
+        ours = prepare_reference_array(np.asarray(reference))  # (H, W, 3) uint8, no PIL image handed in
     assert ours.shape == theirs.shape
     np.testing.assert_array_equal(ours, theirs.astype(np.uint8))
+
+
+SIZES_BY_PATH = [
+    (1024, 1024),  # already prepared: a view
+    (1280, 720),  # within the area, whole tokens: a view
+    (600, 400),  # crop only: a view
+    (1037, 1029),  # just over 1024^2: LANCZOS, then a crop
+    (1920, 1080),  # LANCZOS, then a crop
+]
+
+
+@pytest.mark.parametrize("size", SIZES_BY_PATH)
+def test_prepare_reference_array_equals_the_pil_preparation(photo, size, tmp_path):
+    reference = photo.resize(size, Image.Resampling.BICUBIC)
+    expected = np.asarray(prepare_reference(reference))  # (h, w, 3)
+    path = tmp_path / "reference.png"
+    reference.save(path)
+    for source in (reference, np.asarray(reference), path):
+        pixels, given_size = prepare_reference_with_size(source)
+        assert given_size == size
+        assert pixels.dtype == np.uint8 and not pixels.flags.writeable
+        np.testing.assert_array_equal(pixels, expected)
+        np.testing.assert_array_equal(prepare_reference_array(source), expected)
+
+
+@pytest.mark.parametrize("size, copies", [((1024, 1024), False), ((1280, 720), False), ((600, 400), False),
+                                          ((1037, 1029), True)])
+def test_prepare_reference_array_views_the_callers_array_unless_it_resizes(photo, size, copies):
+    array = np.array(photo.resize(size, Image.Resampling.BICUBIC))  # (H, W, 3), writable
+    pixels = prepare_reference_array(array)
+    assert np.shares_memory(pixels, array) is not copies
+    assert array.flags.writeable  # the view is read-only, the caller's array is not touched
+    with pytest.raises(ValueError, match="read-only"):
+        pixels[0, 0, 0] = 1
+
+
+def test_prepare_reference_array_of_other_kinds_matches_load_image():
+    rng = np.random.default_rng(0)
+    for array in (rng.integers(0, 256, (300, 500, 4), dtype=np.uint8), rng.random((333, 517, 3)),
+                  rng.integers(0, 65536, (200, 300), dtype=np.uint16), np.asfortranarray(rng.integers(
+                      0, 256, (96, 160, 3), dtype=np.uint8))):
+        np.testing.assert_array_equal(prepare_reference_array(array), np.asarray(prepare_reference(array)))
+
+
+def test_prepare_reference_array_errors():
+    with pytest.raises(ImageError, match=r"reference image size: got '40x100 px'.*--ref"):
+        prepare_reference_array(np.zeros((100, 40, 3), np.uint8))
+    with pytest.raises(ImageError, match=r"image array shape: got \(4, 4, 2\).*--ref"):
+        prepare_reference_array(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(ImageError, match=r"reference image: got 'list'.*--ref"):
+        prepare_reference_array([[0]])
 
 
 @pytest.mark.parametrize(

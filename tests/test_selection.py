@@ -387,3 +387,68 @@ def test_selection_workers_must_be_positive():
 
     with pytest.raises(SelectionError, match="selection workers: got 0"):
         select_references(list(sample_images().values()), strategy="edge", keep_fraction=0.1, workers=0)
+
+
+# ---------------------------------------------------------------------------------------------- arrays as arrays
+
+
+def _reference_kinds(size, tmp_path):
+    """One sample photo at ``size`` as a PIL image, an 8-bit RGB array and a PNG file."""
+    picture = Image.open(sample_images()["coffee"]).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    path = tmp_path / f"coffee_{size[0]}x{size[1]}.png"
+    picture.save(path)
+    return {"pil": picture, "array": np.asarray(picture), "path": path}
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (600, 400), (1500, 1000)])  # view, crop, LANCZOS + crop
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_array_references_select_what_pil_references_select(size, strategy, tmp_path):
+    kinds = _reference_kinds(size, tmp_path)
+    mask = np.zeros(size[::-1], np.float32)  # (H, W) of the image as given: its left third
+    mask[:, : size[0] // 3] = 1.0
+    masks = [mask, mask] if strategy is Strategy.MASK else None
+    results = {name: select_references([source, source], strategy=strategy, keep_fraction=0.1, seed=4,
+                                       masks=masks)
+               for name, source in kinds.items()}
+    expected = np.asarray(prepare_reference(kinds["pil"]))  # (h, w, 3)
+    for name, selections in results.items():
+        for selection, reference in zip(selections, results["pil"], strict=True):
+            np.testing.assert_array_equal(selection.indices, reference.indices, err_msg=name)
+            np.testing.assert_array_equal(selection.importance, reference.importance, err_msg=name)
+            assert selection.grid == reference.grid
+            np.testing.assert_array_equal(selection.pixels, expected, err_msg=name)
+
+
+def test_selection_pixels_view_the_array_and_image_is_made_on_demand():
+    array = np.array(Image.open(sample_images()["rocket"]).convert("RGB").resize((512, 384)))  # (384, 512, 3)
+    (selection,) = select_references([array], strategy="edge", keep_fraction=0.1)
+    assert np.shares_memory(selection.pixels, array)  # no copy of a prepared-size array
+    assert not selection.pixels.flags.writeable and array.flags.writeable
+    assert "image" not in vars(selection)  # no PIL image until someone asks for one
+    image = selection.image
+    assert isinstance(image, Image.Image) and image.size == (512, 384) and image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), array)
+    assert selection.image is image  # made once
+
+
+def test_cheap_selection_of_prepared_arrays_skips_the_thread_pool(monkeypatch):
+    import sparse_context.runtime.selection as selection_module
+
+    started = []
+    real_pool = selection_module._thread_pool
+    monkeypatch.setattr(selection_module, "_thread_pool", lambda *key: started.append(key) or real_pool(*key))
+    arrays = [np.zeros((256, 256, 3), np.uint8)] * 6
+    for strategy in ("uniform", "random"):
+        select_references(arrays, strategy=strategy, keep_fraction=0.1, workers=2)
+    assert started == []  # nothing to decode, resize or score: threads would only add their start-up cost
+    select_references(arrays, strategy="edge", keep_fraction=0.1, workers=2)
+    select_references([np.zeros((1100, 1000, 3), np.uint8)] * 2, strategy="uniform", keep_fraction=0.1, workers=2)
+    assert len(started) == 2  # scoring pixels, and a resize, do go to the pool
+
+
+def test_token_grid_mask_stays_the_callers_writable_array():
+    mask = np.ones((4, 6), np.float32)  # (rows, cols) of a 96x64 reference
+    reference = np.zeros((64, 96, 3), np.uint8)
+    (selection,) = select_references([reference], strategy="mask", token_count=5, masks=[mask])
+    assert mask.flags.writeable and not selection.importance.flags.writeable
+    assert not np.shares_memory(selection.importance, mask)
