@@ -52,8 +52,8 @@ class CheckReport:
                 raise
         finally:
             entry["seconds"] = time.perf_counter() - start
+            self.save(png=True)  # on disk before it is announced: whoever reads the line finds the rows
             self.log(f"{name} {entry['status']} in {entry['seconds']:.1f}s")
-            self.save(png=True)
 
     def row(self, phase: str, row: Any, **values: Any) -> None:
         entry = {"label": row.label, "refs": row.refs, "keep": row.keep, "kv": row.kv, "cache_hit": row.cache_hit,
