@@ -155,7 +155,9 @@ def export_part(spec: PartSpec, model_dir: str | Path, out_dir: str | Path, load
             "spec": spec.to_json(), "dynamic_axes": spec.dynamic_axes(), "profile": spec.profile(),
             "versions": exporter_versions(), **(extra_manifest or {}),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        text = json.dumps(manifest, indent=2, default=str)
+        manifest = json.loads(text)  # the same lists-not-tuples form a reused export reads back
+        (staging / MANIFEST).write_text(text)
         if final.exists():  # an older folder that failed _load_complete (damaged): replace it
             shutil.rmtree(final)
         os.replace(staging, final)
