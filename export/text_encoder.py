@@ -2,7 +2,8 @@
 
 :class:`TextEncoderGraph` is the model half of the pipeline's ``_get_qwen3_prompt_embeds``: the text encoder run on
 padded ids and their mask (no KV cache), the hidden states of ``layers`` stacked, then laid side by side per token:
-(1, L) ids -> (1, L, len(layers) x hidden). Tokenization stays outside the graph (``runtime.tokenizer``).
+(1, L) ids -> (1, L, len(layers) x hidden). Only the decoder layers up to the last one read are in the graph (no LM
+head, no unused layers). Tokenization stays outside the graph (``runtime.tokenizer``).
 
 :func:`export_text_encoder` writes it like the transformer export (staging, checks, manifest, cache).
 """
@@ -21,18 +22,41 @@ from sparse_context.export.vae import PRECISION_DTYPES
 from sparse_context.runtime.errors import ModelLoadError, bad_value
 
 
+def layers_needed(text_encoder: Any, layers: Sequence[int]) -> Any:
+    """The decoder stack cut after the last layer whose output is used, without the LM head.
+
+    ``hidden_states[k]`` is the output of decoder layer k-1 for k < num_hidden_layers, and the final-normed output
+    for k = num_hidden_layers. Klein reads (9, 18, 27) of Qwen3's 36 layers, so layers 27..35, the final norm and
+    the LM head only cost time and weight memory. The cut model shares the weights; with the norm replaced by an
+    identity, its last hidden state is the raw output of its last layer, as the full model's ``hidden_states[k]``.
+    """
+    import copy
+
+    base = getattr(text_encoder, "model", text_encoder)  # Qwen3ForCausalLM -> Qwen3Model: no logits
+    last = max(max(layers), 1)  # hidden_states[0] (the embeddings) is recorded as the input of layer 0
+    if last >= int(base.config.num_hidden_layers):
+        return base  # the final-normed state is read: every layer runs
+    cut = copy.copy(base)
+    cut._modules = dict(base._modules)  # a shallow copy would share (and so edit) the original's child table
+    cut.layers = torch.nn.ModuleList(list(base.layers)[:last])
+    cut.norm = torch.nn.Identity()
+    cut.config = copy.deepcopy(base.config)
+    cut.config.num_hidden_layers = last
+    return cut
+
+
 class TextEncoderGraph(torch.nn.Module):
     """(1, L) int64 ids and mask -> (1, L, len(layers) x hidden) prompt embeddings."""
 
     def __init__(self, text_encoder: Any, layers: Sequence[int]):
         super().__init__()
-        self.text_encoder = text_encoder
         self.layers = tuple(int(k) for k in layers)
         available = int(text_encoder.config.num_hidden_layers) + 1  # hidden_states[0] is the embedding output
         if not self.layers or any(not 0 <= k < available for k in self.layers):
             raise ModelLoadError(bad_value("text encoder layers", list(self.layers),
                                            f"hidden-state indices in 0..{available - 1} for this text encoder "
                                            "(text_encoder_out_layers in sparse_context.json)"))
+        self.text_encoder = layers_needed(text_encoder, self.layers)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         output = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,

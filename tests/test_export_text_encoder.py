@@ -87,6 +87,38 @@ def test_graph_equals_transformers_with_padding(text_encoder, session):
         assert np.abs(ours - theirs).max() <= TOLERANCE
 
 
+def _weights(path) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return sum(numpy_helper.to_array(t).size for t in model.graph.initializer)
+
+
+def test_unused_layers_are_cut_exactly(tiny_model_dir, text_encoder, export, tmp_path):
+    """Layers after the last one read are left out of the graph; the result still equals diffusers' (the
+    embedding output and a raw layer output, neither the final-normed state)."""
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    from sparse_context.export.text_encoder import export_text_encoder
+    from sparse_context.runtime.tokenizer import PromptTokenizer
+
+    layers = (0, 2)  # of 3 decoder layers: layer 2 and the final norm are not needed
+    result = export_text_encoder(tiny_model_dir, tmp_path, layers=layers, text_encoder=text_encoder)
+    # The exporter renames folded weights (and merges equal ones, like fresh all-ones norm weights), so count
+    # the projection matrices: one decoder layer's fewer than in the full graph.
+    layer = sum(p.numel() for p in text_encoder.model.layers[2].parameters() if p.ndim == 2)
+    assert _weights(export[0].path) - _weights(result.path) >= layer
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    theirs = AutoTokenizer.from_pretrained(str(tiny_model_dir / "tokenizer"))
+    tokens = PromptTokenizer.from_model_dir(tiny_model_dir, 13)(PROMPTS[2])
+    (embeds,) = session.run(None, {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
+    expected = _diffusers_embeds(text_encoder, theirs, PROMPTS[2], 13, layers)
+    assert np.abs(embeds - expected).max() <= TOLERANCE
+    assert text_encoder.model.norm.__class__.__name__ != "Identity" and len(text_encoder.model.layers) == 3
+
+
 def test_export_contract_and_cache(export, tiny_model_dir):
     import onnx
 
