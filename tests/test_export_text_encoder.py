@@ -166,3 +166,23 @@ def test_bad_options(tiny_model_dir, text_encoder, tmp_path):
         TextEncoderGraph(text_encoder, (1, 4))
     with pytest.raises(ModelLoadError, match="text encoder config"):
         export_text_encoder(tmp_path, tmp_path / "out")
+
+
+def test_ort_parts_encode_prompt(export, tiny_model_dir, text_encoder):
+    """The torch-free prompt path (our tokenizer + the graph) equals the generator's diffusers call."""
+    from transformers import AutoTokenizer
+
+    from sparse_context.export.ort_parts import OrtPartSession, OrtTextAndVae
+    from sparse_context.runtime.errors import InputError
+
+    layers, max_tokens = text_settings(tiny_model_dir)
+    parts = OrtTextAndVae(tiny_model_dir, text_encoder=export[0].path)
+    theirs = AutoTokenizer.from_pretrained(str(tiny_model_dir / "tokenizer"))
+    embeds = parts.encode_prompt(PROMPTS[0])
+    assert embeds.dtype == np.float32 and embeds.shape == (1, max_tokens, 96)
+    assert np.abs(embeds - _diffusers_embeds(text_encoder, theirs, PROMPTS[0], max_tokens, layers)).max() <= TOLERANCE
+    session = OrtPartSession(export[0].path)
+    with pytest.raises(InputError, match="another input has 5"):
+        session.run({"input_ids": np.zeros((1, 5), np.int64), "attention_mask": np.ones((1, 6), np.int64)})
+    with pytest.raises(InputError, match="empty"):
+        session.run({"input_ids": np.zeros((1, 0), np.int64), "attention_mask": np.ones((1, 0), np.int64)})

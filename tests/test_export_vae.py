@@ -186,3 +186,40 @@ def test_numpy_ends_reject_wrong_shapes():
         postprocess_image(np.zeros((3, 16, 16), np.float32))
     with pytest.raises(InputError, match="RGB"):
         reference_pixels(np.zeros((16, 16), np.uint8))
+
+
+def test_ort_parts_encode_and_decode(exports, vae, tiny_model_dir):
+    """The torch-free wrapper: prepared reference -> (128, rows, cols); packed tokens -> the pipeline's uint8."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sparse_context.export.ort_parts import OrtTextAndVae
+
+    parts = OrtTextAndVae(tiny_model_dir, vae_encoder=exports.encoder.path.parent, vae_decoder=exports.decoder.path)
+    image = _photo(96, 48, seed=3)
+    latents = parts.encode_reference(image)
+    assert latents.shape == (128, 3, 6)
+    assert np.abs(latents - _diffusers_encode(vae, reference_pixels(image))[0]).max() <= TOLERANCE
+    packed = np.random.default_rng(5).standard_normal((1, 3 * 6, 128)).astype(np.float32)
+    decoded = torch.from_numpy(_diffusers_decode(vae, packed, 3, 6))
+    (expected,) = VaeImageProcessor().postprocess(decoded, output_type="pil")
+    ours = parts.decode(packed, (3, 6))
+    # uint8 rounding can flip where the fp32 images differ by ~1e-6 right at a .5 boundary
+    assert np.abs(ours.astype(int) - np.asarray(expected).astype(int)).max() <= 1
+
+
+def test_ort_parts_reject_wrong_shapes(exports, tiny_model_dir):
+    from sparse_context.export.ort_parts import OrtPartSession, OrtTextAndVae
+
+    encoder = OrtPartSession(exports.encoder.path)
+    with pytest.raises(InputError, match="multiple of 16"):
+        encoder.run({"image": np.zeros((1, 3, 40, 64), np.float32)})
+    with pytest.raises(InputError, match="axis 1 is 4"):
+        encoder.run({"image": np.zeros((1, 4, 32, 64), np.float32)})
+    with pytest.raises(InputError, match="inputs"):
+        encoder.run({"pixels": np.zeros((1, 3, 32, 64), np.float32)})
+    decoder = OrtPartSession(exports.decoder.path)
+    with pytest.raises(InputError, match="shape"):
+        decoder.run({"latents": np.zeros((128, 3, 6), np.float32)})
+    with pytest.raises(InputError, match="text_encoder export"):
+        OrtTextAndVae(tiny_model_dir, vae_decoder=exports.decoder.path).encode_prompt("a cat")
