@@ -172,3 +172,42 @@ def is_part_cached(spec: PartSpec, model_dir: str | Path, out_dir: str | Path,
     """Whether a complete export of ``spec`` for this folder is already in ``out_dir``."""
     key = part_cache_key(spec, folder_sha256(model_dir, SUBFOLDERS[spec.graph]), check_opset(opset))
     return _load_complete(part_dir(out_dir, spec, opset, key), key) is not None
+
+
+def export_parts(model_dir: str | Path, out_dir: str | Path, reference_resolutions: Any = None,
+                 target_resolutions: Any = None, text_tokens: int | None = None, precision: str = "fp32",
+                 opset: int = DEFAULT_PART_OPSET, parts: tuple[str, ...] = ("text_encoder", "vae_encoder",
+                                                                             "vae_decoder"),
+                 progress: Progress | None = None) -> dict[str, ExportResult]:
+    """Export (or reuse) several parts of one folder, loading the VAE at most once. Resolutions default to the
+    part specs' (references up to 1024^2 px area, 512^2 and 1024^2 px targets); ``text_tokens`` to the folder's
+    max_sequence_length."""
+    from sparse_context.export.part_specs import (
+        DEFAULT_REFERENCE_RESOLUTIONS, DEFAULT_TARGET_RESOLUTIONS, vae_decoder_spec, vae_encoder_spec,
+    )
+    from sparse_context.export.text_encoder import export_text_encoder
+    from sparse_context.export.vae import export_vae_decoder, export_vae_encoder, load_vae
+
+    unknown = [p for p in parts if p not in SUBFOLDERS]
+    if unknown:
+        raise ExportConfigError(bad_value("parts", unknown, ", ".join(SUBFOLDERS)))
+    references = tuple(reference_resolutions or DEFAULT_REFERENCE_RESOLUTIONS)
+    targets = tuple(target_resolutions or DEFAULT_TARGET_RESOLUTIONS)
+    specs = {"vae_encoder": lambda: vae_encoder_spec(references, precision),
+             "vae_decoder": lambda: vae_decoder_spec(targets, precision)}
+    vae_parts = [p for p in parts if p in specs]
+    vae = None
+    if any(not is_part_cached(specs[p](), model_dir, out_dir, opset) for p in vae_parts):
+        vae = load_vae(model_dir, precision)
+    results = {}
+    for part in parts:
+        if part == "text_encoder":
+            results[part] = export_text_encoder(model_dir, out_dir, text_tokens, precision=precision, opset=opset,
+                                                progress=progress)
+        elif part == "vae_encoder":
+            results[part] = export_vae_encoder(model_dir, out_dir, references, precision, opset, progress=progress,
+                                               vae=vae)
+        else:
+            results[part] = export_vae_decoder(model_dir, out_dir, targets, precision, opset, progress=progress,
+                                               vae=vae)
+    return results

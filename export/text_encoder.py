@@ -108,6 +108,7 @@ def export_text_encoder(model_dir: str | Path, out_dir: str | Path, max_tokens: 
 
     def module() -> TextEncoderGraph:
         model = text_encoder if text_encoder is not None else load_text_encoder(model_dir, precision)
-        return TextEncoderGraph(model.to(PRECISION_DTYPES[precision]), layers).eval()
+        dtype = PRECISION_DTYPES[precision]
+        return TextEncoderGraph(model if model.dtype == dtype else model.to(dtype), layers).eval()
 
     return export_part(spec, model_dir, out_dir, module, opset, progress, {"text_encoder_out_layers": list(layers)})

@@ -96,7 +96,8 @@ def load_vae(model_dir: str | Path, precision: str = "fp32") -> Any:
 def _vae(vae: Any, model_dir: str | Path, precision: str) -> Any:
     if vae is None:
         return load_vae(model_dir, precision)
-    return vae.to(PRECISION_DTYPES[precision]).eval()
+    dtype = PRECISION_DTYPES[precision]
+    return (vae if vae.dtype == dtype else vae.to(dtype)).eval()  # diffusers warns on every .to(dtype)
 
 
 def export_vae_encoder(model_dir: str | Path, out_dir: str | Path,
