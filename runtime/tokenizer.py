@@ -40,6 +40,13 @@ KNOWN_TEMPLATES = {
 }
 
 
+MIN_JINJA2 = (3, 1, 6)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
+
+
 def template_sha256(template: str) -> str:
     return hashlib.sha256(template.encode("utf-8")).hexdigest()
 
@@ -85,6 +92,11 @@ def render_with_jinja(template: str, prompt: str, special_tokens: dict[str, str]
         raise ModelLoadError(bad_value("chat template", f"an unknown template (sha256 {template_sha256(template)})",
                                        "a known Klein template, or jinja2 installed to render it (pip install "
                                        "jinja2)")) from error
+
+    if _version(jinja2.__version__) < MIN_JINJA2:
+        # Older releases have known sandbox escapes, and a chat template is code from the model's publisher.
+        raise ModelLoadError(bad_value("jinja2 version", jinja2.__version__, ">= 3.1.6 to render chat templates "
+                                       "(pip install -U jinja2)"))
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)

@@ -204,3 +204,11 @@ def test_imports_without_torch_or_transformers(tiny_model_dir):
             "sys.exit(f'imported {heavy}' if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_old_jinja2_is_refused(tokenizer_copy, monkeypatch):
+    jinja2 = pytest.importorskip("jinja2", reason="the version check needs jinja2")
+    (tokenizer_copy / "tokenizer" / "chat_template.jinja").write_text(QWEN3_STYLE_TEMPLATE)
+    monkeypatch.setattr(jinja2, "__version__", "3.1.5")
+    with pytest.raises(ModelLoadError, match="3.1.6"):
+        PromptTokenizer.from_model_dir(tokenizer_copy)("a cat")
