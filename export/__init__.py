@@ -8,6 +8,10 @@
 - ``validate``: :func:`validate_export`, :func:`validate_export_dir`.
 - ``ort_backend``: :class:`OrtTransformerBackend` for ``runtime.sampler.denoise``.
 - ``cli``: :func:`add_export_arguments`, :func:`run_export`.
+- ``part_specs`` (numpy only): :func:`vae_encoder_spec`, :func:`vae_decoder_spec`, :func:`text_encoder_spec`.
+- ``vae``, ``text_encoder`` (torch): :func:`export_vae_encoder`, :func:`export_vae_decoder`,
+  :func:`export_text_encoder`; ``part_exporter``: :func:`export_parts` (all three, the VAE loaded once).
+- ``ort_parts`` (numpy + onnxruntime): :class:`OrtTextAndVae`, the torch-free prompt, reference and decode steps.
 
 Sub-modules are imported on use, so ``import sparse_context.export.spec`` needs neither torch nor onnx.
 """
