@@ -92,6 +92,14 @@ class PartSpec:
                 "outputs": {t.name: list(t.shape) for t in self.outputs},
                 "settings": {key: value for key, value in self.settings}}
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PartSpec":
+        """The spec an export manifest recorded (``manifest["spec"]``)."""
+        bounds = tuple(AxisBound(symbol, *map(int, values)) for symbol, values in data["bounds"].items())
+        tensors = lambda table: tuple(TensorSpec(name, tuple(shape)) for name, shape in table.items())
+        return cls(data["graph"], data["precision"], bounds, tensors(data["inputs"]), tensors(data["outputs"]),
+                   tuple(data.get("settings", {}).items()))
+
 
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:

@@ -186,3 +186,11 @@ def test_ort_parts_encode_prompt(export, tiny_model_dir, text_encoder):
         session.run({"input_ids": np.zeros((1, 5), np.int64), "attention_mask": np.ones((1, 6), np.int64)})
     with pytest.raises(InputError, match="empty"):
         session.run({"input_ids": np.zeros((1, 0), np.int64), "attention_mask": np.ones((1, 0), np.int64)})
+
+
+def test_validate_part_export(export, tiny_model_dir):
+    from sparse_context.export.validate_parts import validate_part_export
+
+    report = validate_part_export(export[0].path, tiny_model_dir)
+    assert [r.sizes for r in report.records] == ["text_tokens=1", "text_tokens=13", "text_tokens=64"]
+    assert not report.failures and max(r.max_abs for r in report.records) <= TOLERANCE

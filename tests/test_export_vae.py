@@ -249,3 +249,20 @@ def test_real_size_vae_equals_diffusers(tmp_path):
         packed = np.random.default_rng(rows).standard_normal((1, rows * cols, 128)).astype(np.float32)
         (ours,) = decoder.run(None, {"latents": target_latent_grid(packed, (rows, cols))})
         assert np.abs(ours - _diffusers_decode(vae, packed, rows, cols)).max() <= TOLERANCE
+
+
+def test_validate_part_export(exports, vae):
+    """The validator compares at the profile's corners (not the traced size) and reports every failure at once."""
+    from sparse_context.export.errors import ValidationError
+    from sparse_context.export.validate_parts import validate_part_export
+    from sparse_context.export.vae import VaeDecoderGraph, VaeEncoderGraph
+
+    report = validate_part_export(exports.encoder.path, module=VaeEncoderGraph(vae))
+    assert len(report.records) == 2 and not report.failures
+    assert max(r.max_abs for r in report.records) <= TOLERANCE
+    assert "latent_rows=3 latent_cols=8" in [r.sizes for r in report.records]  # 48 x 128 px
+    report = validate_part_export(exports.decoder.path.parent)  # loads the VAE from the recorded folder
+    assert not report.failures
+    with pytest.raises(ValidationError, match="2 of 2") as error:
+        validate_part_export(exports.decoder.path, module=VaeDecoderGraph(vae), atol=0.0, rtol=0.0)
+    assert len(error.value.report.failures) == 2
