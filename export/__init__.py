@@ -12,6 +12,7 @@
 - ``vae``, ``text_encoder`` (torch): :func:`export_vae_encoder`, :func:`export_vae_decoder`,
   :func:`export_text_encoder`; ``part_exporter``: :func:`export_parts` (all three, the VAE loaded once).
 - ``ort_parts`` (numpy + onnxruntime): :class:`OrtTextAndVae`, the torch-free prompt, reference and decode steps.
+- ``validate_parts``: :func:`validate_part_export`.
 
 Sub-modules are imported on use, so ``import sparse_context.export.spec`` needs neither torch nor onnx.
 """
