@@ -36,6 +36,12 @@ def layers_needed(text_encoder: Any, layers: Sequence[int]) -> Any:
     last = max(max(layers), 1)  # hidden_states[0] (the embeddings) is recorded as the input of layer 0
     if last >= int(base.config.num_hidden_layers):
         return base  # the final-normed state is read: every layer runs
+    # transformers records hidden states with hooks it installs on the decoder layers at a model's first call,
+    # once per model object. The cut shares those layers: installed by both models, every layer would record twice
+    # and shift the indices. A one-token call installs them on the original first; the cut inherits the mark.
+    with torch.no_grad():
+        base(input_ids=torch.zeros((1, 1), dtype=torch.long, device=base.embed_tokens.weight.device),
+             output_hidden_states=True, use_cache=False)
     cut = copy.copy(base)
     cut._modules = dict(base._modules)  # a shallow copy would share (and so edit) the original's child table
     cut.layers = torch.nn.ModuleList(list(base.layers)[:last])

@@ -119,6 +119,26 @@ def test_unused_layers_are_cut_exactly(tiny_model_dir, text_encoder, export, tmp
     assert text_encoder.model.norm.__class__.__name__ != "Identity" and len(text_encoder.model.layers) == 3
 
 
+def test_cut_models_share_a_fresh_encoder_safely(tiny_model_dir):
+    """Cuts made from a model that never ran, then the model itself: every one gives the reference hidden states
+    (transformers installs its recording hooks per model; shared layers must not record twice)."""
+    import torch
+
+    from sparse_context.export.text_encoder import TextEncoderGraph, load_text_encoder
+
+    ids = torch.arange(3, 12)[None]
+    mask = (torch.arange(9) < 6).long()[None]
+    with torch.no_grad():
+        states = load_text_encoder(tiny_model_dir)(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                                                   use_cache=False).hidden_states
+        expected = torch.cat([states[0], states[2]], dim=-1)
+        fresh = load_text_encoder(tiny_model_dir)
+        first, second = TextEncoderGraph(fresh, (0, 2)), TextEncoderGraph(fresh, (0, 2))
+        again = fresh(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        assert torch.equal(first(ids, mask), expected) and torch.equal(second(ids, mask), expected)
+        assert all(torch.equal(a, b) for a, b in zip(again, states)) and len(again) == len(states)
+
+
 def test_export_contract_and_cache(export, tiny_model_dir):
     import onnx
 
