@@ -267,3 +267,18 @@ def test_validate_part_export(exports, vae):
     with pytest.raises(ValidationError, match="2 of 2") as error:
         validate_part_export(exports.decoder.path, module=VaeDecoderGraph(vae), atol=0.0, rtol=0.0)
     assert len(error.value.report.failures) == 2
+
+
+def test_export_parts_reuses_and_checks_names(exports, tiny_model_dir, monkeypatch):
+    import sparse_context.export.vae as vae_module
+    from sparse_context.export.part_exporter import export_parts
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a cached export must not load the VAE")
+
+    monkeypatch.setattr(vae_module, "load_vae", no_loading)
+    results = export_parts(tiny_model_dir, exports.out, RESOLUTIONS, RESOLUTIONS, parts=("vae_encoder", "vae_decoder"))
+    assert results["vae_encoder"].reused and results["vae_encoder"].path == exports.encoder.path
+    assert results["vae_decoder"].reused and results["vae_decoder"].path == exports.decoder.path
+    with pytest.raises(ExportConfigError, match="parts"):
+        export_parts(tiny_model_dir, exports.out, parts=("unet",))
