@@ -214,3 +214,21 @@ def test_validate_part_export(export, tiny_model_dir):
     report = validate_part_export(export[0].path, tiny_model_dir)
     assert [r.sizes for r in report.records] == ["text_tokens=1", "text_tokens=13", "text_tokens=64"]
     assert not report.failures and max(r.max_abs for r in report.records) <= TOLERANCE
+
+
+def test_external_data_export(tiny_model_dir, text_encoder, session, tmp_path, monkeypatch):
+    """Over the 2 GB protobuf limit (Qwen3-8B is ~32 GB fp32) the weights go to an external data file: it is
+    hashed into the manifest, and the graph runs the same."""
+    import onnxruntime as ort
+
+    import sparse_context.export.part_exporter as part_exporter
+    from sparse_context.export.text_encoder import export_text_encoder
+
+    monkeypatch.setattr(part_exporter, "EXTERNAL_DATA_LIMIT", 0)
+    result = export_text_encoder(tiny_model_dir, tmp_path, text_encoder=text_encoder)
+    files = result.manifest["files"]
+    assert len(files) == 2 and all(info["bytes"] > 0 for info in files.values())
+    assert sum(info["bytes"] for info in files.values()) > result.path.stat().st_size
+    external = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    tokens = {"input_ids": np.arange(5, dtype=np.int64)[None], "attention_mask": np.ones((1, 5), np.int64)}
+    np.testing.assert_array_equal(external.run(None, tokens)[0], session.run(None, tokens)[0])
