@@ -107,6 +107,33 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, may_be_e
     return function(query, key, value)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, may_be_empty: bool = False) -> torch.Tensor:
+    """RoPE with the active form: onnxruntime's fused ``RotaryEmbedding`` for 'mha' (one kernel instead of the
+    reshape/stack/cast/multiply chain below), :func:`apply_rope` otherwise. ``may_be_empty``: the token axis can be
+    0 at run time (references), guarded like :func:`attend`."""
+    if _ATTENTION["fn"] is matmul_attention or _ATTENTION["fn"] is fused_attention:
+        return apply_rope(x, cos, sin)
+    from sparse_context.export.ort_attention import fused_rope
+
+    tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
+    if may_be_empty and not tracing:
+        return x if x.shape[1] == 0 else fused_rope(x, cos, sin)
+    if may_be_empty:
+        is_empty = torch._shape_as_tensor(x)[1] == 0
+        return torch.cond(is_empty, _unchanged, _fused_rope_contiguous, (x, cos, sin))
+    return fused_rope(x, cos, sin)
+
+
+def _unchanged(x, cos, sin):
+    return x.clone()  # a cond branch may not return its input as is
+
+
+def _fused_rope_contiguous(x, cos, sin):
+    from sparse_context.export.ort_attention import fused_rope
+
+    return fused_rope(x, cos, sin).contiguous()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """diffusers ``apply_rotary_emb(..., sequence_dim=1)``: pairs (x0, x1) rotate; math in float32."""
     batch, tokens, heads, dim = x.shape
@@ -161,24 +188,24 @@ class _Flux2Streams(torch.nn.Module):
             "single": Flux2Modulation.split(model.single_stream_modulation(temb), 1)[0],
         }
 
-    def _qk_norm_rope(self, attn, q, k, rope, added: bool = False):
+    def _qk_norm_rope(self, attn, q, k, ropes, added: bool = False, may_be_empty: bool = False):
         q = (attn.norm_added_q if added else attn.norm_q)(_heads(q, self.heads, self.head_dim))
         k = (attn.norm_added_k if added else attn.norm_k)(_heads(k, self.heads, self.head_dim))
-        return apply_rope(q, *rope), apply_rope(k, *rope)
+        return rope(q, *ropes, may_be_empty=may_be_empty), rope(k, *ropes, may_be_empty=may_be_empty)
 
     def _double_block(self, block, streams, mods, ropes, attention):
         """One ``Flux2TransformerBlock`` on streams (txt, ref, tgt); ``mods`` = (txt, ref, tgt) mod sets."""
         attn = block.attn
         qkv = []
-        for index, (x, mod, rope) in enumerate(zip(streams, mods, ropes)):
+        for index, (x, mod, stream_rope) in enumerate(zip(streams, mods, ropes)):
             shift, scale, _ = mod[0]
             if index == 0:  # text uses the added projections
                 h = _modulate(block.norm1_context, x, shift, scale)
-                q, k = self._qk_norm_rope(attn, attn.add_q_proj(h), attn.add_k_proj(h), rope, added=True)
+                q, k = self._qk_norm_rope(attn, attn.add_q_proj(h), attn.add_k_proj(h), stream_rope, added=True)
                 v = _heads(attn.add_v_proj(h), self.heads, self.head_dim)
             else:
                 h = _modulate(block.norm1, x, shift, scale)
-                q, k = self._qk_norm_rope(attn, attn.to_q(h), attn.to_k(h), rope)
+                q, k = self._qk_norm_rope(attn, attn.to_q(h), attn.to_k(h), stream_rope, may_be_empty=index == 1)
                 v = _heads(attn.to_v(h), self.heads, self.head_dim)
             qkv.append((q, k, v))
         outputs, ref_kv = attention(qkv)
@@ -201,10 +228,10 @@ class _Flux2Streams(torch.nn.Module):
         attn = block.attn
         inner = attn.inner_dim
         qkv, mlps = [], []
-        for x, (shift, scale, _), rope in zip(streams, mods, ropes):
+        for index, (x, (shift, scale, _), stream_rope) in enumerate(zip(streams, mods, ropes)):
             projected = attn.to_qkv_mlp_proj(_modulate(block.norm, x, shift, scale))
             q, k, v = projected[..., :inner], projected[..., inner:2 * inner], projected[..., 2 * inner:3 * inner]
-            q, k = self._qk_norm_rope(attn, q, k, rope)
+            q, k = self._qk_norm_rope(attn, q, k, stream_rope, may_be_empty=index == 1)
             qkv.append((q, k, _heads(v, self.heads, self.head_dim)))
             mlps.append(attn.mlp_act_fn(projected[..., 3 * inner:]))
         outputs, ref_kv = attention(qkv)

@@ -81,15 +81,17 @@ def test_onnxruntime_contrib_attention_graphs(tiny_model_dir, out_dir, torch_tra
     """attention="mha": onnxruntime's contrib MultiHeadAttention (flash kernels on CUDA) equals diffusers on the
     CPU provider at reference-token counts other than the traced one, extract and cached steps included."""
     result = export_onnx(_options(tiny_model_dir, out_dir, graph=graph, attention="mha"))
-    assert "MultiHeadAttention" in result.manifest["ops"] and "Attention" not in result.manifest["ops"]
+    ops = result.manifest["ops"]
+    assert "MultiHeadAttention" in ops and "RotaryEmbedding" in ops and "Attention" not in ops
     assert result.manifest["for_tensorrt"] is False
     report = validate_export(result.path, torch_transformer)
     _assert_passed(report, [0, 1, 39, 40])
     assert max(r.max_abs for r in report.records) < 1e-5
 
 
-def test_fp16_graph_within_fp16_tolerance(tiny_model_dir, out_dir, torch_transformer):
-    result = export_onnx(_options(tiny_model_dir, out_dir, graph="full", precision="fp16"))
+@pytest.mark.parametrize("attention", ["matmul", "mha"])
+def test_fp16_graph_within_fp16_tolerance(tiny_model_dir, out_dir, torch_transformer, attention):
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph="full", precision="fp16", attention=attention))
     report = validate_export(result.path, torch_transformer, ref_token_counts=[0, 7, 40])
     assert not report.failures, "\n".join(report.lines())
     assert report.atol == pytest.approx(3e-2)

@@ -75,6 +75,10 @@ class OrtTransformerBackend:
         self.static = IdentityMemo(STATIC_ENTRIES)
         self._pools: dict[str, KVBufferPool] = {}
         self._scratches: dict[str, Any] = {}
+        # Per-step inputs (target latents, timestep) and the velocity output live in buffers kept per shape and
+        # rewritten in place: a fresh device OrtValue per step would cost an allocation and a free (which waits
+        # for the device) on every call.
+        self._step_values: dict[tuple[str, str, tuple[int, ...], str], Any] = {}
         self.io_device = self.device
 
     def set_io_device(self, device: str) -> None:
@@ -119,6 +123,19 @@ class OrtTransformerBackend:
         count = int(np.prod(shape, dtype=np.int64))
         return np.frombuffer(host, dtype=self.dtype, count=count).reshape(shape)
 
+    def _step_value(self, name: str, array: np.ndarray, write: bool = True) -> Any:
+        """The kept buffer of ``array``'s name, shape and dtype on the I/O device, holding ``array`` (``write``) or
+        left as it is (an output's buffer)."""
+        array = np.ascontiguousarray(array)
+        key = (name, self.io_device, tuple(array.shape), array.dtype.str)
+        value = self._step_values.get(key)
+        if value is None:
+            value = self._step_values[key] = self._ort.OrtValue.ortvalue_from_shape_and_type(
+                list(array.shape), array.dtype, self.io_device, self.device_id)
+        if write:
+            value.update_inplace(array)
+        return value
+
     def _to_device(self, array: np.ndarray) -> Any:
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.io_device, self.device_id)
 
@@ -142,7 +159,9 @@ class OrtTransformerBackend:
         return self.selector.choose(graph, step, ref_tokens, int(np.shape(target)[1]), int(np.shape(text)[1]))
 
     def _bind_feed(self, binding: Any, feed: CallFeed) -> None:
-        binding.bind_output("velocity", self.io_device, self.device_id)  # first: _run reads output 0
+        target = feed.inputs["target"]  # the velocity has the target's shape and the engine's dtype
+        velocity = self._step_value("velocity", np.empty(target.shape, self.dtype), write=False)
+        binding.bind_ortvalue_output("velocity", velocity)  # first: _run reads output 0
         scratch = self._pointer(self._scratch)
         for name, value in feed.inputs.items():
             if isinstance(value, Empty):
@@ -150,7 +169,7 @@ class OrtTransformerBackend:
             elif name in feed.static:  # one device copy per host array, which stays the same all generation
                 binding.bind_ortvalue_input(name, self.static.get(name, (value,), lambda v=value: self._to_device(v)))
             else:
-                binding.bind_ortvalue_input(name, self._to_device(value))
+                binding.bind_ortvalue_input(name, self._step_value(name, value))
 
     def _bind_pointer(self, binding: Any, name: str, pointer: int, shape: tuple[int, ...],
                       output: bool = False) -> None:
@@ -159,7 +178,9 @@ class OrtTransformerBackend:
 
     def _run(self, session: Any, binding: Any) -> np.ndarray:
         session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()  # only the velocity comes to the host; K/V stay in place
+        # Only the velocity comes to the host; K/V stay in place. Its buffer is reused by the next call, so the
+        # host array must own its memory (on a GPU .numpy() copies anyway).
+        return np.array(binding.get_outputs()[0].numpy(), copy=True)
 
     def run_kv(self, target, target_ids, refs, ref_ids, text, text_ids, timestep, cached: Any = None,
                into: Any = None) -> np.ndarray:
