@@ -252,7 +252,9 @@ class _Check:
             self.queue = ExportQueue(jobs, self._workers_that_fit(), options.work / "logs", self.log)
             self.report.exports_snapshot = self.queue.snapshot
             self.queue.start()
-        if self._fits_phase("torch_full", self._torch_estimate(self.full_config, build=True)):
+        if not options.full:
+            self.report.skip("torch_full", "phase", "not asked for (--no-full)")
+        elif self._fits_phase("torch_full", self._torch_estimate(self.full_config, build=True)):
             self.torch_phase("full", options.config)
         for depth in options.ladder:
             config = options.depth_config(depth)

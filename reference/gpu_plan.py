@@ -84,6 +84,7 @@ class GpuCheckOptions:
     work_dir: Path | None = None  # None: <out>/work
     export_workers: int | None = None  # None: 3 on a GPU host, 0 (in-process) on the CPU
     bf16: bool = True  # also time PyTorch in bf16 at the first depth (fp16 vs bf16)
+    full: bool = True  # time PyTorch at full depth (off: a shorter run that only compares the two depths)
     gpu_memory_gb: float | None = None  # dry-run: the GPU to plan for (None: the one present, else 80)
 
     @property
@@ -243,7 +244,7 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
     full_gb = geometry.weights_gb(full)
     need_gb = full_gb * (1 + scale) + 30.0  # weights (+ fp32 init) + activations and the dense K/V
     fits_memory = need_gb <= memory
-    torch_full = BUILD_SECONDS_PER_GB * full_gb + rows_seconds(full)
+    torch_full = (BUILD_SECONDS_PER_GB * full_gb + rows_seconds(full)) if options.full else 0.0
     plan.phases.append(PlannedPhase("torch_full (PyTorch, full depth)", torch_full,
                                     f"{full_gb:.0f} GB weights" + ("" if fits_memory else
                                                                     f", needs ~{need_gb:.0f} GB > {memory:.0f}"),
