@@ -91,14 +91,17 @@ def _dtype(name: str):
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from sparse_context.reference.generator import SparseContextGenerator
-    from sparse_context.reference.tiny import tiny_model_dir
     from sparse_context.runtime.overlay import save_png
 
-    if args.engines:
+    if args.engines:  # torch-free: every step runs on the engines folder
+        from sparse_context.engines.pipeline import EnginePipeline
+
         check_engine_options(args)
-        generator = SparseContextGenerator.from_engines(args.engines, device=args.device)
+        generator = EnginePipeline.from_engines(args.engines, device=args.device)
     else:
+        from sparse_context.reference.generator import SparseContextGenerator
+        from sparse_context.reference.tiny import tiny_model_dir
+
         generator = SparseContextGenerator.from_pretrained(
             args.model or tiny_model_dir(), lora=args.lora,
             lora_scale=1.0 if args.lora_scale is None else args.lora_scale, transformer_file=args.transformer,
