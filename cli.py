@@ -282,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate an image (PyTorch, or engines with --engines)")
     generate.add_argument(FLAG_MODEL, help="local diffusers folder of FLUX.2-klein (default: the embedded tiny "
                           "model; with --engines: the folder the engines were built from)")
-    generate.add_argument(FLAG_ENGINES, help="engines folder from build_engines.py: the transformer runs there "
-                          "(TensorRT or onnxruntime); model, LoRA and precision are the ones it was built with")
+    generate.add_argument(FLAG_ENGINES, help="engines folder from build_engines.py: text encoder, transformer and "
+                          "VAE run there (TensorRT or onnxruntime, no torch needed); model, LoRA and precision are "
+                          "the ones it was built with")
     generate.add_argument(FLAG_TRANSFORMER, help="single-file transformer .safetensors replacing the folder's")
     generate.add_argument(FLAG_LORA, help="LoRA .safetensors merged into the transformer")
     generate.add_argument(FLAG_LORA_SCALE, type=float, default=None, help="LoRA scale (default 1)")
