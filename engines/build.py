@@ -175,9 +175,9 @@ def _build_parts(request: BuildRequest, progress: Callable[[str, int, int], None
     from sparse_context.export.part_exporter import export_parts
 
     plan, out_dir = request.plan, Path(request.out_dir)
-    exports = export_parts(request.model_dir, out_dir / "onnx", reference_resolutions(plan), target_resolutions(plan),
-                           text_tokens=plan.text_tokens, precision=request.precision, parts=PARTS,
-                           progress=progress)
+    exports = export_parts(request.model_dir, out_dir / "onnx", reference_resolutions(plan),
+                           target_resolutions(plan), text_tokens=plan.text_tokens, precision=request.precision,
+                           parts=PARTS, progress=progress)
     entries = {}
     for part, exported in exports.items():
         profiles = (part_profile(exported.spec),)
