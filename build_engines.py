@@ -3,8 +3,10 @@
     python build_engines.py --model /models/FLUX.2-klein-9B --lora sc.safetensors --backend trt --precision bf16
     python build_engines.py --demo                      # the embedded tiny model, onnxruntime CPU
 
-Export is reused when cached; one optimization profile per sparsity bucket (and per KV step); a manifest beside
-every engine. This file only parses, validates and calls ``sparse_context.engines.build``.
+Export is reused when cached; one optimization profile per sparsity bucket (and per KV step); the text encoder and
+VAE beside the transformer (profiles from the reference area, the target resolutions and the text tokens); the
+tokenizer and scheduler files copied in, so the folder alone runs `sparse-context generate --engines`; a manifest
+beside every engine. This file only parses, validates and calls ``sparse_context.engines.build``.
 """
 
 from __future__ import annotations
@@ -67,9 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SparseContextError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for graph, entry in index.graphs.items():
+    for graph, entry in {**index.graphs, **index.parts}.items():
         print(f"{graph}: {len(entry.profiles)} profiles, {'reused' if entry.reused_export else 'new'} export, "
               f"{entry.engine or entry.onnx}")
+    print(f"model files (tokenizer, scheduler): {len(index.files)} copied into {args.out}")
     print(f"backend {index.backend}, precision {index.precision}: {args.out}/engines.json")
     return 0
 

@@ -91,14 +91,17 @@ def _dtype(name: str):
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from sparse_context.reference.generator import SparseContextGenerator
-    from sparse_context.reference.tiny import tiny_model_dir
     from sparse_context.runtime.overlay import save_png
 
-    if args.engines:
+    if args.engines:  # torch-free: every step runs on the engines folder
+        from sparse_context.engines.pipeline import EnginePipeline
+
         check_engine_options(args)
-        generator = SparseContextGenerator.from_engines(args.engines, device=args.device)
+        generator = EnginePipeline.from_engines(args.engines, device=args.device)
     else:
+        from sparse_context.reference.generator import SparseContextGenerator
+        from sparse_context.reference.tiny import tiny_model_dir
+
         generator = SparseContextGenerator.from_pretrained(
             args.model or tiny_model_dir(), lora=args.lora,
             lora_scale=1.0 if args.lora_scale is None else args.lora_scale, transformer_file=args.transformer,
@@ -279,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate an image (PyTorch, or engines with --engines)")
     generate.add_argument(FLAG_MODEL, help="local diffusers folder of FLUX.2-klein (default: the embedded tiny "
                           "model; with --engines: the folder the engines were built from)")
-    generate.add_argument(FLAG_ENGINES, help="engines folder from build_engines.py: the transformer runs there "
-                          "(TensorRT or onnxruntime); model, LoRA and precision are the ones it was built with")
+    generate.add_argument(FLAG_ENGINES, help="engines folder from build_engines.py: text encoder, transformer and "
+                          "VAE run there (TensorRT or onnxruntime, no torch needed); model, LoRA and precision are "
+                          "the ones it was built with")
     generate.add_argument(FLAG_TRANSFORMER, help="single-file transformer .safetensors replacing the folder's")
     generate.add_argument(FLAG_LORA, help="LoRA .safetensors merged into the transformer")
     generate.add_argument(FLAG_LORA_SCALE, type=float, default=None, help="LoRA scale (default 1)")

@@ -4,6 +4,7 @@ for the runtime."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -11,10 +12,12 @@ from typing import Any, Callable, Sequence
 from sparse_context.engines.buckets import BucketPlan, CACHED_TOKENS
 from sparse_context.engines.errors import REBUILD_PROGRAM, BuildOptionError
 from sparse_context.engines.index import BACKENDS, EnginesIndex, GraphEntry
+from sparse_context.engines.model_files import copy_model_files
 from sparse_context.engines.ort.loader import PROVIDERS, ort_trt_provider_options
 from sparse_context.engines.profiles import Profile, engine_profiles
 from sparse_context.runtime.errors import bad_value
 from sparse_context.runtime.fingerprints import file_sha256
+from sparse_context.runtime.tokens import TOKEN_PIXELS
 
 # build_engines.py's options that fix what an engine is; the generate CLI's refusals name them.
 FLAG_MODEL = "--model"
@@ -31,6 +34,8 @@ FLAG_OUT = "--out"
 # 0.94-1.05x PyTorch eager per row at full depth (extrapolated from 2 depths), the ONNX Attention op 1.19-1.34x
 # (`sparse-context bench gpu`, reference/measured/). TensorRT parses neither: MatMul-Softmax-MatMul, which it fuses.
 ATTENTION_BY_BACKEND = {"trt": "matmul", "ort-trt": "matmul", "ort-cuda": "mha", "ort-cpu": "matmul"}
+PARTS = ("text_encoder", "vae_encoder", "vae_decoder")
+PART_PROFILE = "parts"  # the bucket name of a part engine's one profile (its step is the part's name)
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,32 @@ def symbol_names(spec: Any) -> dict[str, str]:
     return {CACHED_TOKENS: CACHED_REF_TOKENS}
 
 
+def reference_resolutions(plan: BucketPlan) -> tuple[tuple[int, int], ...]:
+    """(width, height) px the VAE encoder's profile covers: references of the plan's area at any aspect ratio
+    from 1:2 to 2:1 (prepared references keep their photo's), down to one token. The transformer's buckets bound
+    the tokens; this bounds the image sides."""
+    width = max(TOKEN_PIXELS, plan.ref_resolution.width_px // TOKEN_PIXELS * TOKEN_PIXELS)
+    height = max(TOKEN_PIXELS, plan.ref_resolution.height_px // TOKEN_PIXELS * TOKEN_PIXELS)
+    side = max(TOKEN_PIXELS, math.isqrt(width * height // 2) // TOKEN_PIXELS * TOKEN_PIXELS)  # short side at 2:1
+    return (width, height), (2 * side, side), (side, 2 * side), (TOKEN_PIXELS, TOKEN_PIXELS)
+
+
+def target_resolutions(plan: BucketPlan) -> tuple[tuple[int, int], ...]:
+    return tuple((r.width_px // TOKEN_PIXELS * TOKEN_PIXELS, r.height_px // TOKEN_PIXELS * TOKEN_PIXELS)
+                 for r in plan.target_resolutions)
+
+
+def part_profile(spec: Any) -> Profile:
+    """The one optimization profile of a part engine: its export spec's min/opt/max."""
+    return Profile(PART_PROFILE, spec.graph, tuple(spec.profile().items()))
+
+
 def build_engines(request: BuildRequest, progress: Callable[[str, int, int], None] | None = None) -> EnginesIndex:
-    """Export, plan profiles and build for ``request.backend``; write and return the ``engines.json`` index."""
+    """Export, plan profiles and build for ``request.backend``; write and return the ``engines.json`` index.
+
+    Beside the transformer graphs: the text encoder (prompts up to the plan's text tokens), the VAE encoder
+    (references of the plan's reference area) and decoder (its target resolutions), and the model's tokenizer
+    and scheduler files, so the folder alone runs prompt + references -> image."""
     from sparse_context.export.exporter import ExportOptions, export_graphs
 
     request = request.validate()
@@ -102,14 +131,19 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
                                    profiles=tuple(p.to_json() for p in profiles), reused_export=exported.reused,
                                    engine=engine, provider_options=provider_options)
 
-    # 4. The index the runtime reads
+    # 4. The parts around the transformer: export, one profile each, the same backend build
+    parts = _build_parts(request, progress)
+
+    # 5. The index the runtime reads, with the model files it needs copied beside it
+    files = copy_model_files(request.model_dir, out_dir)
     index = EnginesIndex(
         backend=request.backend, model_dir=str(Path(request.model_dir).resolve()), precision=request.precision,
         attention=options.attention, plan=plan, graphs=graphs, providers=PROVIDERS.get(request.backend, ()),
         lora=str(Path(request.lora).resolve()) if request.lora else None,
         lora_sha256=file_sha256(request.lora) if request.lora else None,
         lora_scale=float(request.lora_scale) if request.lora else 1.0,
-        transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None)
+        transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None,
+        parts=parts, files=files)
     index.write(out_dir)
     return index
 
@@ -135,6 +169,27 @@ def build_command(index: EnginesIndex, out_dir: str | Path, **changes: Any) -> s
         words += [FLAG_GRAPHS, *graphs]
     words += [*index.plan.build_args(), FLAG_OUT, str(out_dir)]
     return " ".join(words)
+
+
+def _build_parts(request: BuildRequest, progress: Callable[[str, int, int], None] | None) -> dict[str, GraphEntry]:
+    from sparse_context.export.part_exporter import export_parts
+
+    plan, out_dir = request.plan, Path(request.out_dir)
+    exports = export_parts(request.model_dir, out_dir / "onnx", reference_resolutions(plan),
+                           target_resolutions(plan), text_tokens=plan.text_tokens, precision=request.precision,
+                           parts=PARTS, progress=progress)
+    entries = {}
+    for part, exported in exports.items():
+        profiles = (part_profile(exported.spec),)
+        engine = provider_options = None
+        if request.backend == "trt":
+            engine = str(_build_trt(request, part, exported, profiles, progress))
+        elif request.backend == "ort-trt":
+            provider_options = ort_trt_provider_options(profiles, out_dir / "ort-trt-cache" / part)
+        entries[part] = GraphEntry(onnx=str(exported.path), onnx_sha256=exported.manifest["onnx_sha256"],
+                                   profiles=tuple(p.to_json() for p in profiles), reused_export=exported.reused,
+                                   engine=engine, provider_options=provider_options)
+    return entries
 
 
 def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Sequence[Profile],

@@ -15,7 +15,8 @@ from sparse_context.engines.manifest import atomic_write_bytes
 from sparse_context.runtime.errors import bad_value
 
 ENGINES_FILE = "engines.json"
-FORMAT_VERSION = 2  # 2: records the LoRA and transformer checkpoint, so options fixed at build time can be checked
+FORMAT_VERSION = 3  # 2: records the LoRA and transformer checkpoint, so options fixed at build time can be checked
+# 3: the text encoder and VAE parts, and the model files (tokenizer, scheduler) copied into the folder
 BACKENDS = ("trt", "ort-cuda", "ort-trt", "ort-cpu")
 DEVICE_BY_BACKEND = {"trt": "cuda", "ort-cuda": "cuda", "ort-trt": "cuda", "ort-cpu": "cpu"}
 
@@ -65,6 +66,8 @@ class EnginesIndex:
     lora_sha256: str | None = None
     lora_scale: float = 1.0
     transformer_file: str | None = None
+    parts: Mapping[str, GraphEntry] = field(default_factory=dict)  # text_encoder, vae_encoder, vae_decoder
+    files: Mapping[str, str] = field(default_factory=dict)  # model files copied in: relative path -> sha256
     format: int = field(default=FORMAT_VERSION)
 
     @property
@@ -75,6 +78,7 @@ class EnginesIndex:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(plan=self.plan.to_json(), graphs={g: e.to_json() for g, e in self.graphs.items()},
+                    parts={p: e.to_json() for p, e in self.parts.items()}, files=dict(self.files),
                     providers=list(self.providers), build_args=list(self.plan.build_args()))
         return data
 
@@ -101,7 +105,9 @@ class EnginesIndex:
                    graphs={g: GraphEntry.from_json(g, e) for g, e in data["graphs"].items()},
                    providers=tuple(data.get("providers") or ()), lora=data.get("lora"),
                    lora_sha256=data.get("lora_sha256"), lora_scale=float(data.get("lora_scale", 1.0)),
-                   transformer_file=data.get("transformer_file"), format=int(version))
+                   transformer_file=data.get("transformer_file"),
+                   parts={p: GraphEntry.from_json(p, e) for p, e in (data.get("parts") or {}).items()},
+                   files={str(k): str(v) for k, v in (data.get("files") or {}).items()}, format=int(version))
 
     @classmethod
     def read(cls, engines_dir: str | Path) -> EnginesIndex:

@@ -44,6 +44,12 @@ class RuntimeResult:
     cache_hit: bool = False
 
 
+def initial_noise(seed: int, tokens: int, channels: int) -> np.ndarray:
+    """(1, tokens, channels) float32 unit-normal noise from numpy's generator for ``seed`` (not torch's: the
+    same seed gives other noise than the PyTorch generator)."""
+    return np.random.default_rng(int(seed)).standard_normal((1, tokens, channels)).astype(np.float32)
+
+
 def read_model_settings(model_dir: str | Path) -> tuple[dict[str, Any], bool]:
     """(scheduler config, is_distilled) of a diffusers folder, read as JSON (no diffusers import)."""
     folder = Path(model_dir)
@@ -72,8 +78,12 @@ class EngineRuntime:
     def from_engines(cls, engines_dir: str | Path, kv_cache: ReferenceKVCache | None = None,
                      memory: Any = None, device: str | None = None) -> EngineRuntime:
         """``device``: ``cpu``, ``cuda`` or ``cuda:N``, checked against where the engines run."""
+        from sparse_context.engines.build import build_command
+        from sparse_context.engines.model_files import checked_model_folder
+
         index = EnginesIndex.read(engines_dir)
-        scheduler, _ = read_model_settings(index.model_dir)
+        model_folder = checked_model_folder(engines_dir, index.files, build_command(index, engines_dir))
+        scheduler, _ = read_model_settings(model_folder)
         return cls(open_backend(index, memory=memory, device=device), scheduler, kv_cache, index)
 
     def generate_latents(
@@ -121,8 +131,7 @@ class EngineRuntime:
         # 2. Noise and prompt
         channels = self.backend.dims.in_channels
         if latents is None:
-            noise = np.random.default_rng(int(seed)).standard_normal((1, rows * cols, channels))
-            latents = noise.astype(np.float32)
+            latents = initial_noise(seed, rows * cols, channels)
         latents = np.asarray(latents, dtype=np.float32)
         if latents.shape != (1, rows * cols, channels):
             raise InputError(bad_value("latents shape", latents.shape, f"(1, {rows * cols}, {channels}) for "

@@ -11,10 +11,9 @@
 - ``part_specs`` (numpy only): :func:`vae_encoder_spec`, :func:`vae_decoder_spec`, :func:`text_encoder_spec`.
 - ``vae``, ``text_encoder`` (torch): :func:`export_vae_encoder`, :func:`export_vae_decoder`,
   :func:`export_text_encoder`; ``part_exporter``: :func:`export_parts` (all three, the VAE loaded once).
-- ``ort_parts`` (numpy + onnxruntime): :class:`OrtTextAndVae`, the torch-free prompt, reference and decode steps.
-- ``validate_parts``: :func:`validate_part_export`.
 
-This layer imports only ``runtime``; running an export (onnxruntime backend: ``engines.ort``) and validating it
-against PyTorch (``reference.validate``) live above it. Sub-modules are imported on use, so
+This layer imports only ``runtime``; running an export (onnxruntime: ``engines.ort``, the parts in
+``engines.ort.parts``) and validating it against PyTorch (``reference.validate``, ``reference.validate_parts``) live
+above it. Sub-modules are imported on use, so
 ``import sparse_context.export.spec`` needs neither torch nor onnx.
 """

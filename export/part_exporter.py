@@ -22,7 +22,7 @@ from sparse_context.export.exporter import (
     exporter_versions,
 )
 from sparse_context.export.part_specs import PIXEL_AXES, PartSpec, example_sizes, sample_inputs
-from sparse_context.reference.lora import file_sha256
+from sparse_context.runtime.fingerprints import file_sha256
 from sparse_context.runtime.errors import bad_value
 from sparse_context.runtime.tokens import TOKEN_PIXELS
 

@@ -76,7 +76,7 @@ def load_text_encoder(model_dir: str | Path, precision: str = "fp32") -> Any:
     """The folder's ``Qwen3ForCausalLM`` in eval mode at the export precision."""
     from transformers import Qwen3ForCausalLM
 
-    from sparse_context.reference.loading import read_model_index
+    from sparse_context.export.loading import read_model_index
 
     read_model_index(model_dir)
     try:

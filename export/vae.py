@@ -81,7 +81,7 @@ def load_vae(model_dir: str | Path, precision: str = "fp32") -> Any:
     """The folder's ``AutoencoderKLFlux2`` in eval mode at the export precision."""
     from diffusers import AutoencoderKLFlux2
 
-    from sparse_context.reference.loading import read_model_index
+    from sparse_context.export.loading import read_model_index
     from sparse_context.runtime.errors import ModelLoadError
 
     read_model_index(model_dir)

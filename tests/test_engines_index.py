@@ -28,7 +28,9 @@ def make_index(**changes) -> EnginesIndex:
 def test_round_trip_through_the_file(tmp_path):
     index = make_index(lora="/l/sc.safetensors", lora_sha256="cd" * 32, lora_scale=0.5,
                        graphs={"full": GraphEntry("/f.onnx", "0" * 64, (), engine="/f.engine"),
-                               "kv": GraphEntry("/k.onnx", "1" * 64, (), provider_options={"a": "1"})})
+                               "kv": GraphEntry("/k.onnx", "1" * 64, (), provider_options={"a": "1"})},
+                       parts={"vae_decoder": GraphEntry("/d.onnx", "2" * 64, ({"bucket": "parts"},))},
+                       files={"model/tokenizer/tokenizer.json": "3" * 64})
     index.write(tmp_path)
     data = json.loads((tmp_path / "engines.json").read_text())
     assert data["format"] == FORMAT_VERSION and data["build_args"] == list(PLAN.build_args())
@@ -36,13 +38,14 @@ def test_round_trip_through_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(format=1), r"format 1; this version reads format 2; rebuild it .*build_engines.py --keeps 0.1"),
+    (dict(format=1), r"format 1; this version reads format 3; rebuild it .*build_engines.py --keeps 0.1"),
+    (dict(format=2), r"format 2; this version reads format 3; rebuild it .*build_engines.py --keeps 0.1"),
     (dict(format=None), "format None"),
     (dict(graphs={}), "graphs: got {}; allowed: at least one of full, kv"),
     (dict(graphs={"kv": []}), "graph 'kv': got 'list'; allowed: an object"),
     (dict(graphs={"kv": {"onnx": "x"}}), "graph 'kv': missing onnx_sha256, profiles"),
     (dict(plan={"max_refs": 3}), "recorded bucket plan"),
-], ids=["old-format", "no-format", "no-graphs", "graph-not-object", "graph-fields", "plan"])
+], ids=["old-format", "format-2-no-parts", "no-format", "no-graphs", "graph-not-object", "graph-fields", "plan"])
 def test_malformed_index_names_the_problem(change, match):
     data = {**make_index().to_json(), **change}
     if change.get("format", 0) is None:

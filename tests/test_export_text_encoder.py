@@ -192,7 +192,7 @@ def test_ort_parts_encode_prompt(export, tiny_model_dir, text_encoder):
     """The torch-free prompt path (our tokenizer + the graph) equals the generator's diffusers call."""
     from transformers import AutoTokenizer
 
-    from sparse_context.export.ort_parts import OrtPartSession, OrtTextAndVae
+    from sparse_context.engines.ort.parts import OrtPartSession, OrtTextAndVae
     from sparse_context.runtime.errors import InputError
 
     layers, max_tokens = text_settings(tiny_model_dir)
@@ -209,7 +209,7 @@ def test_ort_parts_encode_prompt(export, tiny_model_dir, text_encoder):
 
 
 def test_validate_part_export(export, tiny_model_dir):
-    from sparse_context.export.validate_parts import validate_part_export
+    from sparse_context.reference.validate_parts import validate_part_export
 
     report = validate_part_export(export[0].path, tiny_model_dir)
     assert [r.sizes for r in report.records] == ["text_tokens=1", "text_tokens=13", "text_tokens=64"]

@@ -124,7 +124,7 @@ def test_postprocess_equals_diffusers():
 def test_export_contract_manifest_and_cache(exports, tiny_model_dir):
     from sparse_context.export.part_exporter import is_part_cached
     from sparse_context.export.vae import export_vae_encoder
-    from sparse_context.reference.lora import file_sha256
+    from sparse_context.runtime.fingerprints import file_sha256
 
     assert [s[0] for s in exports.stages] == ["hash", "load", "trace", "save", "check", "manifest"]
     for result, spec in ((exports.encoder, vae_encoder_spec(RESOLUTIONS)), (exports.decoder,
@@ -193,7 +193,7 @@ def test_ort_parts_encode_and_decode(exports, vae, tiny_model_dir):
     import torch
     from diffusers.image_processor import VaeImageProcessor
 
-    from sparse_context.export.ort_parts import OrtTextAndVae
+    from sparse_context.engines.ort.parts import OrtTextAndVae
 
     parts = OrtTextAndVae(tiny_model_dir, vae_encoder=exports.encoder.path.parent, vae_decoder=exports.decoder.path)
     image = _photo(96, 48, seed=3)
@@ -209,7 +209,7 @@ def test_ort_parts_encode_and_decode(exports, vae, tiny_model_dir):
 
 
 def test_ort_parts_reject_wrong_shapes(exports, tiny_model_dir):
-    from sparse_context.export.ort_parts import OrtPartSession, OrtTextAndVae
+    from sparse_context.engines.ort.parts import OrtPartSession, OrtTextAndVae
 
     encoder = OrtPartSession(exports.encoder.path)
     with pytest.raises(InputError, match="multiple of 16"):
@@ -255,7 +255,7 @@ def test_quant_conv_vae_equals_diffusers(tmp_path):
 def test_validate_part_export(exports, vae):
     """The validator compares at the profile's corners (not the traced size) and reports every failure at once."""
     from sparse_context.export.errors import ValidationError
-    from sparse_context.export.validate_parts import validate_part_export
+    from sparse_context.reference.validate_parts import validate_part_export
     from sparse_context.export.vae import VaeDecoderGraph, VaeEncoderGraph
 
     report = validate_part_export(exports.encoder.path, module=VaeEncoderGraph(vae))

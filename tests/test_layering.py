@@ -20,7 +20,9 @@ HEAVY = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntim
 # Modules the torch-free engine runtime loads; with everything they import at module level, none may import a
 # heavy dependency at module level (each backend imports its own lazily, on use).
 TORCH_FREE_ENTRIES = ("sparse_context.engines.runtime", "sparse_context.engines.index",
-                      "sparse_context.engines.ort.backend", "sparse_context.engines.trt.backend")
+                      "sparse_context.engines.ort.backend", "sparse_context.engines.trt.backend",
+                      "sparse_context.engines.pipeline", "sparse_context.engines.ort.parts",
+                      "sparse_context.engines.trt.parts", "sparse_context.engines.model_files")
 
 
 def module_name(path: Path) -> str:

@@ -198,7 +198,7 @@ def test_bad_prompt_and_length(tiny_model_dir):
 
 def test_imports_without_torch_or_transformers(tiny_model_dir):
     code = ("import sys; from sparse_context.runtime.tokenizer import PromptTokenizer; "
-            "import sparse_context.runtime.vae_io, sparse_context.export.ort_parts; "
+            "import sparse_context.runtime.vae_io, sparse_context.engines.ort.parts; "
             "import sparse_context.export.part_specs; "
             f"PromptTokenizer.from_model_dir({str(tiny_model_dir)!r})('a cat'); "
             "heavy = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; "

@@ -23,6 +23,19 @@ TRT_TYPES = {1: "FLOAT", 10: "HALF", 7: "INT64", 6: "INT32"}  # ONNX elem_type -
 NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
 
 
+def _scaled(dim: str) -> tuple[int, str]:
+    """``"16*latent_rows"`` -> (16, "latent_rows"); a plain symbol -> (1, symbol)."""
+    factor, star, symbol = dim.partition("*")
+    return (int(factor), symbol) if star and factor.isdigit() else (1, dim)
+
+
+def _evaluate(dim: str, values: dict) -> int:
+    if dim in values:
+        return values[dim]
+    factor, symbol = _scaled(dim)
+    return factor * values[symbol] if symbol in values else -1
+
+
 def host_array(pointer: int, shape, dtype) -> np.ndarray:
     """The array of ``shape`` at a host address (a view: writes go to that memory)."""
     count = int(np.prod(shape, dtype=np.int64))
@@ -224,14 +237,18 @@ class _Context:
         values = {}
         for name, (mode, _, dims) in self.engine.io.items():
             if mode == "INPUT" and name in self.shapes:
-                values.update({d: s for d, s in zip(dims, self.shapes[name]) if isinstance(d, str)})
+                for dim, size in zip(dims, self.shapes[name]):
+                    if isinstance(dim, str):
+                        factor, symbol = _scaled(dim)
+                        values[dim] = size
+                        values.setdefault(symbol, size // factor)  # "16*latent_rows": the VAE's pixel axes
         return values
 
     def get_tensor_shape(self, name):
         if name in self.shapes:
             return self.shapes[name]
         values = self._symbols()
-        return tuple(d if isinstance(d, int) else values.get(d, -1) for d in self.engine.io[name][2])
+        return tuple(d if isinstance(d, int) else _evaluate(d, values) for d in self.engine.io[name][2])
 
     def set_tensor_address(self, name, pointer):
         self.addresses[name] = int(pointer)

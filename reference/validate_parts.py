@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sparse_context.export.errors import ValidationError
-from sparse_context.export.ort_backend import read_export_manifest
+from sparse_context.export.manifest import read_export_manifest
 from sparse_context.export.part_specs import PartSpec, check_sizes, sample_inputs
 
 # (atol, rtol); fp32 is the acceptance precision of these graphs.

@@ -1,0 +1,236 @@
+"""Prompt + reference images in, image out, on an engines folder alone: no torch, no diffusers, no model folder.
+
+    from sparse_context.engines.pipeline import EnginePipeline
+
+    pipe = EnginePipeline.from_engines("engines_out")
+    result = pipe.generate("a cat in a spacesuit", ["photo.jpg"], keep_fraction=0.1, strategy="saliency",
+                           use_kv=True)
+    result.image  # (H, W, 3) uint8
+
+The steps are the PyTorch generator's (:class:`~sparse_context.reference.generator.SparseContextGenerator`), each
+on an engine: the tokenizer (``tokenizers``) and the text-encoder engine, references prepared as the Klein
+pipelines prepare them, token selection (OpenCV), the generation core (packing, schedule, denoising, reference
+K/V reuse and cache) on the transformer engines, the VAE encoder engine only when the K/V cache misses, and the
+VAE decoder engine. With the same initial latents the two give the same image (fp32: latents within 1e-4,
+pixels within 2 levels; ``tests/test_engine_pipeline.py``).
+
+Noise: without ``latents``, the initial noise comes from numpy's generator for ``seed``. The PyTorch generator
+draws with ``torch.randn``, which numpy cannot reproduce, so the same seed gives a different (equally valid)
+image there; pass ``latents`` to both to compare them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from sparse_context.engines.errors import EnginesIndexError
+from sparse_context.engines.index import EnginesIndex, check_device, open_backend
+from sparse_context.engines.parts import PART_NAMES, TextAndVae
+from sparse_context.engines.runtime import EngineRuntime, initial_noise, read_model_settings
+from sparse_context.runtime.core import References, cached_prompt, generate_latents
+from sparse_context.runtime.errors import InputError, bad_value
+from sparse_context.runtime.fingerprints import array_digest
+from sparse_context.runtime.kv_cache import ReferenceKVCache
+from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
+from sparse_context.runtime.sampler import Conditioning
+from sparse_context.runtime.tokens import (
+    MAX_REFERENCE_AREA, TOKEN_PIXELS, check_keep_fraction, check_reference_count, text_position_ids, token_grid,
+)
+
+DEFAULT_SIZE = 1024  # without references or a size: diffusers' default_sample_size x vae_scale_factor
+
+
+@dataclass
+class PipelineResult:
+    image: np.ndarray  # (H, W, 3) uint8
+    latents: np.ndarray  # (1, rows*cols, C) float32 final packed target latents
+    grid: tuple[int, int]  # (rows, cols) of the target latents
+    ref_tokens: int  # reference tokens the transformer saw
+    ref_tokens_available: int  # reference tokens before selection
+    selections: list[np.ndarray]  # kept flat indices per reference
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    kv_state: Any = None
+    cache_hit: bool = False  # the reference K/V came from the persistent cache
+
+
+def open_parts(index: EnginesIndex, tokenizer: Any, device_id: int = 0, memory: Any = None) -> TextAndVae:
+    """The text encoder and VAE sessions an index describes, on its backend (TensorRT engines, or onnxruntime
+    with the recorded providers)."""
+    sessions = {}
+    for part in PART_NAMES:
+        entry = index.parts[part]
+        if index.backend == "trt":
+            from sparse_context.engines.trt.parts import TrtPartSession
+
+            sessions[part] = TrtPartSession(entry.engine, entry.onnx, memory=memory, device=device_id)
+        else:
+            from sparse_context.engines.ort.parts import OrtPartSession
+
+            providers: list[Any] = list(index.providers) or ["CPUExecutionProvider"]
+            if entry.provider_options and providers[0] == "TensorrtExecutionProvider":
+                providers[0] = (providers[0], dict(entry.provider_options))
+            sessions[part] = OrtPartSession(entry.onnx, providers, device_id)
+    return TextAndVae(tokenizer, **sessions)
+
+
+class EnginePipeline:
+    """Images from a prompt and reference images with the engines of one ``build_engines.py`` folder."""
+
+    def __init__(self, runtime: EngineRuntime, parts: TextAndVae, is_distilled: bool = True,
+                 prompt_cache: PromptEmbeddingCache | None = None, text_fingerprint: str = "",
+                 prefers_kv: bool = False):
+        self.runtime = runtime
+        self.parts = parts
+        self.is_distilled = is_distilled  # base (non-distilled) models take guidance with an empty prompt
+        self.prefers_kv = prefers_kv  # a Klein KV checkpoint was trained for the KV path
+        self.prompt_cache = prompt_cache
+        self.text_fingerprint = text_fingerprint
+
+    @classmethod
+    def from_engines(cls, engines_dir: str | Path, device: str | None = None,
+                     kv_cache: ReferenceKVCache | None = None, prompt_cache: PromptEmbeddingCache | None = None,
+                     memory: Any = None) -> EnginePipeline:
+        """Open every engine of ``engines_dir``. ``device``: ``cpu``, ``cuda`` or ``cuda:N``, checked against where
+        the engines run. ``memory``: the TensorRT runners' device-memory object (default: cuda-python)."""
+        from sparse_context.engines.build import build_command
+        from sparse_context.engines.model_files import checked_model_folder
+        from sparse_context.runtime.tokenizer import PromptTokenizer
+
+        # 1. What was built, and the model files it carries (checked against their recorded sha256)
+        index = EnginesIndex.read(engines_dir)
+        rebuild = build_command(index, engines_dir)
+        missing = [part for part in PART_NAMES if part not in index.parts]
+        if missing:
+            raise EnginesIndexError(f"{engines_dir}: engines.json has no {', '.join(missing)} (the folder holds only "
+                                    f"the transformer); rebuild it with: {rebuild}")
+        model_folder = checked_model_folder(engines_dir, index.files, rebuild)
+        scheduler, is_distilled = read_model_settings(model_folder)
+        tokenizer = PromptTokenizer.from_model_dir(model_folder)
+        if tokenizer.max_length > index.plan.text_tokens:
+            raise EnginesIndexError(bad_value("engines' text tokens", index.plan.text_tokens, f"at least the "
+                                              f"model's prompt length {tokenizer.max_length} (prompts are padded to "
+                                              f"it); rebuild with --text-tokens {tokenizer.max_length}: {rebuild}"))
+
+        # 2. The transformer backend and the parts, on the same device
+        device_id = check_device(index, device)
+        backend = open_backend(index, memory=memory, device=device)
+        parts = open_parts(index, tokenizer, device_id, getattr(backend, "memory", memory))
+        runtime = EngineRuntime(backend, scheduler, kv_cache, index)
+        text = index.parts["text_encoder"].onnx_sha256 + "".join(sorted(index.files.values()))
+        pipeline_class = json.loads((model_folder / "model_index.json").read_text()).get("_class_name")
+        return cls(runtime, parts, is_distilled, prompt_cache, text, pipeline_class == "Flux2KleinKVPipeline")
+
+    @property
+    def index(self) -> EnginesIndex | None:
+        return self.runtime.index
+
+    def encode_prompt(self, prompt: str) -> np.ndarray:
+        """(1, text tokens, text dim) float32 prompt embeddings, through the prompt cache when there is one."""
+        if not isinstance(prompt, str):
+            raise InputError(bad_value("prompt", type(prompt).__name__, "a string", "--prompt"))
+        settings = {"max_sequence_length": self.parts.tokenizer.max_length}
+        return cached_prompt(self.prompt_cache, self.text_fingerprint, prompt, settings,
+                             lambda: self.parts.encode_prompt(prompt))
+
+    def prepare_references(self, references: Sequence[Any]) -> list[Any]:
+        """Load and resize/crop each reference exactly as the Klein pipelines do before VAE encoding."""
+        from sparse_context.runtime.images import load_image, prepare_reference
+
+        check_reference_count(len(references))
+        return [prepare_reference(load_image(ref), max_area=MAX_REFERENCE_AREA, multiple_of=TOKEN_PIXELS)
+                for ref in references]
+
+    def generate(
+        self,
+        prompt: str,
+        references: Sequence[Any] = (),
+        *,
+        keep_fraction: float = 1.0,
+        token_count: int | None = None,
+        strategy: str = "uniform",
+        allocation: str = "per_reference",
+        masks: Sequence[Any] | None = None,
+        selections: Sequence[np.ndarray] | None = None,
+        use_kv: bool = False,
+        height: int | None = None,
+        width: int | None = None,
+        num_steps: int = 4,
+        guidance_scale: float = 4.0,
+        seed: int = 0,
+        latents: np.ndarray | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> PipelineResult:
+        """Generate one image; the arguments mean what they mean for the PyTorch generator's ``generate``.
+
+        ``references``: paths, PIL images or (H, W, 3) arrays. ``keep_fraction`` (or ``token_count``) and
+        ``strategy`` choose the reference tokens kept; ``selections`` (flat indices per reference) fix them.
+        ``latents``: (1, rows*cols, 128) initial noise (default: numpy's for ``seed``)."""
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        # 1. Check inputs and prepare the references as the VAE sees them
+        check_keep_fraction(keep_fraction)
+        prepared = self.prepare_references(references) if len(references) else []
+        if prepared and height is None and width is None:
+            height, width = prepared[0].height, prepared[0].width
+        width, height = int(width or DEFAULT_SIZE), int(height or DEFAULT_SIZE)
+        rows, cols = token_grid(width, height)
+        channels = self.runtime.backend.dims.in_channels
+        if latents is None:
+            latents = initial_noise(seed, rows * cols, channels)
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.shape != (1, rows * cols, channels):
+            raise InputError(bad_value("latents shape", latents.shape, f"(1, {rows * cols}, {channels}) for "
+                                       f"{width}x{height} px", "--width/--height"))
+
+        # 2. Prompt embeddings (and the empty negative prompt for guidance on non-distilled models)
+        embeds = self.encode_prompt(prompt)
+        negative = self.encode_prompt("") if guidance_scale > 1.0 and not self.is_distilled else None
+        conditioning = Conditioning(embeds, text_position_ids(embeds.shape[1]), negative,
+                                    None if negative is None else text_position_ids(negative.shape[1]),
+                                    float(guidance_scale))
+        timings["text"] = time.perf_counter() - clock
+
+        # 3. Which reference tokens to keep
+        clock = time.perf_counter()
+        grids = [(image.height // TOKEN_PIXELS, image.width // TOKEN_PIXELS) for image in prepared]
+        if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
+            from sparse_context.runtime.selection import select_references
+
+            chosen = select_references(prepared, strategy=strategy, token_count=token_count,
+                                       keep_fraction=None if token_count else keep_fraction, allocation=allocation,
+                                       seed=seed, masks=masks, multiple_of=TOKEN_PIXELS)
+            selections = [s.indices for s in chosen]
+        timings["selection"] = time.perf_counter() - clock
+
+        # 4. The generation core: reference cache, VAE encoder engine on a miss, packing, schedule, denoise
+        references_in = None
+        if prepared:
+            references_in = References(tuple(grids), tuple(array_digest(image) for image in prepared),
+                                       lambda: [self.parts.encode_reference(image) for image in prepared])
+        runtime = self.runtime
+        core = generate_latents(runtime.backend, latents, (rows, cols), conditioning, num_steps=num_steps,
+                                scheduler_config=runtime.scheduler_config, references=references_in,
+                                selections=selections, use_kv=use_kv, kv_cache=runtime.kv_cache,
+                                model_fingerprint=runtime.model_fingerprint, on_step=on_step)
+        timings.update(core.timings)
+        final = np.asarray(core.latents, dtype=np.float32)
+
+        # 5. Decode
+        clock = time.perf_counter()
+        image = self.parts.decode(final, (rows, cols))
+        timings["vae_decode"] = time.perf_counter() - clock
+        return PipelineResult(image, final, (rows, cols), core.ref_tokens, core.ref_tokens_available,
+                              core.selections, timings, core.kv_state, core.cache_hit)
+
+    def close(self) -> None:
+        """Release the engines (TensorRT runners hold device memory until then)."""
+        self.parts.close()
+        if hasattr(self.runtime.backend, "close"):
+            self.runtime.backend.close()
