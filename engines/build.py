@@ -36,6 +36,7 @@ class BuildRequest:
     transformer_file: Path | None = None
     graphs: tuple[str, ...] = ("full", "kv")
     workspace_bytes: int | None = None
+    calibration: Any = None  # calibration.build.CalibrationOptions for precision int8/fp8 (None: defaults)
 
     def validate(self) -> "BuildRequest":
         if self.backend not in BACKENDS:
@@ -43,6 +44,10 @@ class BuildRequest:
         if self.backend == "ort-cpu" and self.precision == "bf16":
             raise BuildOptionError(bad_value("precision for ort-cpu", "bf16", "fp32 or fp16 (onnxruntime CPU has no "
                                              "bfloat16 kernels)", "--precision"))
+        if self.precision in ("int8", "fp8"):
+            from sparse_context.calibration.build import check_backend
+
+            check_backend(self.precision, self.backend)
         self.plan.validate()
         return self
 
@@ -76,6 +81,7 @@ def ort_trt_provider_options(profiles: Sequence[Profile], cache_dir: Path) -> di
 
 def build_engines(request: BuildRequest, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Export, plan profiles and build for ``request.backend``; write and return the ``engines.json`` contents."""
+    from sparse_context.calibration.build import QUANTIZED_PRECISIONS, export_precision, quantize_for_build
     from sparse_context.export.exporter import ExportOptions, export_graphs
 
     request = request.validate()
@@ -85,12 +91,16 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
 
     # 1. Export (reused when the same weights, LoRA and options were exported before)
     options = ExportOptions(
-        model_dir=Path(request.model_dir), precision=request.precision,
+        model_dir=Path(request.model_dir), precision=export_precision(request.precision),
         attention=ATTENTION_BY_BACKEND[request.backend], lora=request.lora, lora_scale=request.lora_scale,
         transformer_file=request.transformer_file, max_ref_tokens=plan.max_ref_tokens,
         target_sizes=tuple((r.width_px, r.height_px) for r in plan.target_resolutions), text_tokens=plan.text_tokens,
         out_dir=out_dir / "onnx")
     exports = export_graphs(options, request.graphs, progress)
+    calibration = None
+    if request.precision in QUANTIZED_PRECISIONS:  # capture, quantize and gate; the build takes the Q/DQ graphs
+        quantized = quantize_for_build(request, exports, progress)
+        exports, calibration = quantized.exports, quantized.report
 
     # 2. One profile per bucket (and per KV step) for each graph; 3. the backend's build
     graphs: dict[str, Any] = {}
@@ -109,6 +119,8 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
                "providers": list(PROVIDERS.get(request.backend, ())), "build_args": list(plan.build_args()),
                "plan": plan.to_json(),
                "graphs": graphs}
+    if calibration is not None:
+        engines.update(calibration=calibration, graph_optimization_level="basic")
     atomic_write_bytes(out_dir / ENGINES_FILE, json.dumps(engines, indent=2).encode())
     return engines
 
@@ -125,7 +137,8 @@ def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Seque
     wanted = EngineManifest(
         graph=graph, tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
         onnx_sha256=exported.manifest["onnx_sha256"], precision_recipe_sha256=recipe_sha256(
-            {"precision": request.precision, "attention": ATTENTION_BY_BACKEND["trt"]}),
+            {"precision": request.precision, "attention": ATTENTION_BY_BACKEND["trt"],
+             "quantization": (exported.manifest.get("quantization") or {}).get("recipe_sha256")}),
         profiles=tuple(profiles), lora_sha256=(exported.manifest.get("lora") or {}).get("sha256"),
         build_args=tuple(request.plan.build_args()))
     cached = find_cached_engine(request.out_dir / "trt", wanted)
@@ -167,8 +180,14 @@ def engine_backend(engines: Mapping[str, Any], memory: Any = None) -> Any:
     if options and providers and providers[0] == "TensorrtExecutionProvider":
         providers[0] = (providers[0], options)
     plan = BucketPlan.from_json(engines["plan"]) if "plan" in engines else None
+    session_options = None
+    if engines.get("graph_optimization_level") == "basic":  # Q/DQ graphs: see calibration.quantize
+        from sparse_context.calibration.quantize import basic_session_options
+
+        session_options = basic_session_options()
     return OrtTransformerBackend(full=graphs.get("full", {}).get("onnx"), kv=graphs.get("kv", {}).get("onnx"),
-                                 providers=providers, plan=plan, strict_shapes=backend == "ort-trt")
+                                 providers=providers, session_options=session_options, plan=plan,
+                                 strict_shapes=backend == "ort-trt")
 
 
 def read_engines(engines_dir: str | Path) -> Mapping[str, Any]:
