@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_dir=Path(model), backend=backend, plan=plan_from_args(args), out_dir=args.out, precision=precision,
             lora=args.lora, lora_scale=args.lora_scale, transformer_file=args.transformer, graphs=tuple(args.graphs),
             workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None,
-            calibration=options_from_args(args, args.demo) if precision in QUANTIZED_PRECISIONS else None)
+            calibration=options_from_args(args, args.demo, reference_generator) if precision in QUANTIZED_PRECISIONS
+            else None)
 
         def progress(stage: str, done: int, total: int) -> None:
             print(f"[build] {stage} {done}/{total}", file=sys.stderr, flush=True)
@@ -78,6 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{where}")
     print(f"backend {engines['backend']}, precision {engines['precision']}: {args.out}/engines.json")
     return 0
+
+
+def reference_generator(model_dir: Path, backend: Any) -> Any:
+    """The PyTorch generator's text encoder, VAE and token selection around ``backend`` (calibration runs the
+    exported graphs through it)."""
+    from sparse_context.reference.generator import SparseContextGenerator
+    from sparse_context.reference.loading import load_generator_parts
+
+    return SparseContextGenerator(backend=backend, **load_generator_parts(model_dir, with_transformer=False))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class CalibrationOptions:
     seed: int = 0
     num_steps: int = 4
     range_scale: float = 1.0  # below 1 clips every calibrated range (a deliberately bad calibration)
+    # (model folder, transformer backend) -> the reference generator (text encoder, VAE, token selection) running
+    # that backend. It lives in a layer above this one, so the caller passes it: build_engines.py does.
+    generator_factory: Callable[[Path, Any], Any] | None = field(default=None, compare=False)
 
     def capture_options(self) -> CaptureOptions:
         return CaptureOptions(samples=self.samples, holdout=self.holdout, strategies=tuple(self.strategies),
@@ -91,7 +94,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                        f"dB (default {gate.min_psnr}; {demo.min_psnr} with --demo)")
 
 
-def options_from_args(args: argparse.Namespace, demo: bool = False) -> CalibrationOptions:
+def options_from_args(args: argparse.Namespace, demo: bool = False,
+                      generator_factory: Callable[[Path, Any], Any] | None = None) -> CalibrationOptions:
     """CalibrationOptions from the flags above; gate limits not given take the defaults (the demo's with
     ``demo``: see ``calibration.gate.DEMO_THRESHOLDS``)."""
     base = DEMO_THRESHOLDS if demo else GateThresholds()
@@ -100,7 +104,8 @@ def options_from_args(args: argparse.Namespace, demo: bool = False) -> Calibrati
                                   zip(given, (base.min_cosine, base.max_latent_error, base.min_psnr))))
     return CalibrationOptions(calibration=args.calibration, samples=args.calibration_samples,
                               strategies=tuple(args.calibration_strategies), method=args.calibration_method,
-                              exclude=tuple(args.calibration_exclude), thresholds=thresholds).validate()
+                              exclude=tuple(args.calibration_exclude), thresholds=thresholds,
+                              generator_factory=generator_factory).validate()
 
 
 def export_precision(precision: str) -> str:
@@ -122,27 +127,27 @@ class QuantizedBuild:
     report: dict[str, Any]
 
 
-def quantize_for_build(request: Any, exports: Sequence[Any], progress: Progress | None = None,
-                       options: CalibrationOptions | None = None) -> QuantizedBuild:
+def quantize_for_build(request: Any, exports: Sequence[Any], open_backend: Callable[..., Any],
+                       progress: Progress | None = None) -> QuantizedBuild:
     """Capture -> quantize -> gate -> publish for ``request`` (an ``engines.build.BuildRequest`` with
-    ``precision`` int8 or fp8) and its fp32 ``exports``; the returned exports point at the quantized graphs."""
+    ``precision`` int8 or fp8 and ``calibration`` options) and its fp32 ``exports``; the returned exports point at
+    the quantized graphs. ``open_backend(paths, quantized)``: an onnxruntime transformer backend for
+    ``{graph: model.onnx}`` (``quantized``: at the basic optimisation level)."""
     from sparse_context.export.exporter import ExportResult
-    from sparse_context.export.ort_backend import OrtTransformerBackend
-    from sparse_context.reference.generator import SparseContextGenerator
-    from sparse_context.reference.loading import load_generator_parts
 
-    options = (options or request.calibration or CalibrationOptions()).validate()
+    options = (request.calibration or CalibrationOptions()).validate()
+    if options.generator_factory is None:
+        raise CalibrationConfigError(bad_value("calibration generator", None, "a generator_factory in "
+                                               "CalibrationOptions (build_engines.py passes the reference one)"))
     check_backend(request.precision, request.backend)
     recipe = options.recipe(request.precision, request.backend).validate()
     graphs = [e.manifest["graph"] for e in exports]
     sources = {e.manifest["graph"]: Path(e.path) for e in exports}
     out_dir = Path(request.out_dir)
-    providers = _capture_providers()
 
     # 1. Capture on the unquantized graphs (or reuse a capture: the one given, or the one cached for these inputs)
-    reference = OrtTransformerBackend(providers=providers, **{g: p for g, p in sources.items()})
-    generator = SparseContextGenerator(backend=reference, **load_generator_parts(request.model_dir,
-                                                                                 with_transformer=False))
+    reference = open_backend(sources, False)
+    generator = options.generator_factory(Path(request.model_dir), reference)
     given = Path(options.calibration) if options.calibration is not None else None
     if given is not None and (given / CAPTURE_MANIFEST).is_file():
         found = read_capture(given)
@@ -165,7 +170,7 @@ def quantize_for_build(request: Any, exports: Sequence[Any], progress: Progress 
         report = next(iter(reused.values()))["quantization"]["gate"]
         return QuantizedBuild([ExportResult(finals[g] / "model.onnx", reused[g], True, e.spec)
                                for g, e in zip(graphs, exports)], report)
-    from sparse_context.calibration.quantize import basic_session_options, check_quantized, quantize_graph
+    from sparse_context.calibration.quantize import check_quantized, quantize_graph
 
     staging = {g: Path(tempfile.mkdtemp(prefix=f".staging-{finals[g].name}-", dir=out_dir / "onnx")) for g in graphs}
     try:
@@ -177,8 +182,7 @@ def quantize_for_build(request: Any, exports: Sequence[Any], progress: Progress 
                 progress(f"quantize {recipe.mode}", done, len(graphs))
 
         # 3. The accuracy gate (raises GateFailedError; the finally below removes the staging folders)
-        quantized = OrtTransformerBackend(session_options=basic_session_options(),
-                                          **{g: staging[g] / "model.onnx" for g in graphs})
+        quantized = open_backend({g: staging[g] / "model.onnx" for g in graphs}, True)
         report = run_gate(generator, reference, quantized, found, request.plan, graphs, sources,
                           {g: staging[g] / "model.onnx" for g in graphs}, options.thresholds, FLAG_SAMPLES, progress)
         report.update(recipe=recipe.to_json(), recipe_sha256=recipe.sha256(), capture=str(found.folder),
@@ -211,13 +215,6 @@ def _passed_manifest(folder: Path, key: str) -> dict[str, Any] | None:
     files_ok = all((folder / n).is_file() and (folder / n).stat().st_size == i.get("bytes")
                    for n, i in manifest.get("files", {}).items())
     return manifest if files_ok else None
-
-
-def _capture_providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

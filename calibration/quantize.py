@@ -117,8 +117,6 @@ def quantize_graph(source: Path, export_manifest: Mapping[str, Any], capture: Ca
     """Quantize ``source`` (an export's ``model.onnx``) into ``out_folder`` and write its manifest; return it."""
     import onnx
 
-    from sparse_context.reference.lora import file_sha256
-
     quantize = import_modelopt_quantize()
     recipe = recipe.validate()
     source_model = onnx.load(str(source), load_external_data=False)  # node names and metadata are enough
@@ -155,6 +153,16 @@ def quantize_graph(source: Path, export_manifest: Mapping[str, Any], capture: Ca
                                  "validate_at": "ORT_ENABLE_BASIC"}}
     (out_folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 24) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def basic_session_options() -> Any:

@@ -99,7 +99,7 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
     exports = export_graphs(options, request.graphs, progress)
     calibration = None
     if request.precision in QUANTIZED_PRECISIONS:  # capture, quantize and gate; the build takes the Q/DQ graphs
-        quantized = quantize_for_build(request, exports, progress)
+        quantized = quantize_for_build(request, exports, _calibration_backend, progress)
         exports, calibration = quantized.exports, quantized.report
 
     # 2. One profile per bucket (and per KV step) for each graph; 3. the backend's build
@@ -123,6 +123,20 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
         engines.update(calibration=calibration, graph_optimization_level="basic")
     atomic_write_bytes(out_dir / ENGINES_FILE, json.dumps(engines, indent=2).encode())
     return engines
+
+
+def _calibration_backend(paths: Mapping[str, Path], quantized: bool) -> Any:
+    """onnxruntime on ``{graph: model.onnx}`` for calibration: CUDA where this onnxruntime has it, else the CPU;
+    Q/DQ graphs at the basic optimisation level (see ``calibration.quantize.basic_session_options``)."""
+    import onnxruntime as ort
+
+    from sparse_context.calibration.quantize import basic_session_options
+    from sparse_context.export.ort_backend import OrtTransformerBackend
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    providers = (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+    return OrtTransformerBackend(providers=providers, session_options=basic_session_options() if quantized else None,
+                                 **paths)
 
 
 def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Sequence[Profile],

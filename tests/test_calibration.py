@@ -232,7 +232,10 @@ def build_quantized(tiny_model_dir, engines_dir, out, precision, backend="ort-cp
     from sparse_context.engines.build import BuildRequest, build_engines
 
     shutil.copytree(engines_dir / "onnx", out / "onnx", dirs_exist_ok=True)
-    options = CalibrationOptions(samples=4, thresholds=DEMO_THRESHOLDS, **calibration)
+    from build_engines import reference_generator
+
+    options = CalibrationOptions(samples=4, thresholds=DEMO_THRESHOLDS, generator_factory=reference_generator,
+                                 **calibration)
     stages = []
     engines = build_engines(BuildRequest(model_dir=tiny_model_dir, backend=backend, plan=small_plan(), out_dir=out,
                                          precision=precision, calibration=options),
@@ -380,6 +383,17 @@ def test_real_tensorrt_builds_the_int8_graph(int8_dir):
 
 
 # -- options and errors -------------------------------------------------------------------------------------------
+
+def test_library_build_without_a_generator_says_what_is_missing(tmp_path):
+    from sparse_context.calibration.build import CalibrationOptions, quantize_for_build
+    from sparse_context.calibration.errors import CalibrationConfigError
+    from sparse_context.engines.build import BuildRequest
+
+    request = BuildRequest(model_dir=tmp_path, backend="ort-cpu", plan=small_plan(), out_dir=tmp_path,
+                           precision="int8", calibration=CalibrationOptions())
+    with pytest.raises(CalibrationConfigError, match="generator_factory"):
+        quantize_for_build(request, [], open_backend=lambda *a: pytest.fail("opened a backend"))
+
 
 def test_fp8_is_refused_on_onnxruntime_cuda(tmp_path):
     from sparse_context.calibration.errors import CalibrationConfigError
