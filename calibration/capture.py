@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -161,7 +161,13 @@ class Capture:
             yield self.feeds(record)
 
     def holdout_samples(self) -> list[SampleSpec]:
-        return [SampleSpec.from_json(s) for s in self.manifest["samples"] if s["split"] == "holdout"]
+        """The held-out samples, their references read from the capture folder (it travels with them)."""
+        samples = []
+        for data in self.manifest["samples"]:
+            if data["split"] == "holdout":
+                local = tuple(str(self.folder / r) for r in data.get("local_references", data["references"]))
+                samples.append(replace(SampleSpec.from_json(data), references=local))
+        return samples
 
 
 def read_capture(folder: str | Path) -> Capture | None:
@@ -261,8 +267,9 @@ def capture(generator: Any, backend: Any, plan: Any, calibration_set: Calibratio
                                                                                           b.max_ref_tokens]}
                         for b in plan.buckets],
             "calibration_set": {"source": calibration_set.source, "sha256": calibration_set.digest()},
-            "samples": [{**s.to_json(), "split": "calibration" if s.index < options.samples else "holdout"}
-                        for s in samples],
+            "samples": [{**s.to_json(), "split": "calibration" if s.index < options.samples else "holdout",
+                         **({"local_references": _keep_references(s, staging)} if s.index >= options.samples
+                            else {})} for s in samples],
             "records": records, "shards": shards,
         }
         (staging / CAPTURE_MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -273,6 +280,18 @@ def capture(generator: Any, backend: Any, plan: Any, calibration_set: Calibratio
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Capture(final, manifest)
+
+
+def _keep_references(spec: SampleSpec, folder: Path) -> list[str]:
+    """Copy a held-out sample's reference images into the capture (the gate reads them wherever it runs)."""
+    names = []
+    for path in spec.references:
+        data = Path(path).read_bytes()
+        name = f"holdout/{hashlib.sha256(data).hexdigest()[:16]}{Path(path).suffix.lower()}"
+        (folder / "holdout").mkdir(exist_ok=True)
+        (folder / name).write_bytes(data)
+        names.append(name)
+    return names
 
 
 def replace_backend(generator: Any, backend: Any) -> Any:

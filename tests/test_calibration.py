@@ -188,6 +188,9 @@ def test_capture_is_deterministic_and_reused(captured, generator, reference_back
     assert [b["keep_fraction"] for b in manifest["buckets"]] == [0.1, 1.0]
     assert set(manifest["model_fingerprint"]) == {"full", "kv"} and manifest["steps"] == [0, 1, 2, 3]
     assert {r["split"] for r in manifest["records"]} == {"calibration", "holdout"}
+    held_out = captured.holdout_samples()  # their images travel inside the capture folder
+    assert len(held_out) == 1 and all(Path(p).is_file() and Path(p).is_relative_to(captured.folder)
+                                      for p in held_out[0].references)
     # A complete capture is reused without generating anything.
     monkeypatch.setattr(capture_module, "run_sample", lambda *a, **k: pytest.fail("capture was not reused"))
     capture(generator, reference_backend, small_plan(), bundled_set(3), CaptureOptions(samples=3, holdout=1),
