@@ -148,11 +148,13 @@ def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Seque
     trt = import_tensorrt()
     device = default_memory().device_info()
     gpu_name, capability = device.name, device.compute_capability
+    recipe = {"precision": request.precision, "attention": ATTENTION_BY_BACKEND["trt"]}
+    quantization = (exported.manifest.get("quantization") or {}).get("recipe_sha256")
+    if quantization:  # only quantized builds: earlier engines' keys stay valid
+        recipe["quantization"] = quantization
     wanted = EngineManifest(
         graph=graph, tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
-        onnx_sha256=exported.manifest["onnx_sha256"], precision_recipe_sha256=recipe_sha256(
-            {"precision": request.precision, "attention": ATTENTION_BY_BACKEND["trt"],
-             "quantization": (exported.manifest.get("quantization") or {}).get("recipe_sha256")}),
+        onnx_sha256=exported.manifest["onnx_sha256"], precision_recipe_sha256=recipe_sha256(recipe),
         profiles=tuple(profiles), lora_sha256=(exported.manifest.get("lora") or {}).get("sha256"),
         build_args=tuple(request.plan.build_args()))
     cached = find_cached_engine(request.out_dir / "trt", wanted)
