@@ -147,7 +147,13 @@ def quantize_for_build(request: Any, exports: Sequence[Any], open_backend: Calla
 
     # 1. Capture on the unquantized graphs (or reuse a capture: the one given, or the one cached for these inputs)
     reference = open_backend(sources, False)
-    generator = options.generator_factory(Path(request.model_dir), reference)
+    loaded: list[Any] = []
+
+    def generator() -> Any:  # the text encoder and VAE load only if capture or the gate runs
+        if not loaded:
+            loaded.append(options.generator_factory(Path(request.model_dir), reference))
+        return loaded[0]
+
     given = Path(options.calibration) if options.calibration is not None else None
     if given is not None and (given / CAPTURE_MANIFEST).is_file():
         found = read_capture(given)
@@ -183,7 +189,7 @@ def quantize_for_build(request: Any, exports: Sequence[Any], open_backend: Calla
 
         # 3. The accuracy gate (raises GateFailedError; the finally below removes the staging folders)
         quantized = open_backend({g: staging[g] / "model.onnx" for g in graphs}, True)
-        report = run_gate(generator, reference, quantized, found, request.plan, graphs, sources,
+        report = run_gate(generator(), reference, quantized, found, request.plan, graphs, sources,
                           {g: staging[g] / "model.onnx" for g in graphs}, options.thresholds, FLAG_SAMPLES, progress)
         report.update(recipe=recipe.to_json(), recipe_sha256=recipe.sha256(), capture=str(found.folder),
                       capture_key=found.key, calibration_samples=found.manifest["sample_count"])

@@ -211,14 +211,14 @@ def run_sample(generator: Any, spec: SampleSpec, graph: str, ref_size: tuple[int
                               num_steps=num_steps, seed=spec.seed, output_type=output_type)
 
 
-def capture(generator: Any, backend: Any, plan: Any, calibration_set: CalibrationSet, options: CaptureOptions,
-            out_root: str | Path, graphs: Sequence[str] = ("full", "kv"),
+def capture(make_generator: Callable[[], Any], backend: Any, plan: Any, calibration_set: CalibrationSet,
+            options: CaptureOptions, out_root: str | Path, graphs: Sequence[str] = ("full", "kv"),
             progress: Progress | None = None) -> Capture:
     """Record the graph inputs of ``options.samples + options.holdout`` generations per graph into
     ``out_root/capture-<key>``, or return the complete capture already there.
 
-    ``generator``: a SparseContextGenerator (text encoder, VAE) whose backend is replaced by a recording of
-    ``backend`` (the onnxruntime backend of the unquantized export)."""
+    ``make_generator()``: a SparseContextGenerator (text encoder, VAE), called only when something is captured;
+    its backend is replaced by a recording of ``backend`` (the onnxruntime backend of the unquantized export)."""
     options = options.validate()
     targets = [(r.width_px, r.height_px) for r in plan.target_resolutions]
     ref_size = (plan.ref_resolution.width_px, plan.ref_resolution.height_px)
@@ -236,7 +236,7 @@ def capture(generator: Any, backend: Any, plan: Any, calibration_set: Calibratio
     pending: list[tuple[str, str, int, dict[str, np.ndarray]]] = []
     recorder = RecordingBackend(backend, lambda g, kind, step, feeds, _: pending.append((g, kind, step, feeds)),
                                 options.steps)
-    generator = replace_backend(generator, recorder)
+    generator = replace_backend(make_generator(), recorder)
     records, shards = [], {}
     total = len(samples) * len(graphs)
     try:

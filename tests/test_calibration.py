@@ -57,8 +57,8 @@ def captured(generator, reference_backend, tmp_path_factory):
     from sparse_context.calibration.capture import CaptureOptions, capture
     from sparse_context.calibration.dataset import bundled_set
 
-    return capture(generator, reference_backend, small_plan(), bundled_set(3), CaptureOptions(samples=3, holdout=1),
-                   tmp_path_factory.mktemp("capture"))
+    return capture(lambda: generator, reference_backend, small_plan(), bundled_set(3),
+                   CaptureOptions(samples=3, holdout=1), tmp_path_factory.mktemp("capture"))
 
 
 # -- recipe -------------------------------------------------------------------------------------------------------
@@ -174,8 +174,8 @@ def test_capture_is_deterministic_and_reused(captured, generator, reference_back
     from sparse_context.calibration.capture import CaptureOptions, capture
     from sparse_context.calibration.dataset import bundled_set
 
-    again = capture(generator, reference_backend, small_plan(), bundled_set(3), CaptureOptions(samples=3, holdout=1),
-                    tmp_path)
+    again = capture(lambda: generator, reference_backend, small_plan(), bundled_set(3),
+                    CaptureOptions(samples=3, holdout=1), tmp_path)
     assert again.key == captured.key
     for graph in ("full", "kv"):
         for first, second in zip(captured.iter_feeds(graph), again.iter_feeds(graph)):
@@ -193,8 +193,8 @@ def test_capture_is_deterministic_and_reused(captured, generator, reference_back
                                       for p in held_out[0].references)
     # A complete capture is reused without generating anything.
     monkeypatch.setattr(capture_module, "run_sample", lambda *a, **k: pytest.fail("capture was not reused"))
-    capture(generator, reference_backend, small_plan(), bundled_set(3), CaptureOptions(samples=3, holdout=1),
-            tmp_path)
+    capture(lambda: pytest.fail("loaded the generator"), reference_backend, small_plan(), bundled_set(3),
+            CaptureOptions(samples=3, holdout=1), tmp_path)
     other_seed = capture_module.capture_key(manifest["model_fingerprint"], bundled_set(3), [],
                                             CaptureOptions(seed=1), small_plan().to_json())
     assert other_seed != capture_module.capture_key(manifest["model_fingerprint"], bundled_set(3), [],
@@ -304,6 +304,7 @@ def test_build_output_reused_when_nothing_changed(int8_dir, tiny_model_dir, engi
     from sparse_context.calibration import quantize as quantize_module
 
     monkeypatch.setattr(quantize_module, "quantize_graph", lambda *a, **k: pytest.fail("not reused"))
+    monkeypatch.setattr("build_engines.reference_generator", lambda *a: pytest.fail("loaded the generator"))
     engines, stages = build_quantized(tiny_model_dir, engines_dir, int8_dir, "int8")
     assert engines["calibration"]["passed"] and "quantize int8" not in stages
 
