@@ -2,6 +2,8 @@
 
     python build_engines.py --model /models/FLUX.2-klein-9B --lora sc.safetensors --backend trt --precision bf16
     python build_engines.py --demo                      # the embedded tiny model, onnxruntime CPU
+    python build_engines.py --model /models/FLUX.2-klein-9B --precision fp8 --calibration my_set/   # H100
+    python build_engines.py --demo --precision int8 --calibration-samples 8
 
 Export is reused when cached; one optimization profile per sparsity bucket (and per KV step); the text encoder and
 VAE beside the transformer (profiles from the reference area, the target resolutions and the text tokens); the
@@ -14,10 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sparse_context.calibration.build import add_calibration_arguments
     from sparse_context.engines.buckets import add_bucket_arguments
     from sparse_context.engines.build import (
         FLAG_BACKEND, FLAG_GRAPHS, FLAG_LORA, FLAG_LORA_SCALE, FLAG_MODEL, FLAG_OUT, FLAG_PRECISION, FLAG_TRANSFORMER,
@@ -32,16 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(FLAG_LORA, type=Path, help="LoRA .safetensors merged before export")
     parser.add_argument(FLAG_LORA_SCALE, type=float, default=1.0)
     parser.add_argument(FLAG_BACKEND, choices=BACKENDS, default=None, help="default: trt (ort-cpu with --demo)")
-    parser.add_argument(FLAG_PRECISION, choices=("fp32", "fp16", "bf16"), default=None,
-                        help="default: fp16 (fp32 with --demo)")
+    parser.add_argument(FLAG_PRECISION, choices=("fp32", "fp16", "bf16", "int8", "fp8"), default=None,
+                        help="default: fp16 (fp32 with --demo); int8/fp8 calibrate and quantize (see below)")
     parser.add_argument(FLAG_GRAPHS, nargs="+", choices=("full", "kv"), default=["full", "kv"])
     parser.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder memory limit")
     parser.add_argument(FLAG_OUT, type=Path, default=Path("engines_out"), help="engines folder (default engines_out)")
     add_bucket_arguments(parser)
+    add_calibration_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sparse_context.calibration.build import QUANTIZED_PRECISIONS, options_from_args, summary_lines
     from sparse_context.engines.buckets import plan_from_args
     from sparse_context.engines.build import BuildRequest, build_engines
     from sparse_context.runtime.errors import SparseContextError, bad_value
@@ -60,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         request = BuildRequest(
             model_dir=Path(model), backend=backend, plan=plan_from_args(args), out_dir=args.out, precision=precision,
             lora=args.lora, lora_scale=args.lora_scale, transformer_file=args.transformer, graphs=tuple(args.graphs),
-            workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None)
+            workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None,
+            calibration=options_from_args(args, args.demo, reference_generator) if precision in QUANTIZED_PRECISIONS
+            else None)
 
         def progress(stage: str, done: int, total: int) -> None:
             print(f"[build] {stage} {done}/{total}", file=sys.stderr, flush=True)
@@ -69,12 +76,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SparseContextError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if index.calibration is not None:
+        print("\n".join(summary_lines(index.calibration)))
     for graph, entry in {**index.graphs, **index.parts}.items():
         print(f"{graph}: {len(entry.profiles)} profiles, {'reused' if entry.reused_export else 'new'} export, "
               f"{entry.engine or entry.onnx}")
     print(f"model files (tokenizer, scheduler): {len(index.files)} copied into {args.out}")
     print(f"backend {index.backend}, precision {index.precision}: {args.out}/engines.json")
     return 0
+
+
+def reference_generator(model_dir: Path, backend: Any) -> Any:
+    """The PyTorch generator's text encoder, VAE and token selection around ``backend`` (calibration runs the
+    exported graphs through it)."""
+    from sparse_context.reference.generator import SparseContextGenerator
+    from sparse_context.export.loading import load_generator_parts
+
+    return SparseContextGenerator(backend=backend, **load_generator_parts(model_dir, with_transformer=False))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from sparse_context.engines.buckets import BucketPlan, CACHED_TOKENS
 from sparse_context.engines.errors import REBUILD_PROGRAM, BuildOptionError
@@ -50,6 +50,7 @@ class BuildRequest:
     transformer_file: Path | None = None
     graphs: tuple[str, ...] = ("full", "kv")
     workspace_bytes: int | None = None
+    calibration: Any = None  # calibration.build.CalibrationOptions for precision int8/fp8 (None: defaults)
 
     def validate(self) -> "BuildRequest":
         if self.backend not in BACKENDS:
@@ -57,6 +58,10 @@ class BuildRequest:
         if self.backend == "ort-cpu" and self.precision == "bf16":
             raise BuildOptionError(bad_value("precision for ort-cpu", "bf16", "fp32 or fp16 (onnxruntime CPU has no "
                                              "bfloat16 kernels)", "--precision"))
+        if self.precision in ("int8", "fp8"):
+            from sparse_context.calibration.build import check_backend
+
+            check_backend(self.precision, self.backend)
         self.plan.validate()
         return self
 
@@ -102,6 +107,7 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
     Beside the transformer graphs: the text encoder (prompts up to the plan's text tokens), the VAE encoder
     (references of the plan's reference area) and decoder (its target resolutions), and the model's tokenizer
     and scheduler files, so the folder alone runs prompt + references -> image."""
+    from sparse_context.calibration.build import QUANTIZED_PRECISIONS, export_precision, quantize_for_build
     from sparse_context.export.exporter import ExportOptions, export_graphs
 
     request = request.validate()
@@ -111,12 +117,16 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
 
     # 1. Export (reused when the same weights, LoRA and options were exported before)
     options = ExportOptions(
-        model_dir=Path(request.model_dir), precision=request.precision,
+        model_dir=Path(request.model_dir), precision=export_precision(request.precision),
         attention=ATTENTION_BY_BACKEND[request.backend], lora=request.lora, lora_scale=request.lora_scale,
         transformer_file=request.transformer_file, max_ref_tokens=plan.max_ref_tokens,
         target_sizes=tuple((r.width_px, r.height_px) for r in plan.target_resolutions), text_tokens=plan.text_tokens,
         out_dir=out_dir / "onnx")
     exports = export_graphs(options, request.graphs, progress)
+    calibration = None
+    if request.precision in QUANTIZED_PRECISIONS:  # capture, quantize and gate; the build takes the Q/DQ graphs
+        quantized = quantize_for_build(request, exports, _calibration_backend, progress)
+        exports, calibration = quantized.exports, quantized.report
 
     # 2. One profile per bucket (and per KV step) for each graph; 3. the backend's build
     graphs: dict[str, GraphEntry] = {}
@@ -143,7 +153,8 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
         lora_sha256=file_sha256(request.lora) if request.lora else None,
         lora_scale=float(request.lora_scale) if request.lora else 1.0,
         transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None,
-        parts=parts, files=files)
+        parts=parts, files=files, calibration=calibration,
+        graph_optimization_level="basic" if calibration is not None else None)
     index.write(out_dir)
     return index
 
@@ -172,11 +183,14 @@ def build_command(index: EnginesIndex, out_dir: str | Path, **changes: Any) -> s
 
 
 def _build_parts(request: BuildRequest, progress: Callable[[str, int, int], None] | None) -> dict[str, GraphEntry]:
+    # The text encoder and VAE stay unquantized (int8/fp8 builds quantize the transformer graphs only).
+    from sparse_context.calibration.build import export_precision
     from sparse_context.export.part_exporter import export_parts
 
     plan, out_dir = request.plan, Path(request.out_dir)
     exports = export_parts(request.model_dir, out_dir / "onnx", reference_resolutions(plan),
-                           target_resolutions(plan), text_tokens=plan.text_tokens, precision=request.precision,
+                           target_resolutions(plan), text_tokens=plan.text_tokens,
+                           precision=export_precision(request.precision),
                            parts=PARTS, progress=progress)
     entries = {}
     for part, exported in exports.items():
@@ -192,6 +206,20 @@ def _build_parts(request: BuildRequest, progress: Callable[[str, int, int], None
     return entries
 
 
+def _calibration_backend(paths: Mapping[str, Path], quantized: bool) -> Any:
+    """onnxruntime on ``{graph: model.onnx}`` for calibration: CUDA where this onnxruntime has it, else the CPU;
+    Q/DQ graphs at the basic optimisation level (see ``calibration.quantize.basic_session_options``)."""
+    import onnxruntime as ort
+
+    from sparse_context.calibration.quantize import basic_session_options
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    providers = (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+    return OrtTransformerBackend(providers=providers, session_options=basic_session_options() if quantized else None,
+                                 **paths)
+
+
 def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Sequence[Profile],
                progress: Callable[[str, int, int], None] | None) -> Path:
     from sparse_context.engines.trt.memory import default_memory
@@ -201,10 +229,13 @@ def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Seque
     trt = import_tensorrt()
     device = default_memory().device_info()
     gpu_name, capability = device.name, device.compute_capability
+    recipe = {"precision": request.precision, "attention": ATTENTION_BY_BACKEND["trt"]}
+    quantization = (exported.manifest.get("quantization") or {}).get("recipe_sha256")
+    if quantization:  # only quantized builds: earlier engines' keys stay valid
+        recipe["quantization"] = quantization
     wanted = EngineManifest(
         graph=graph, tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
-        onnx_sha256=exported.manifest["onnx_sha256"], precision_recipe_sha256=recipe_sha256(
-            {"precision": request.precision, "attention": ATTENTION_BY_BACKEND["trt"]}),
+        onnx_sha256=exported.manifest["onnx_sha256"], precision_recipe_sha256=recipe_sha256(recipe),
         profiles=tuple(profiles), lora_sha256=(exported.manifest.get("lora") or {}).get("sha256"),
         build_args=tuple(request.plan.build_args()))
     cached = find_cached_engine(request.out_dir / "trt", wanted)

@@ -68,6 +68,8 @@ class EnginesIndex:
     transformer_file: str | None = None
     parts: Mapping[str, GraphEntry] = field(default_factory=dict)  # text_encoder, vae_encoder, vae_decoder
     files: Mapping[str, str] = field(default_factory=dict)  # model files copied in: relative path -> sha256
+    calibration: Mapping[str, Any] | None = None  # int8/fp8: the accuracy gate's report (calibration.build)
+    graph_optimization_level: str | None = None  # "basic" for Q/DQ graphs (see calibration.quantize)
     format: int = field(default=FORMAT_VERSION)
 
     @property
@@ -107,7 +109,9 @@ class EnginesIndex:
                    lora_sha256=data.get("lora_sha256"), lora_scale=float(data.get("lora_scale", 1.0)),
                    transformer_file=data.get("transformer_file"),
                    parts={p: GraphEntry.from_json(p, e) for p, e in (data.get("parts") or {}).items()},
-                   files={str(k): str(v) for k, v in (data.get("files") or {}).items()}, format=int(version))
+                   files={str(k): str(v) for k, v in (data.get("files") or {}).items()},
+                   calibration=data.get("calibration"), graph_optimization_level=data.get("graph_optimization_level"),
+                   format=int(version))
 
     @classmethod
     def read(cls, engines_dir: str | Path) -> EnginesIndex:
@@ -141,8 +145,14 @@ def open_backend(index: EnginesIndex, memory: Any = None, device: str | None = N
     if entry.provider_options and providers and providers[0] == "TensorrtExecutionProvider":
         providers[0] = (providers[0], dict(entry.provider_options))
     full, kv = index.graphs.get("full"), index.graphs.get("kv")
+    session_options = None
+    if index.graph_optimization_level == "basic":  # Q/DQ graphs: see calibration.quantize
+        from sparse_context.calibration.quantize import basic_session_options
+
+        session_options = basic_session_options()
     return OrtTransformerBackend(full=full.onnx if full else None, kv=kv.onnx if kv else None, providers=providers,
-                                 plan=index.plan, strict_shapes=index.backend == "ort-trt", device_id=device_id)
+                                 session_options=session_options, plan=index.plan,
+                                 strict_shapes=index.backend == "ort-trt", device_id=device_id)
 
 
 def check_device(index: EnginesIndex, device: str | None) -> int:

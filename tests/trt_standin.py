@@ -19,6 +19,7 @@ import numpy as np
 from sparse_context.engines.trt.memory import DeviceInfo
 
 VERSION = "10.3.0"
+STRONGLY_TYPED = 0  # NetworkDefinitionCreationFlag.STRONGLY_TYPED
 TRT_TYPES = {1: "FLOAT", 10: "HALF", 7: "INT64", 6: "INT32"}  # ONNX elem_type -> TensorRT DataType name
 NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
 
@@ -95,8 +96,10 @@ class _Tensor:
 
 
 class _Network:
-    def __init__(self):
+    def __init__(self, strongly_typed=False):
         self.path, self.inputs, self.outputs = None, [], []
+        self.strongly_typed = strongly_typed
+        self.has_qdq = False
 
     @property
     def num_inputs(self):
@@ -117,6 +120,7 @@ class _Parser:
         dims = lambda value: [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
         initializers = {i.name for i in model.graph.initializer}
         self.network.path = str(path)
+        self.network.has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
         self.network.inputs = [_Tensor(v.name, dims(v)) for v in model.graph.input if v.name not in initializers]
         return True
 
@@ -159,7 +163,7 @@ class _Builder:
         self.logger = logger
 
     def create_network(self, flags):
-        return _Network()
+        return _Network(strongly_typed=bool(flags & (1 << STRONGLY_TYPED)))
 
     def create_builder_config(self):
         return _Config()
@@ -174,7 +178,12 @@ class _Builder:
             for step in range(2):
                 monitor.step_complete("Building engine", step)
             monitor.phase_finish("Building engine")
-        return json.dumps({"onnx": network.path, "profiles": config.profiles}).encode()
+        if network.has_qdq and not network.strongly_typed:
+            # TensorRT 10 takes Q/DQ precision only from a strongly typed network (or the removed INT8/FP8 flags).
+            self.logger.log(1, "Q/DQ layers need a strongly typed network (STRONGLY_TYPED)")
+            return None
+        return json.dumps({"onnx": network.path, "profiles": config.profiles,
+                           "strongly_typed": network.strongly_typed, "qdq": network.has_qdq}).encode()
 
 
 class _Engine:
@@ -184,7 +193,13 @@ class _Engine:
 
         described = json.loads(data)
         self.profiles = described["profiles"]
-        self.session = ort.InferenceSession(described["onnx"], providers=["CPUExecutionProvider"])
+        self.strongly_typed = described.get("strongly_typed", False)
+        options = ort.SessionOptions()
+        if described.get("qdq"):
+            # TensorRT computes Q/DQ graphs as quantize-dequantize around float kernels: that is onnxruntime's basic
+            # level (higher levels fuse integer kernels that round differently).
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        self.session = ort.InferenceSession(described["onnx"], options, providers=["CPUExecutionProvider"])
         model = onnx.load(described["onnx"], load_external_data=False)
         initializers = {i.name for i in model.graph.initializer}
         self.io = {}  # name -> (mode, dtype name, dims with symbols)
@@ -272,7 +287,7 @@ def make_module():
     trt.__version__ = VERSION
     trt.BuilderFlag = types.SimpleNamespace(REFIT="REFIT", STRIP_PLAN="STRIP_PLAN", FP16="FP16", INT8="INT8")
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=STRONGLY_TYPED)
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
     trt.ILogger = type("ILogger", (), {"Severity": types.SimpleNamespace(
         INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)})
