@@ -95,23 +95,32 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
         profiles = engine_profiles(plan, graph, engine_input_shapes(exported.spec), symbol_names(exported.spec))
         engine = provider_options = None
         if request.backend == "trt":
-            engine = str(_build_trt(request, graph, exported, profiles, progress))
+            engine = _inside(_build_trt(request, graph, exported, profiles, progress), out_dir)
         elif request.backend == "ort-trt":
-            provider_options = ort_trt_provider_options(profiles, out_dir / "ort-trt-cache" / graph)
-        graphs[graph] = GraphEntry(onnx=str(exported.path), onnx_sha256=exported.manifest["onnx_sha256"],
+            provider_options = ort_trt_provider_options(profiles, Path("ort-trt-cache") / graph)
+        graphs[graph] = GraphEntry(onnx=_inside(exported.path, out_dir), onnx_sha256=exported.manifest["onnx_sha256"],
                                    profiles=tuple(p.to_json() for p in profiles), reused_export=exported.reused,
                                    engine=engine, provider_options=provider_options)
 
-    # 4. The index the runtime reads
+    # 4. The index the runtime reads (paths relative to the folder, so it can be moved)
+    from sparse_context.engines.runtime import read_model_settings
+
+    scheduler, is_distilled = read_model_settings(request.model_dir)
     index = EnginesIndex(
         backend=request.backend, model_dir=str(Path(request.model_dir).resolve()), precision=request.precision,
         attention=options.attention, plan=plan, graphs=graphs, providers=PROVIDERS.get(request.backend, ()),
         lora=str(Path(request.lora).resolve()) if request.lora else None,
         lora_sha256=file_sha256(request.lora) if request.lora else None,
         lora_scale=float(request.lora_scale) if request.lora else 1.0,
-        transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None)
+        transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None,
+        scheduler_config=scheduler, is_distilled=is_distilled)
     index.write(out_dir)
     return index
+
+
+def _inside(path: Path, folder: Path) -> str:
+    """``path`` relative to the engines folder it was written into."""
+    return Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()
 
 
 def build_command(index: EnginesIndex, out_dir: str | Path, **changes: Any) -> str:

@@ -50,7 +50,9 @@ def read_model_settings(model_dir: str | Path) -> tuple[dict[str, Any], bool]:
     try:
         index = json.loads((folder / "model_index.json").read_text())
         scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        if not isinstance(index, dict) or not isinstance(scheduler, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ModelLoadError(bad_value("model folder", str(folder), "a diffusers folder with model_index.json and "
                                        "scheduler/scheduler_config.json", "--model")) from error
     return scheduler, bool(index.get("is_distilled", True))
@@ -73,7 +75,9 @@ class EngineRuntime:
                      memory: Any = None, device: str | None = None) -> EngineRuntime:
         """``device``: ``cpu``, ``cuda`` or ``cuda:N``, checked against where the engines run."""
         index = EnginesIndex.read(engines_dir)
-        scheduler, _ = read_model_settings(index.model_dir)
+        scheduler = index.scheduler_config
+        if scheduler is None:
+            scheduler, _ = read_model_settings(index.model_dir)
         return cls(open_backend(index, memory=memory, device=device), scheduler, kv_cache, index)
 
     def generate_latents(

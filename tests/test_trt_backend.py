@@ -277,7 +277,8 @@ def test_fp16_engines_give_the_same_latents_on_both_backends(standin, tiny_model
     index = build_engines(BuildRequest(model_dir=tiny_model_dir, backend="trt", plan=plan, out_dir=tmp_path,
                                        precision="fp16"))
     trt = open_backend(index, memory=standin)
-    ort = OrtTransformerBackend(full=index.graphs["full"].onnx, kv=index.graphs["kv"].onnx, plan=index.plan)
+    ort = OrtTransformerBackend(full=index.path(index.graphs["full"].onnx), kv=index.path(index.graphs["kv"].onnx),
+                                plan=index.plan)
     scheduler, _ = read_model_settings(index.model_dir)
     rng = np.random.default_rng(3)
     embeds = rng.standard_normal((1, 64, trt.dims.text_dim)).astype(np.float32)
