@@ -4,7 +4,7 @@ for the runtime."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -115,7 +115,7 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
         transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None,
         scheduler_config=scheduler, is_distilled=is_distilled)
     index.write(out_dir)
-    return index
+    return replace(index, folder=str(out_dir.resolve()))
 
 
 def _inside(path: Path, folder: Path) -> str:
