@@ -25,6 +25,7 @@ from sparse_context.export.spec import (
 )
 from sparse_context.export.manifest import MANIFEST, ONNX_FILE, read_export_manifest
 from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.files import publish_mode
 from sparse_context.runtime.fingerprints import file_sha256
 
 FORMAT_VERSION = 1  # bump when the graph semantics or the folder layout change: old caches stop matching
@@ -287,6 +288,7 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
             "versions": exporter_versions(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        publish_mode(staging)  # mkdtemp made it 0700
         if final.exists():  # an older folder that failed _load_complete (damaged): replace it
             shutil.rmtree(final)
         os.replace(staging, final)

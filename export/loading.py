@@ -25,8 +25,12 @@ def read_model_index(model_dir: str | Path) -> dict[str, Any]:
                                        "a diffusers folder with model_index.json (save_pretrained layout)", "--model"))
     try:
         data = json.loads(index.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"{index} is not valid JSON: {error} (check --model)") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(bad_value(f"{index}", f"not valid JSON ({error})", "the model_index.json diffusers "
+                                       "writes", "--model")) from error
+    if not isinstance(data, dict):
+        raise ModelLoadError(bad_value(f"{index}", f"a JSON {type(data).__name__}", "a JSON object naming the "
+                                       "pipeline class (_class_name)", "--model"))
     if data.get("_class_name") not in SUPPORTED_PIPELINES:
         raise ModelLoadError(bad_value("pipeline class in model_index.json", data.get("_class_name"),
                                        " or ".join(SUPPORTED_PIPELINES), "--model"))
@@ -59,6 +63,7 @@ def load_transformer_file(transformer: torch.nn.Module, path: str | Path) -> Non
     if not path.is_file():
         raise ModelLoadError(bad_value("transformer checkpoint", str(path), "an existing .safetensors file",
                                        "--transformer"))
+    check_safetensors(path, "transformer checkpoint", "--transformer")
     try:
         checkpoint = load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for damaged files
@@ -81,9 +86,35 @@ def load_transformer_file(transformer: torch.nn.Module, path: str | Path) -> Non
     transformer.load_state_dict({k: v.to(expected[k].dtype) for k, v in checkpoint.items()})
 
 
+SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format caps its JSON header at 100 MB
+
+
+def check_safetensors(path: Path, what: str, flag: str) -> None:
+    """Weights are read only from safetensors files (plain tensors, no code): a pickle or anything else is refused
+    here, by content, before any loader sees it (torch.load of a pickle can run code)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError as error:
+        raise ModelLoadError(bad_value(what, str(path), f"a readable .safetensors file ({error.strerror})", flag)) \
+            from error
+    length = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if path.suffix != ".safetensors" or not 2 <= length <= SAFETENSORS_HEADER_LIMIT or head[8:9] != b"{":
+        raise ModelLoadError(bad_value(what, str(path), "a .safetensors file (other formats, such as pickled .bin "
+                                       "or .pt files, are not loaded: convert them with safetensors first)", flag))
+
+
 def read_settings(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / SETTINGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(bad_value(f"{path}", f"not valid JSON ({error})", "a JSON object", "--model")) from error
+    if not isinstance(data, dict):
+        raise ModelLoadError(bad_value(f"{path}", f"a JSON {type(data).__name__}", "a JSON object", "--model"))
+    return data
 
 
 def load_generator_parts(model_dir: str | Path, lora: str | Path | None = None, lora_scale: float = 1.0,

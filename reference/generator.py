@@ -22,6 +22,7 @@ from sparse_context.runtime.errors import InputError, bad_value
 from sparse_context.runtime.fingerprints import array_digest, weights_fingerprint
 from sparse_context.runtime.images import load_image, prepare_reference
 from sparse_context.runtime.kv_cache import ReferenceKVCache
+from sparse_context.runtime.limits import check_guidance, check_output_size, check_prompt, check_seed, check_steps
 from sparse_context.runtime.packing import pack_grid, unpack_grid
 from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
 from sparse_context.runtime.sampler import Conditioning
@@ -263,6 +264,14 @@ class SparseContextGenerator:
             raise InputError(bad_value("references", "images and reference_latents", "one of them"))
         if kv_state is not None and not use_kv:
             raise InputError(bad_value("kv_state", "given with use_kv=False", "use_kv=True", "--kv"))
+        check_steps(num_steps)
+        check_guidance(guidance_scale)
+        check_seed(seed)
+        if prompt is not None:
+            check_prompt(prompt)
+        if height is not None or width is not None:  # a side not given is the default one
+            check_output_size(DEFAULT_SIZE if width is None else width, DEFAULT_SIZE if height is None else height,
+                              self.token_pixels)
 
         # 2. Prompt embeddings (and the empty negative prompt for guidance on non-distilled models)
         if prompt_embeds is None:
