@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from sparse_context.engines.buckets import plan_from_args
-    from sparse_context.engines.build import BuildRequest, build_engines
+    from sparse_context.engines.build import FLAG_PRECISION, BuildRequest, build_engines
     from sparse_context.runtime.errors import SparseContextError, bad_value
 
     args = build_parser().parse_args(argv)
@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SparseContextError(bad_value("model", None, "a local diffusers folder", "--model (or --demo)"))
         else:
             model, backend, precision = args.model, args.backend or "trt", args.precision or "fp16"
+        chosen = "given" if args.precision else ("the --demo default" if args.demo else "the default for a model folder")
+        print(f"[build] precision {precision} ({chosen}; change it with {FLAG_PRECISION})", file=sys.stderr, flush=True)
         request = BuildRequest(
             model_dir=Path(model), backend=backend, plan=plan_from_args(args), out_dir=args.out, precision=precision,
             lora=args.lora, lora_scale=args.lora_scale, transformer_file=args.transformer, graphs=tuple(args.graphs),

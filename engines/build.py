@@ -4,9 +4,11 @@ for the runtime."""
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from sparse_context.engines.buckets import BucketPlan, CACHED_TOKENS
 from sparse_context.engines.errors import REBUILD_PROGRAM, BuildOptionError
@@ -25,6 +27,7 @@ FLAG_BACKEND = "--backend"
 FLAG_PRECISION = "--precision"
 FLAG_GRAPHS = "--graphs"
 FLAG_OUT = "--out"
+LOCK_FILE = ".build.lock"
 # TensorRT (and its onnxruntime EP) fuse MatMul-Softmax-MatMul and parse opset <= 20 on Jetson (TensorRT 10.3);
 # onnxruntime's CUDA EP needs the fused opset-23 Attention op to be fast and right at long sequences (NOTES §3b).
 # onnxruntime CUDA runs its contrib MultiHeadAttention (flash kernels): on an H200 at klein-9b width it measured
@@ -73,12 +76,53 @@ def symbol_names(spec: Any) -> dict[str, str]:
 
 def build_engines(request: BuildRequest, progress: Callable[[str, int, int], None] | None = None) -> EnginesIndex:
     """Export, plan profiles and build for ``request.backend``; write and return the ``engines.json`` index."""
+    request = request.validate()
+    out_dir = Path(request.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a folder that can be created and "
+                                         f"written ({error.strerror or error})", FLAG_OUT)) from error
+    with folder_lock(out_dir):
+        return _build_locked(request, out_dir, progress)
+
+
+@contextmanager
+def folder_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``<out>/.build.lock`` (an advisory lock the kernel drops with the process, even on ``kill -9``), so
+    two builds into one folder cannot interleave; the second is refused at once."""
+    import fcntl
+
+    path = out_dir / LOCK_FILE
+    try:
+        handle = open(path, "a+")
+    except OSError as error:
+        raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a writable folder ({error.strerror})",
+                                         FLAG_OUT)) from error
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a folder no other build is writing "
+                                             f"(locked by {owner}; wait for it or choose another folder)",
+                                             FLAG_OUT)) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_locked(request: BuildRequest, out_dir: Path,
+                  progress: Callable[[str, int, int], None] | None) -> EnginesIndex:
     from sparse_context.export.exporter import ExportOptions, export_graphs
 
-    request = request.validate()
     plan = request.plan
-    out_dir = Path(request.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. Export (reused when the same weights, LoRA and options were exported before)
     options = ExportOptions(

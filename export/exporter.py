@@ -266,7 +266,8 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
         transformer, info = load_transformer(options)
         lora_info = info["lora"]
     Path(options.out_dir).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{final.name}-", dir=options.out_dir))
+    remove_abandoned_staging(Path(options.out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{final.name}-", dir=options.out_dir))
     try:
         _report(progress, "trace")
         _trace(transformer, spec, options, staging / ONNX_FILE)
@@ -296,6 +297,31 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(final / ONNX_FILE, manifest, reused=False, spec=spec)
+
+
+STAGING_PREFIX = ".staging-"
+
+
+def remove_abandoned_staging(folder: Path) -> list[Path]:
+    """Delete staging folders whose exporting process is gone (``kill -9``, a power cut): at 9B each holds 18 GB.
+    A staging folder is named ``.staging-<pid>-...``; one of a live process (or of an unknown one) is left alone."""
+    removed = []
+    for path in folder.glob(f"{STAGING_PREFIX}*"):
+        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def export_graphs(options: ExportOptions, graphs: tuple[str, ...] = ("full", "kv"),
