@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from sparse_context.engines.buckets import plan_from_args
-    from sparse_context.engines.build import FLAG_PRECISION, BuildRequest, build_engines
+    from sparse_context.engines.build import FLAG_PRECISION, BuildRequest, build_engines, check_backend_precision, check_out_folder, check_weight_files
+    from sparse_context.runtime.limits import check_lora_scale
     from sparse_context.runtime.errors import SparseContextError, bad_value
 
     args = build_parser().parse_args(argv)
@@ -49,18 +50,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.demo:
             from sparse_context.reference.tiny import TINY_MAX_SEQUENCE_LENGTH, tiny_model_dir
 
-            model, backend, precision = tiny_model_dir(), args.backend or "ort-cpu", args.precision or "fp32"
             args.text_tokens = TINY_MAX_SEQUENCE_LENGTH
         elif args.model is None:
             raise SparseContextError(bad_value("model", None, "a local diffusers folder", "--model (or --demo)"))
-        else:
-            model, backend, precision = args.model, args.backend or "trt", args.precision or "fp16"
+        plan = plan_from_args(args)  # everything is checked before the tiny model is built
+        backend = args.backend or ("ort-cpu" if args.demo else "trt")
+        precision = args.precision or ("fp32" if args.demo else "fp16")
+        check_backend_precision(backend, precision)
+        check_weight_files(args.lora, args.transformer)
+        check_out_folder(args.out)
+        check_lora_scale(args.lora_scale)
+        model = tiny_model_dir() if args.demo else args.model
+        request = BuildRequest(
+            model_dir=Path(model), backend=backend, plan=plan, out_dir=args.out, precision=precision,
+            lora=args.lora, lora_scale=args.lora_scale, transformer_file=args.transformer, graphs=tuple(args.graphs),
+            workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None).validate()
         chosen = "given" if args.precision else ("the --demo default" if args.demo else "the default for a model folder")
         print(f"[build] precision {precision} ({chosen}; change it with {FLAG_PRECISION})", file=sys.stderr, flush=True)
-        request = BuildRequest(
-            model_dir=Path(model), backend=backend, plan=plan_from_args(args), out_dir=args.out, precision=precision,
-            lora=args.lora, lora_scale=args.lora_scale, transformer_file=args.transformer, graphs=tuple(args.graphs),
-            workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None)
 
         def progress(stage: str, done: int, total: int) -> None:
             print(f"[build] {stage} {done}/{total}", file=sys.stderr, flush=True)

@@ -171,10 +171,11 @@ def _dtype(name: str):
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from sparse_context.reference.generator import SparseContextGenerator
-    from sparse_context.reference.tiny import tiny_model_dir
     check_generate_options(args)
     out = check_output_file(args.out)
+    from sparse_context.reference.generator import SparseContextGenerator  # torch: after the checks
+    from sparse_context.reference.tiny import tiny_model_dir
+
     if args.engines:
         check_engine_options(args)
         generator = SparseContextGenerator.from_engines(args.engines, device=args.device)
@@ -217,12 +218,22 @@ def check_generate_options(args: argparse.Namespace) -> None:
         kind, _, number = args.device.partition(":")
         if kind not in ("cpu", "cuda") or (number and (kind == "cpu" or not number.isdigit())):
             raise InputError(bad_value("device", args.device, "cpu, cuda or cuda:N", FLAG_DEVICE))
-    for flag, value in ((FLAG_MODEL, args.model), (FLAG_ENGINES, args.engines)):
-        if value is not None and not Path(value).is_dir():
-            raise InputError(bad_value(flag.lstrip("-") + " folder", value, "an existing folder", flag))
-    for flag, value in ((FLAG_TRANSFORMER, args.transformer), (FLAG_LORA, args.lora)):
-        if value is not None and not args.engines and not Path(value).is_file():
-            raise InputError(bad_value(flag.lstrip("-") + " file", value, "an existing .safetensors file", flag))
+    if args.engines is not None:
+        if not Path(args.engines).is_dir():
+            raise InputError(bad_value("engines folder", args.engines, "an existing folder from build_engines.py",
+                                       FLAG_ENGINES))
+        return  # model, LoRA and transformer are compared with the engines' own (check_engine_options)
+    from sparse_context.export.model_folder import check_safetensors, read_model_index, read_settings
+
+    if args.model is not None:
+        read_model_index(args.model)
+        read_settings(args.model)
+    for flag, value, what in ((FLAG_TRANSFORMER, args.transformer, "transformer checkpoint"),
+                              (FLAG_LORA, args.lora, "LoRA file")):
+        if value is not None:
+            if not Path(value).is_file():
+                raise InputError(bad_value(what, value, "an existing .safetensors file", flag))
+            check_safetensors(Path(value), what, flag)
 
 
 def check_torch_device(device: str | None) -> None:
@@ -379,7 +390,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``with_export=False`` lists `export` without its options, whose module imports
+    torch (seconds): other commands then check their input before anything heavy is imported."""
     parser = argparse.ArgumentParser(prog="sparse-context", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -462,12 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="report folder (default out/gpu-check for gpu, else out/bench)")
     bench.set_defaults(func=cmd_bench)
 
-    _add_optional_commands(commands)
+    _add_optional_commands(commands, with_export)
     return parser
 
 
-def _add_optional_commands(commands) -> None:
+def _add_optional_commands(commands, with_export: bool = True) -> None:
     """Commands whose modules may be absent in a partial checkout are added when importable."""
+    if not with_export:
+        commands.add_parser("export", help="export the transformer to ONNX")
+        return
     try:
         from sparse_context.export.cli import add_export_arguments, run_export
     except ImportError:
@@ -478,7 +494,8 @@ def _add_optional_commands(commands) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_export="export" in argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except SparseContextError as error:

@@ -71,10 +71,10 @@ class Resolution:
         resolution = cls(int(parts[0]), int(parts[1]))
         try:
             check_output_size(resolution.width_px, resolution.height_px)
-        except InputError as error:  # the same limits as a request, under this option's name
+        except InputError:  # the same limits as a request, under this option's name
             raise InputError(bad_value("resolution", text, f"WIDTHxHEIGHT of whole {TOKEN_PIXELS}-px tokens, each "
                                        f"side {TOKEN_PIXELS} to {MAX_SIDE_PIXELS} px, at most "
-                                       f"{MAX_OUTPUT_PIXELS // 2**20} megapixels ({error})", flag)) from None
+                                       f"{MAX_OUTPUT_PIXELS // 2**20} megapixels", flag)) from None
         if flag == FLAG_REF_RESOLUTION and resolution.width_px * resolution.height_px > MAX_REFERENCE_AREA:
             raise InputError(bad_value("reference resolution", text, "at most 1024x1024 px of area: references "
                                        "are resized down to that before encoding", flag))

@@ -50,13 +50,47 @@ class BuildRequest:
     workspace_bytes: int | None = None
 
     def validate(self) -> "BuildRequest":
-        if self.backend not in BACKENDS:
-            raise BuildOptionError(bad_value("backend", self.backend, ", ".join(BACKENDS), "--backend"))
-        if self.backend == "ort-cpu" and self.precision == "bf16":
-            raise BuildOptionError(bad_value("precision for ort-cpu", "bf16", "fp32 or fp16 (onnxruntime CPU has no "
-                                             "bfloat16 kernels)", "--precision"))
+        check_backend_precision(self.backend, self.precision)
         self.plan.validate()
+        # Inputs checked before the folder is created or anything heavy imported
+        from sparse_context.export.model_folder import read_model_index, read_settings
+        from sparse_context.runtime.limits import check_lora_scale
+
+        read_model_index(self.model_dir)
+        read_settings(self.model_dir)
+        check_weight_files(self.lora, self.transformer_file)
+        check_lora_scale(self.lora_scale)
+        check_out_folder(self.out_dir)
         return self
+
+
+def check_backend_precision(backend: str, precision: str) -> None:
+    if backend not in BACKENDS:
+        raise BuildOptionError(bad_value("backend", backend, ", ".join(BACKENDS), FLAG_BACKEND))
+    if backend == "ort-cpu" and precision == "bf16":
+        raise BuildOptionError(bad_value("precision for ort-cpu", "bf16", "fp32 or fp16 (onnxruntime CPU has no "
+                                         "bfloat16 kernels)", FLAG_PRECISION))
+
+
+def check_out_folder(out_dir: Path) -> None:
+    """The engines folder is a folder, or can become one (nothing is created here)."""
+    out_dir = Path(out_dir)
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a folder ({existing} is a file)",
+                                         FLAG_OUT))
+
+
+def check_weight_files(lora: Path | None, transformer_file: Path | None) -> None:
+    """The LoRA and the single-file transformer exist and are safetensors files (checked before any loading)."""
+    from sparse_context.export.model_folder import check_safetensors
+
+    for path, what, flag in ((lora, "LoRA file", FLAG_LORA), (transformer_file, "transformer checkpoint",
+                                                                FLAG_TRANSFORMER)):
+        if path is not None:
+            if not Path(path).is_file():
+                raise BuildOptionError(bad_value(what, str(path), "an existing .safetensors file", flag))
+            check_safetensors(Path(path), what, flag)
 
 
 def engine_input_shapes(spec: Any) -> dict[str, tuple[Any, ...]]:

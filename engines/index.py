@@ -103,7 +103,8 @@ class EnginesIndex:
     def from_json(cls, data: Any, source: str = ENGINES_FILE) -> EnginesIndex:
         """Check the format version first, then every field; each problem names the file and the fix."""
         if not isinstance(data, Mapping):
-            raise EnginesIndexError(bad_value(source, type(data).__name__, "a JSON object written by build_engines.py"))
+            raise EnginesIndexError(bad_value(source, type(data).__name__, "a JSON object written by build_engines.py",
+                                              "--engines"))
         version = data.get("format")
         if version != FORMAT_VERSION:
             raise EnginesIndexError(f"{source}: format {version!r}; this version reads format {FORMAT_VERSION}; "

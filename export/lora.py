@@ -23,7 +23,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """The LoRA's tensors in diffusers key format and its adapter metadata (``{}`` if it has none)."""
     from diffusers import Flux2KleinPipeline
 
-    from sparse_context.export.loading import check_safetensors
+    from sparse_context.export.model_folder import check_safetensors
 
     path = Path(path)
     if not path.is_file():
