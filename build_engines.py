@@ -10,7 +10,9 @@ every engine. This file only parses, validates and calls ``sparse_context.engine
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from sparse_context.engines.buckets import plan_from_args
     from sparse_context.engines.build import FLAG_PRECISION, BuildRequest, build_engines, check_backend_precision, check_out_folder, check_weight_files
@@ -46,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sparse_context.runtime.errors import SparseContextError, bad_value
 
     args = build_parser().parse_args(argv)
+    # SIGTERM (a service stop, a scheduler's timeout) unwinds like an exception, so the export's staging folder and
+    # the folder lock are cleaned up; kill -9 cannot be caught: the next build removes what it left.
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         if args.demo:
             from sparse_context.reference.tiny import TINY_MAX_SEQUENCE_LENGTH, tiny_model_dir
@@ -75,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SparseContextError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     for graph, entry in index.graphs.items():
         print(f"{graph}: {len(entry.profiles)} profiles, {'reused' if entry.reused_export else 'new'} export, "
               f"{entry.engine or entry.onnx}")

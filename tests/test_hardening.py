@@ -456,3 +456,29 @@ def test_select_all_without_a_mask_says_mask_is_skipped(tmp_path, capsys):
 
     assert main(["select", "--ref", str(SAMPLE), "--out", str(tmp_path / "out")]) == 0
     assert "strategy mask skipped (it needs --mask)" in capsys.readouterr().err
+
+
+def test_sigterm_during_a_build_leaves_no_staging(tmp_path):
+    """A build stopped with SIGTERM mid-export removes its staging folder and releases the folder lock."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "engines"
+    env = dict(os.environ, SPARSE_CONTEXT_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.environ.get("PYTHONPATH", str(ROOT.parent)))
+    process = subprocess.Popen([sys.executable, "-m", "sparse_context.build_engines", "--demo", "--out", str(out)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not list((out / "onnx").glob(".staging-*")):
+        time.sleep(0.05)
+    if process.poll() is not None:
+        pytest.skip(f"the build ended before a staging folder was seen: {process.stderr.read()[-300:]!r}")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 128 + signal.SIGTERM
+    assert not list((out / "onnx").glob(".staging-*"))
+    assert not (out / "engines.json").exists()
+    from sparse_context.engines.build import folder_lock
+
+    with folder_lock(out):  # free again
+        pass
