@@ -26,7 +26,7 @@ from sparse_context.export.spec import (
 from sparse_context.export.manifest import MANIFEST, ONNX_FILE, read_export_manifest
 from sparse_context.runtime.errors import bad_value
 from sparse_context.runtime.files import publish_mode
-from sparse_context.runtime.fingerprints import file_sha256
+from sparse_context.runtime.fingerprints import file_sha256, file_sha256_memo
 
 FORMAT_VERSION = 1  # bump when the graph semantics or the folder layout change: old caches stop matching
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
@@ -89,17 +89,10 @@ def _report(progress: Progress | None, stage: str) -> None:
         progress(stage, STAGES.index(stage) + 1, len(STAGES))
 
 
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
-
-
 def _sha256(path: Path) -> str:
-    """file_sha256, memoised on (path, size, mtime): a 9B checkpoint takes a minute to hash, and a multi-graph
-    export asks for it once per graph."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        _SHA_MEMO[key] = file_sha256(path)
-    return _SHA_MEMO[key]
+    """file_sha256, remembered per file identity across processes: a 9B checkpoint takes a minute to hash, and a
+    multi-graph export (or the next build) asks for it again."""
+    return file_sha256_memo(path)
 
 
 def weights_sha256(model_dir: Path, transformer_file: Path | None) -> str:
@@ -279,7 +272,8 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
         summary = check_graph(staging / ONNX_FILE, spec, for_tensorrt=options.attention == "matmul")
         # 4. Manifest last: its presence marks the folder complete
         _report(progress, "manifest")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(staging.iterdir())}
+        # remembered per file identity, which the rename below keeps: loading the export does not hash it again
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256_memo(p)} for p in sorted(staging.iterdir())}
         manifest = {
             "cache_key": key, "graph": spec.graph, "precision": spec.precision, "attention": options.attention,
             "opset": summary["opset"], "for_tensorrt": options.attention == "matmul", "ops": summary["ops"],

@@ -164,6 +164,13 @@ class SparseContextGenerator:
             return engine_fingerprint(self.backend)
         return self._fingerprint()
 
+    def weights_changed(self) -> None:
+        """Say that weights changed in a way torch does not count (writes through ``parameter.data``): the next
+        cache lookup rehashes them. Changes through the parameters themselves are seen without this."""
+        for fingerprint in (self._fingerprint, self._text_fingerprint):
+            if fingerprint is not None:
+                fingerprint.invalidate()
+
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, np.ndarray]:
         """(1, L, D) prompt embeddings as diffusers' Klein pipelines compute them, and their (L, 4) ids."""
         from diffusers import Flux2KleinPipeline

@@ -17,6 +17,7 @@ import numpy as np
 
 CACHE_ENV = "SPARSE_CONTEXT_CACHE"  # the package's cache folder (tiny model, file digests)
 DIGEST_MEMO_FILE = "sha256-memo.json"
+DIGEST_MEMO_ENTRIES = 4096
 _DIGEST_MEMO: dict[str, dict[str, Any]] = {}
 _DIGEST_LOCK = threading.Lock()
 
@@ -35,13 +36,14 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def _file_identity(path: Path) -> tuple[str, dict[str, int]]:
+    """(key, identity): keyed on the file itself (device, inode), so a renamed folder (an export published from
+    its staging name, a moved engines folder) keeps its digests; a copy is a new file and is hashed again."""
     stat = path.stat()
-    identity = {"dev": stat.st_dev, "inode": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return str(path.resolve()), identity
+    return f"{stat.st_dev}:{stat.st_ino}", {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def file_sha256_memo(path: str | Path) -> str:
-    """``file_sha256``, remembered per file identity (path, device, inode, size, mtime): a 9B export holds 18 GB,
+    """``file_sha256``, remembered per file identity (device, inode, size, mtime): a 9B export holds 18 GB,
     which takes about a minute to hash, so it is hashed once and the digest is reused while the file is the same
     file, unmodified. The memo persists in the cache folder (best effort: an unwritable folder only costs a
     re-hash in the next process). A file rewritten in place keeping its size and mtime (``touch -d``) would
@@ -58,7 +60,10 @@ def file_sha256_memo(path: str | Path) -> str:
     if _file_identity(path)[1] != identity:  # changed while being hashed: do not remember a torn digest
         return digest
     with _DIGEST_LOCK:
+        _DIGEST_MEMO.pop(key, None)
         _DIGEST_MEMO[key] = {"identity": identity, "sha256": digest}
+        for stale in list(_DIGEST_MEMO)[:-DIGEST_MEMO_ENTRIES]:  # oldest first: files long gone
+            del _DIGEST_MEMO[stale]
         _write_memo(dict(_DIGEST_MEMO))
     return digest
 

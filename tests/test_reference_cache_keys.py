@@ -82,7 +82,7 @@ def test_fingerprint_is_reused_while_weights_are_unchanged(cached_generator, mon
     monkeypatch.setattr(module, "_weights_fingerprint", lambda model: calls.append(1) or real(model))
     first = cached_generator.model_fingerprint
     assert cached_generator.model_fingerprint == first and len(calls) == 1
-    cached_generator._fingerprint.invalidate()  # e.g. after writing through parameter.data
+    cached_generator.weights_changed()  # e.g. after writing through parameter.data
     assert cached_generator.model_fingerprint == first and len(calls) == 2
 
 
