@@ -47,7 +47,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from sparse_context.engines.buckets import plan_from_args
-    from sparse_context.engines.build import FLAG_PRECISION, BuildRequest, build_engines, check_backend_precision, check_out_folder, check_weight_files
+    from sparse_context.engines.build import (
+        FLAG_PRECISION, BuildRequest, build_engines, check_backend_precision, check_out_folder, check_weight_files,
+    )
     from sparse_context.runtime.limits import check_lora_scale
     from sparse_context.runtime.errors import SparseContextError, bad_value
 
@@ -75,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_dir=Path(model), backend=backend, plan=plan, out_dir=args.out, precision=precision,
             lora=args.lora, lora_scale=args.lora_scale, transformer_file=args.transformer, graphs=tuple(args.graphs),
             workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None).validate()
-        chosen = "given" if args.precision else ("the --demo default" if args.demo else "the default for a model folder")
+        default = "the --demo default" if args.demo else "the default for a model folder"
+        chosen = "given" if args.precision else default
         print(f"[build] precision {precision} ({chosen}; change it with {FLAG_PRECISION})", file=sys.stderr, flush=True)
 
         def progress(stage: str, done: int, total: int) -> None:

@@ -50,7 +50,8 @@ class GraphEntry:
         for key in ("onnx", "engine"):
             if data.get(key) is not None:
                 inside_folder(str(data[key]), f"{ENGINES_FILE} graph {graph!r} {key}")
-        return cls(onnx=str(data["onnx"]), onnx_sha256=str(data["onnx_sha256"]), profiles=tuple(dict(p) for p in profiles),
+        return cls(onnx=str(data["onnx"]), onnx_sha256=str(data["onnx_sha256"]),
+                   profiles=tuple(dict(p) for p in profiles),
                    reused_export=bool(data.get("reused_export")), engine=data.get("engine"), provider_options=options)
 
     def to_json(self) -> dict[str, Any]:
@@ -170,7 +171,8 @@ def open_backend(index: EnginesIndex, memory: Any = None, device: str | None = N
     full, kv = index.graphs.get("full"), index.graphs.get("kv")
     return OrtTransformerBackend(full=index.path(full.onnx) if full else None, kv=index.path(kv.onnx) if kv else None,
                                  providers=providers, plan=index.plan, strict_shapes=index.backend == "ort-trt",
-                                 device_id=device_id, expected_sha256={g: e.onnx_sha256 for g, e in index.graphs.items()})
+                                 device_id=device_id,
+                                 expected_sha256={g: e.onnx_sha256 for g, e in index.graphs.items()})
 
 
 def check_device(index: EnginesIndex, device: str | None) -> int:

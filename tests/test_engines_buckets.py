@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from sparse_context.engines.buckets import (
-    CACHED_TOKENS, DEFAULT_KEEP_FRACTIONS, KEEP_CHOICES, REF_TOKENS, RESOLUTION_CHOICES, TARGET_TOKENS, TEXT_TOKENS,
+    CACHED_TOKENS, DEFAULT_KEEP_FRACTIONS, KEEP_CHOICES, REF_TOKENS, TARGET_TOKENS, TEXT_TOKENS,
     BucketPlan, Resolution, add_bucket_arguments, plan_from_args, steps_for_graph, tokens_at,
 )
 from sparse_context.engines.errors import ProfileError

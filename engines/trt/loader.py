@@ -178,7 +178,8 @@ def builder_config(parsed: ParsedNetwork, *, workspace_bytes: int | None = None,
         config.set_flag(flag)
     if optimization_level is not None:
         if optimization_level not in OPTIMIZATION_LEVELS:
-            raise BuildOptionError(bad_value("builder optimization level", optimization_level, "0..5", "optimization_level="))
+            raise BuildOptionError(bad_value("builder optimization level", optimization_level, "0..5",
+                                             "optimization_level="))
         config.builder_optimization_level = int(optimization_level)
     if timing_cache_path is not None:
         # A timing cache from an earlier build skips re-timing kernels; mismatched caches are refused, not mixed.
