@@ -138,6 +138,7 @@ def load_transformer(options: ExportOptions) -> tuple[Any, dict[str, Any]]:
     read_model_index(options.model_dir)
     try:
         transformer = Flux2Transformer2DModel.from_pretrained(str(options.model_dir), subfolder="transformer",
+                                                              use_safetensors=True,
                                                               torch_dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load the transformer of {options.model_dir}: {error} (check --model)") \

@@ -23,7 +23,9 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32, wit
     pipeline_class = getattr(diffusers, index["_class_name"])
     skip = {} if with_transformer else {"transformer": None}
     try:
-        return pipeline_class.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True, **skip)
+        # safetensors only: a folder holding pickled .bin weights is refused instead of unpickled
+        return pipeline_class.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
+                                              use_safetensors=True, **skip)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load {index['_class_name']} from {model_dir}: {error} (check --model)") \
             from error

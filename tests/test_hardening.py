@@ -482,3 +482,20 @@ def test_sigterm_during_a_build_leaves_no_staging(tmp_path):
 
     with folder_lock(out):  # free again
         pass
+
+
+def test_model_folder_with_pickled_weights_is_refused(tiny_model_dir, tmp_path):
+    """diffusers would unpickle a .bin when no .safetensors is there; we load safetensors only."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sparse_context.export.loading import load_pipeline
+    from sparse_context.runtime.errors import ModelLoadError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = next((folder / "transformer").glob("*.safetensors"))
+    torch.save(load_file(str(weights)), folder / "transformer" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="--model"):
+        load_pipeline(folder)
