@@ -254,10 +254,11 @@ def check_engine_options(args: argparse.Namespace) -> None:
     lists each difference with the build_engines.py command that would build engines for it."""
     from sparse_context.engines.build import build_command
     from sparse_context.engines.errors import FixedAtBuildError
-    from sparse_context.engines.index import EnginesIndex
+    from sparse_context.engines.index import EnginesIndex, check_device
     from sparse_context.runtime.fingerprints import file_sha256
 
     index = EnginesIndex.read(args.engines)
+    check_device(index, args.device)  # before torch and the text encoder are loaded
     folder = Path(args.engines)
 
     def same_file(given: str, built: str | None) -> bool:
