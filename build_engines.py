@@ -14,7 +14,9 @@ beside every engine. This file only parses, validates and calls ``sparse_context
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,29 +47,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from sparse_context.calibration.build import QUANTIZED_PRECISIONS, options_from_args, summary_lines
     from sparse_context.engines.buckets import plan_from_args
-    from sparse_context.engines.build import BuildRequest, build_engines
+    from sparse_context.engines.build import (
+        FLAG_PRECISION, BuildRequest, build_engines, check_backend_precision, check_out_folder, check_weight_files,
+    )
+    from sparse_context.runtime.limits import check_lora_scale
     from sparse_context.runtime.errors import SparseContextError, bad_value
 
     args = build_parser().parse_args(argv)
+    # SIGTERM (a service stop, a scheduler's timeout) unwinds like an exception, so the export's staging folder and
+    # the folder lock are cleaned up; kill -9 cannot be caught: the next build removes what it left.
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         if args.demo:
             from sparse_context.reference.tiny import TINY_MAX_SEQUENCE_LENGTH, tiny_model_dir
 
-            model, backend, precision = tiny_model_dir(), args.backend or "ort-cpu", args.precision or "fp32"
             args.text_tokens = TINY_MAX_SEQUENCE_LENGTH
         elif args.model is None:
             raise SparseContextError(bad_value("model", None, "a local diffusers folder", "--model (or --demo)"))
-        else:
-            model, backend, precision = args.model, args.backend or "trt", args.precision or "fp16"
+        plan = plan_from_args(args)  # everything is checked before the tiny model is built
+        backend = args.backend or ("ort-cpu" if args.demo else "trt")
+        precision = args.precision or ("fp32" if args.demo else "fp16")
+        check_backend_precision(backend, precision)
+        check_weight_files(args.lora, args.transformer)
+        check_out_folder(args.out)
+        check_lora_scale(args.lora_scale)
+        model = tiny_model_dir() if args.demo else args.model
         request = BuildRequest(
-            model_dir=Path(model), backend=backend, plan=plan_from_args(args), out_dir=args.out, precision=precision,
+            model_dir=Path(model), backend=backend, plan=plan, out_dir=args.out, precision=precision,
             lora=args.lora, lora_scale=args.lora_scale, transformer_file=args.transformer, graphs=tuple(args.graphs),
             workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None,
             calibration=options_from_args(args, args.demo, reference_generator) if precision in QUANTIZED_PRECISIONS
-            else None)
+            else None).validate()
+        default = "the --demo default" if args.demo else "the default for a model folder"
+        chosen = "given" if args.precision else default
+        print(f"[build] precision {precision} ({chosen}; change it with {FLAG_PRECISION})", file=sys.stderr, flush=True)
 
         def progress(stage: str, done: int, total: int) -> None:
             print(f"[build] {stage} {done}/{total}", file=sys.stderr, flush=True)
@@ -76,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SparseContextError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if index.calibration is not None:
         print("\n".join(summary_lines(index.calibration)))
     for graph, entry in {**index.graphs, **index.parts}.items():

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from sparse_context.runtime.benchmark_selection import DEFAULT_GENERATION_S, GENERATION_FLAG
-from sparse_context.runtime.errors import SparseContextError
+from sparse_context.runtime.errors import InputError, SparseContextError, bad_value
+from sparse_context.runtime.limits import (
+    FLAG_GUIDANCE, FLAG_HEIGHT, FLAG_PROMPT, FLAG_SEED, FLAG_STEPS, FLAG_WIDTH,
+)
 from sparse_context.runtime.progress import stderr_progress
 from sparse_context.runtime.selection import ALLOCATION_CHOICES, STRATEGY_CHOICES
 
@@ -22,22 +26,31 @@ FLAG_LORA = "--lora"
 FLAG_LORA_SCALE = "--lora-scale"
 FLAG_DTYPE = "--dtype"
 FLAG_DEVICE = "--device"
+FLAG_REF = "--ref"
+FLAG_MASK = "--mask"
+FLAG_STRATEGY = "--strategy"
+FLAG_KEEP = "--keep"
+FLAG_TOKENS = "--tokens"
+FLAG_OUT = "--out"
+# Output formats by file suffix (Pillow writes each); anything else is refused rather than written as PNG bytes.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def _add_selection_arguments(parser: argparse.ArgumentParser, default_keep: float) -> None:
-    parser.add_argument("--ref", action="append", default=[], metavar="IMAGE",
-                        help="reference image (repeat for several; default for `select`: the bundled samples)")
+    parser.add_argument(FLAG_REF, action="append", default=[], metavar="IMAGE",
+                        help="reference image (repeat for several, at most 10; default for `select`: the bundled "
+                             "samples)")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=float, default=None,
+    budget.add_argument(FLAG_KEEP, type=float, default=None,
                         help=f"keep fraction of reference tokens in (0, 1] (default {default_keep})")
-    budget.add_argument("--tokens", type=int, default=None, help="token count instead of a fraction")
-    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="edge",
+    budget.add_argument(FLAG_TOKENS, type=int, default=None, help="token count instead of a fraction")
+    parser.add_argument(FLAG_STRATEGY, choices=STRATEGY_CHOICES, default="edge",
                         help="edge: instruction editing; saliency: subject personalization (default edge)")
     parser.add_argument("--allocation", choices=ALLOCATION_CHOICES, default="per_reference",
                         help="budget per reference, or global (importance-weighted across references)")
-    parser.add_argument("--mask", action="append", default=None, metavar="IMAGE",
+    parser.add_argument(FLAG_MASK, action="append", default=None, metavar="IMAGE",
                         help="importance mask per reference for --strategy mask (grayscale image)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(FLAG_SEED, type=int, default=0, help="0 to 2**63 - 1")
 
 
 def _masks(args: argparse.Namespace):
@@ -47,7 +60,73 @@ def _masks(args: argparse.Namespace):
 
     from sparse_context.runtime.images import load_image
 
-    return [np.asarray(load_image(path).convert("L"), dtype=np.float32) / 255.0 for path in args.mask]
+    return [np.asarray(load_image(path, "mask image", FLAG_MASK).convert("L"), dtype=np.float32) / 255.0
+            for path in args.mask]
+
+
+def check_selection_options(args: argparse.Namespace, all_allowed: bool = False) -> None:
+    """Every selection option is honoured or refused, before any image is decoded or any model loaded."""
+    from sparse_context.runtime.limits import check_seed
+    from sparse_context.runtime.tokens import MAX_REFERENCES, check_keep_fraction
+
+    if len(args.ref) > MAX_REFERENCES:
+        raise InputError(bad_value("number of reference images", len(args.ref), f"at most {MAX_REFERENCES}",
+                                   f"fewer {FLAG_REF}"))
+    for path in [*args.ref, *(args.mask or [])]:
+        flag = FLAG_MASK if path in (args.mask or []) and path not in args.ref else FLAG_REF
+        if not Path(path).is_file():
+            what = "mask image file" if flag == FLAG_MASK else "reference image file"
+            raise InputError(bad_value(what, path, "an existing image file", flag))
+    if args.keep is not None:
+        check_keep_fraction(args.keep, FLAG_KEEP)
+    if args.tokens is not None and args.tokens < 1:
+        raise InputError(bad_value("reference token count", args.tokens, "an integer >= 1", FLAG_TOKENS))
+    check_seed(args.seed)
+    if args.strategy == "mask" and not args.mask:
+        raise InputError(bad_value(f"{FLAG_STRATEGY} mask", f"no {FLAG_MASK}", f"one {FLAG_MASK} IMAGE per reference",
+                                   FLAG_MASK))
+    if args.mask and args.strategy not in ("mask", "all" if all_allowed else "mask"):
+        raise InputError(bad_value(f"{FLAG_MASK} with {FLAG_STRATEGY}", args.strategy,
+                                   f"{FLAG_STRATEGY} mask (a mask is only read by that strategy)", FLAG_STRATEGY))
+
+
+def check_output_folder(folder: str) -> Path:
+    """``folder`` can be created and written (checked before any work)."""
+    path = Path(folder)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if existing == path and not path.is_dir():
+        raise InputError(bad_value("output folder", folder, "a folder (this is a file)", FLAG_OUT))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(bad_value("output folder", folder, f"a folder you can write ({existing} is not writable)",
+                                   FLAG_OUT))
+    return path
+
+
+def check_output_file(file: str) -> Path:
+    """``file`` has an image suffix we write in that format, is not a folder, and its folder is writable."""
+    path = Path(file)
+    if path.is_dir():
+        raise InputError(bad_value("output file", file, "a file name (this is an existing folder)", FLAG_OUT))
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise InputError(bad_value("output file type", path.suffix or "(no suffix)",
+                                   ", ".join(IMAGE_FORMATS) + " (written in that format)", FLAG_OUT))
+    check_output_folder(str(path.parent))
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(bad_value("output file", file, "a file you can write", FLAG_OUT))
+    return path
+
+
+def save_image(path: Path, rgb) -> None:
+    """Write the image in the format its suffix names, atomically."""
+    import io
+
+    from PIL import Image
+
+    from sparse_context.runtime.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format=IMAGE_FORMATS[path.suffix.lower()])
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def cmd_select(args: argparse.Namespace) -> int:
@@ -57,14 +136,16 @@ def cmd_select(args: argparse.Namespace) -> int:
     from sparse_context.runtime.overlay import draw_selection, save_png, selection_grid_png
     from sparse_context.runtime.selection import select_references
 
+    check_selection_options(args, all_allowed=True)
+    out = check_output_folder(args.out)
     refs = args.ref or [str(p) for p in sample_images().values()]
     keep = args.keep if args.keep is not None or args.tokens is not None else 0.10
     strategies = STRATEGY_CHOICES if args.strategy == "all" else (args.strategy,)
-    out = Path(args.out)
+    if args.strategy == "all" and not args.mask:
+        strategies = tuple(s for s in strategies if s != "mask")
+        print(f"note: strategy mask skipped (it needs {FLAG_MASK})", file=sys.stderr)
     rows, labels, summary = [], [], {}
     for strategy in strategies:
-        if strategy == "mask" and not args.mask:
-            continue
         selections = select_references(refs, strategy=strategy, keep_fraction=None if args.tokens else keep,
                                        token_count=args.tokens, allocation=args.allocation, seed=args.seed,
                                        masks=_masks(args) if strategy == "mask" else None)
@@ -91,7 +172,8 @@ def _dtype(name: str):
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from sparse_context.runtime.overlay import save_png
+    check_generate_options(args)
+    out = check_output_file(args.out)
 
     if args.engines:  # torch-free: every step runs on the engines folder
         from sparse_context.engines.pipeline import EnginePipeline
@@ -99,7 +181,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_engine_options(args)
         generator = EnginePipeline.from_engines(args.engines, device=args.device)
     else:
-        from sparse_context.reference.generator import SparseContextGenerator
+        check_torch_device(args.device)
+        from sparse_context.reference.generator import SparseContextGenerator  # torch: after the checks
         from sparse_context.reference.tiny import tiny_model_dir
 
         generator = SparseContextGenerator.from_pretrained(
@@ -112,7 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strategy=args.strategy, allocation=args.allocation, masks=_masks(args), use_kv=use_kv, height=args.height,
         width=args.width, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
         on_step=stderr_progress("denoise"))
-    save_png(args.out, np.asarray(result.image))
+    save_image(out, np.asarray(result.image))
     timings = " ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
     print(f"reference tokens: {result.ref_tokens} of {result.ref_tokens_available} | kv={'on' if use_kv else 'off'}"
           f" | {timings}")
@@ -120,15 +203,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_generate_options(args: argparse.Namespace) -> None:
+    """Everything about a generate request that can be checked before loading a model."""
+    from sparse_context.runtime.limits import (
+        DEFAULT_SIDE_PIXELS, check_guidance, check_lora_scale, check_output_size, check_prompt, check_steps,
+    )
+
+    check_prompt(args.prompt)
+    check_selection_options(args)
+    check_steps(args.steps)
+    check_guidance(args.guidance)
+    if args.lora_scale is not None:
+        check_lora_scale(args.lora_scale)
+    if args.width is not None or args.height is not None:
+        check_output_size(DEFAULT_SIDE_PIXELS if args.width is None else args.width,
+                          DEFAULT_SIDE_PIXELS if args.height is None else args.height)
+    if args.device is not None:
+        kind, _, number = args.device.partition(":")
+        if kind not in ("cpu", "cuda") or (number and (kind == "cpu" or not number.isdigit())):
+            raise InputError(bad_value("device", args.device, "cpu, cuda or cuda:N", FLAG_DEVICE))
+    if args.engines is not None:
+        if not Path(args.engines).is_dir():
+            raise InputError(bad_value("engines folder", args.engines, "an existing folder from build_engines.py",
+                                       FLAG_ENGINES))
+        return  # model, LoRA and transformer are compared with the engines' own (check_engine_options)
+    from sparse_context.export.model_folder import check_safetensors, read_model_index, read_settings
+
+    if args.model is not None:
+        read_model_index(args.model)
+        read_settings(args.model)
+    for flag, value, what in ((FLAG_TRANSFORMER, args.transformer, "transformer checkpoint"),
+                              (FLAG_LORA, args.lora, "LoRA file")):
+        if value is not None:
+            if not Path(value).is_file():
+                raise InputError(bad_value(what, value, "an existing .safetensors file", flag))
+            check_safetensors(Path(value), what, flag)
+
+
+def check_torch_device(device: str | None) -> None:
+    """A CUDA device asked of the PyTorch path exists here."""
+    if device is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        allowed = f"cpu or cuda:0..{count - 1}" if count else "cpu (PyTorch sees no CUDA GPU here)"
+        raise InputError(bad_value("device", device, allowed, FLAG_DEVICE))
+
+
 def check_engine_options(args: argparse.Namespace) -> None:
     """Options the engines fixed at build time must be absent or equal to what was built; otherwise one error
     lists each difference with the build_engines.py command that would build engines for it."""
     from sparse_context.engines.build import build_command
     from sparse_context.engines.errors import FixedAtBuildError
-    from sparse_context.engines.index import EnginesIndex
+    from sparse_context.engines.index import EnginesIndex, check_device
     from sparse_context.runtime.fingerprints import file_sha256
 
     index = EnginesIndex.read(args.engines)
+    check_device(index, args.device)  # before torch and the text encoder are loaded
     folder = Path(args.engines)
 
     def same_file(given: str, built: str | None) -> bool:
@@ -171,6 +305,7 @@ def check_engine_options(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sparse_context.reference.demo import run_demo
 
+    check_output_folder(args.out)
     report = run_demo(args.out, keep_fraction=args.keep, steps=args.steps, seed=args.seed,
                       progress=stderr_progress)
     print(f"token selection at keep {args.keep:g} (3 sample photos) -> {args.out}/selections.png")
@@ -268,7 +403,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``with_export=False`` lists `export` without its options, whose module imports
+    torch (seconds): other commands then check their input before anything heavy is imported."""
     parser = argparse.ArgumentParser(prog="sparse-context", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -276,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection_arguments(select, default_keep=0.10)
     select.set_defaults(strategy="all")
     select._option_string_actions["--strategy"].choices = STRATEGY_CHOICES + ("all",)
-    select.add_argument("--out", default="out/select", help="folder for overlays (default out/select)")
+    select.add_argument(FLAG_OUT, default="out/select", help="folder for overlays (default out/select)")
     select.set_defaults(func=cmd_select)
 
     generate = commands.add_parser("generate", help="generate an image (PyTorch, or engines with --engines)")
@@ -288,20 +425,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(FLAG_TRANSFORMER, help="single-file transformer .safetensors replacing the folder's")
     generate.add_argument(FLAG_LORA, help="LoRA .safetensors merged into the transformer")
     generate.add_argument(FLAG_LORA_SCALE, type=float, default=None, help="LoRA scale (default 1)")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument(FLAG_PROMPT, required=True, help="at most 2048 characters")
     _add_selection_arguments(generate, default_keep=1.0)
     kv = generate.add_mutually_exclusive_group()
     kv.add_argument("--kv", dest="kv", action="store_true", default=None, help="reuse reference K/V (KV cache)")
     kv.add_argument("--no-kv", dest="kv", action="store_false")
-    generate.add_argument("--steps", type=int, default=4)
-    generate.add_argument("--guidance", type=float, default=4.0, help="CFG scale (base models only)")
-    generate.add_argument("--width", type=int)
-    generate.add_argument("--height", type=int)
+    generate.add_argument(FLAG_STEPS, type=int, default=4, help="denoising steps, 1 to 200 (default 4)")
+    generate.add_argument(FLAG_GUIDANCE, type=float, default=4.0, help="CFG scale, 0 to 100 (base models only)")
+    generate.add_argument(FLAG_WIDTH, type=int, help="output width: a multiple of 16 px up to 4096, at most 4 "
+                          "megapixels with --height (default: the first reference's, else 1024)")
+    generate.add_argument(FLAG_HEIGHT, type=int, help="output height, as --width")
     generate.add_argument(FLAG_DEVICE, default=None, help="cpu, cuda or cuda:N (default: cpu; with --engines: "
                           "the engines' device, whose GPU index may be chosen)")
     generate.add_argument(FLAG_DTYPE, choices=("fp32", "fp16", "bf16"), default=None,
                           help="default: fp32 (with --engines: the engines' precision)")
-    generate.add_argument("--out", default="out/generated.png")
+    generate.add_argument(FLAG_OUT, default="out/generated.png",
+                          help="image file: .png, .jpg, .jpeg or .webp, written in that format")
     generate.set_defaults(func=cmd_generate)
 
     demo = commands.add_parser("demo", help="the main job on the embedded tiny model, end to end")
@@ -357,12 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="report folder (default out/gpu-check for gpu, else out/bench)")
     bench.set_defaults(func=cmd_bench)
 
-    _add_optional_commands(commands)
+    _add_optional_commands(commands, with_export)
     return parser
 
 
-def _add_optional_commands(commands) -> None:
+def _add_optional_commands(commands, with_export: bool = True) -> None:
     """Commands whose modules may be absent in a partial checkout are added when importable."""
+    if not with_export:
+        commands.add_parser("export", help="export the transformer to ONNX")
+        return
     try:
         from sparse_context.export.cli import add_export_arguments, run_export
     except ImportError:
@@ -373,7 +515,8 @@ def _add_optional_commands(commands) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_export="export" in argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except SparseContextError as error:

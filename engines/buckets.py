@@ -17,8 +17,10 @@ from functools import cached_property
 
 from sparse_context.engines.errors import ProfileError
 from sparse_context.runtime.errors import InputError, bad_value
+from sparse_context.runtime.limits import MAX_OUTPUT_PIXELS, MAX_SIDE_PIXELS, check_output_size
 from sparse_context.runtime.tokens import (
-    MAX_REFERENCES, check_keep_fraction, check_reference_count, kept_token_count, token_grid,
+    MAX_REFERENCE_AREA, MAX_REFERENCES, TOKEN_PIXELS, check_keep_fraction, check_reference_count, kept_token_count,
+    token_grid,
 )
 
 # Symbolic axis names of the graphs' token axes; export specs map their own names onto these if they differ.
@@ -67,7 +69,15 @@ class Resolution:
         if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
             raise InputError(bad_value("resolution", text, "WIDTHxHEIGHT in pixels, e.g. 1024x1024", flag))
         resolution = cls(int(parts[0]), int(parts[1]))
-        resolution.tokens  # token_grid raises InputError for sizes under one token
+        try:
+            check_output_size(resolution.width_px, resolution.height_px)
+        except InputError:  # the same limits as a request, under this option's name
+            raise InputError(bad_value("resolution", text, f"WIDTHxHEIGHT of whole {TOKEN_PIXELS}-px tokens, each "
+                                       f"side {TOKEN_PIXELS} to {MAX_SIDE_PIXELS} px, at most "
+                                       f"{MAX_OUTPUT_PIXELS // 2**20} megapixels", flag)) from None
+        if flag == FLAG_REF_RESOLUTION and resolution.width_px * resolution.height_px > MAX_REFERENCE_AREA:
+            raise InputError(bad_value("reference resolution", text, "at most 1024x1024 px of area: references "
+                                       "are resized down to that before encoding", flag))
         return resolution
 
 
@@ -259,9 +269,13 @@ def add_bucket_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep fractions, one engine profile each")
     parser.add_argument(FLAG_MAX_REFS, type=int, choices=range(1, MAX_REFERENCES + 1), default=DEFAULT_MAX_REFS)
     parser.add_argument(FLAG_TYPICAL_REFS, type=int, default=None, help="reference count the opt shapes target")
-    parser.add_argument(FLAG_REF_RESOLUTION, choices=RESOLUTION_CHOICES, default=DEFAULT_RESOLUTION.name)
-    parser.add_argument(FLAG_TARGET_RESOLUTIONS, nargs="+", choices=RESOLUTION_CHOICES,
-                        default=[DEFAULT_RESOLUTION.name], help="first = opt shape")
+    parser.add_argument(FLAG_REF_RESOLUTION, default=DEFAULT_RESOLUTION.name, metavar="WxH",
+                        help=f"reference size the profiles cover: any WIDTHxHEIGHT of whole {TOKEN_PIXELS}-px tokens "
+                             "up to 1024x1024 px of area (default 1024x1024)")
+    parser.add_argument(FLAG_TARGET_RESOLUTIONS, nargs="+", default=[DEFAULT_RESOLUTION.name], metavar="WxH",
+                        help=f"output sizes: any WIDTHxHEIGHT of whole {TOKEN_PIXELS}-px tokens, each side up to "
+                             f"{MAX_SIDE_PIXELS} px, at most {MAX_OUTPUT_PIXELS // 2**20} megapixels; the first is "
+                             f"the opt shape (common: {', '.join(RESOLUTION_CHOICES)})")
     parser.add_argument(FLAG_TEXT_TOKENS, type=int, default=DEFAULT_TEXT_TOKENS)
 
 

@@ -5,9 +5,11 @@ for the runtime."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sparse_context.engines.buckets import BucketPlan, CACHED_TOKENS
 from sparse_context.engines.errors import REBUILD_PROGRAM, BuildOptionError
@@ -28,6 +30,7 @@ FLAG_BACKEND = "--backend"
 FLAG_PRECISION = "--precision"
 FLAG_GRAPHS = "--graphs"
 FLAG_OUT = "--out"
+LOCK_FILE = ".build.lock"
 # TensorRT (and its onnxruntime EP) fuse MatMul-Softmax-MatMul and parse opset <= 20 on Jetson (TensorRT 10.3);
 # onnxruntime's CUDA EP needs the fused opset-23 Attention op to be fast and right at long sequences (NOTES §3b).
 # onnxruntime CUDA runs its contrib MultiHeadAttention (flash kernels): on an H200 at klein-9b width it measured
@@ -53,17 +56,51 @@ class BuildRequest:
     calibration: Any = None  # calibration.build.CalibrationOptions for precision int8/fp8 (None: defaults)
 
     def validate(self) -> "BuildRequest":
-        if self.backend not in BACKENDS:
-            raise BuildOptionError(bad_value("backend", self.backend, ", ".join(BACKENDS), "--backend"))
-        if self.backend == "ort-cpu" and self.precision == "bf16":
-            raise BuildOptionError(bad_value("precision for ort-cpu", "bf16", "fp32 or fp16 (onnxruntime CPU has no "
-                                             "bfloat16 kernels)", "--precision"))
+        check_backend_precision(self.backend, self.precision)
         if self.precision in ("int8", "fp8"):
             from sparse_context.calibration.build import check_backend
 
             check_backend(self.precision, self.backend)
         self.plan.validate()
+        # Inputs checked before the folder is created or anything heavy imported
+        from sparse_context.export.model_folder import read_model_index, read_settings
+        from sparse_context.runtime.limits import check_lora_scale
+
+        read_model_index(self.model_dir)
+        read_settings(self.model_dir)
+        check_weight_files(self.lora, self.transformer_file)
+        check_lora_scale(self.lora_scale)
+        check_out_folder(self.out_dir)
         return self
+
+
+def check_backend_precision(backend: str, precision: str) -> None:
+    if backend not in BACKENDS:
+        raise BuildOptionError(bad_value("backend", backend, ", ".join(BACKENDS), FLAG_BACKEND))
+    if backend == "ort-cpu" and precision == "bf16":
+        raise BuildOptionError(bad_value("precision for ort-cpu", "bf16", "fp32 or fp16 (onnxruntime CPU has no "
+                                         "bfloat16 kernels)", FLAG_PRECISION))
+
+
+def check_out_folder(out_dir: Path) -> None:
+    """The engines folder is a folder, or can become one (nothing is created here)."""
+    out_dir = Path(out_dir)
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a folder ({existing} is a file)",
+                                         FLAG_OUT))
+
+
+def check_weight_files(lora: Path | None, transformer_file: Path | None) -> None:
+    """The LoRA and the single-file transformer exist and are safetensors files (checked before any loading)."""
+    from sparse_context.export.model_folder import check_safetensors
+
+    for path, what, flag in ((lora, "LoRA file", FLAG_LORA), (transformer_file, "transformer checkpoint",
+                                                                FLAG_TRANSFORMER)):
+        if path is not None:
+            if not Path(path).is_file():
+                raise BuildOptionError(bad_value(what, str(path), "an existing .safetensors file", flag))
+            check_safetensors(Path(path), what, flag)
 
 
 def engine_input_shapes(spec: Any) -> dict[str, tuple[Any, ...]]:
@@ -107,13 +144,54 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
     Beside the transformer graphs: the text encoder (prompts up to the plan's text tokens), the VAE encoder
     (references of the plan's reference area) and decoder (its target resolutions), and the model's tokenizer
     and scheduler files, so the folder alone runs prompt + references -> image."""
+    request = request.validate()
+    out_dir = Path(request.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a folder that can be created and "
+                                         f"written ({error.strerror or error})", FLAG_OUT)) from error
+    with folder_lock(out_dir):
+        return _build_locked(request, out_dir, progress)
+
+
+@contextmanager
+def folder_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``<out>/.build.lock`` (an advisory lock the kernel drops with the process, even on ``kill -9``), so
+    two builds into one folder cannot interleave; the second is refused at once."""
+    import fcntl
+
+    path = out_dir / LOCK_FILE
+    try:
+        handle = open(path, "a+")
+    except OSError as error:
+        raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a writable folder ({error.strerror})",
+                                         FLAG_OUT)) from error
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a folder no other build is writing "
+                                             f"(locked by {owner}; wait for it or choose another folder)",
+                                             FLAG_OUT)) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_locked(request: BuildRequest, out_dir: Path,
+                  progress: Callable[[str, int, int], None] | None) -> EnginesIndex:
     from sparse_context.calibration.build import QUANTIZED_PRECISIONS, export_precision, quantize_for_build
     from sparse_context.export.exporter import ExportOptions, export_graphs
 
-    request = request.validate()
     plan = request.plan
-    out_dir = Path(request.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. Export (reused when the same weights, LoRA and options were exported before)
     options = ExportOptions(
@@ -134,18 +212,22 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
         profiles = engine_profiles(plan, graph, engine_input_shapes(exported.spec), symbol_names(exported.spec))
         engine = provider_options = None
         if request.backend == "trt":
-            engine = str(_build_trt(request, graph, exported, profiles, progress))
+            engine = _inside(_build_trt(request, graph, exported, profiles, progress), out_dir)
         elif request.backend == "ort-trt":
-            provider_options = ort_trt_provider_options(profiles, out_dir / "ort-trt-cache" / graph)
-        graphs[graph] = GraphEntry(onnx=str(exported.path), onnx_sha256=exported.manifest["onnx_sha256"],
+            provider_options = ort_trt_provider_options(profiles, Path("ort-trt-cache") / graph)
+        graphs[graph] = GraphEntry(onnx=_inside(exported.path, out_dir), onnx_sha256=exported.manifest["onnx_sha256"],
                                    profiles=tuple(p.to_json() for p in profiles), reused_export=exported.reused,
                                    engine=engine, provider_options=provider_options)
 
     # 4. The parts around the transformer: export, one profile each, the same backend build
-    parts = _build_parts(request, progress)
+    parts = _build_parts(request, out_dir, progress)
 
-    # 5. The index the runtime reads, with the model files it needs copied beside it
+    # 5. The index the runtime reads (paths relative to the folder, so it can be moved), with the model files it
+    #    needs copied beside it
+    from sparse_context.engines.runtime import read_model_settings
+
     files = copy_model_files(request.model_dir, out_dir)
+    scheduler, is_distilled = read_model_settings(request.model_dir)
     index = EnginesIndex(
         backend=request.backend, model_dir=str(Path(request.model_dir).resolve()), precision=request.precision,
         attention=options.attention, plan=plan, graphs=graphs, providers=PROVIDERS.get(request.backend, ()),
@@ -154,9 +236,15 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
         lora_scale=float(request.lora_scale) if request.lora else 1.0,
         transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None,
         parts=parts, files=files, calibration=calibration,
-        graph_optimization_level="basic" if calibration is not None else None)
+        graph_optimization_level="basic" if calibration is not None else None,
+        scheduler_config=scheduler, is_distilled=is_distilled)
     index.write(out_dir)
-    return index
+    return replace(index, folder=str(out_dir.resolve()))
+
+
+def _inside(path: Path, folder: Path) -> str:
+    """``path`` relative to the engines folder it was written into."""
+    return Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()
 
 
 def build_command(index: EnginesIndex, out_dir: str | Path, **changes: Any) -> str:
@@ -182,12 +270,13 @@ def build_command(index: EnginesIndex, out_dir: str | Path, **changes: Any) -> s
     return " ".join(words)
 
 
-def _build_parts(request: BuildRequest, progress: Callable[[str, int, int], None] | None) -> dict[str, GraphEntry]:
+def _build_parts(request: BuildRequest, out_dir: Path,
+                 progress: Callable[[str, int, int], None] | None) -> dict[str, GraphEntry]:
     # The text encoder and VAE stay unquantized (int8/fp8 builds quantize the transformer graphs only).
     from sparse_context.calibration.build import export_precision
     from sparse_context.export.part_exporter import export_parts
 
-    plan, out_dir = request.plan, Path(request.out_dir)
+    plan = request.plan
     exports = export_parts(request.model_dir, out_dir / "onnx", reference_resolutions(plan),
                            target_resolutions(plan), text_tokens=plan.text_tokens,
                            precision=export_precision(request.precision),
@@ -197,10 +286,10 @@ def _build_parts(request: BuildRequest, progress: Callable[[str, int, int], None
         profiles = (part_profile(exported.spec),)
         engine = provider_options = None
         if request.backend == "trt":
-            engine = str(_build_trt(request, part, exported, profiles, progress))
+            engine = _inside(_build_trt(request, part, exported, profiles, progress), out_dir)
         elif request.backend == "ort-trt":
-            provider_options = ort_trt_provider_options(profiles, out_dir / "ort-trt-cache" / part)
-        entries[part] = GraphEntry(onnx=str(exported.path), onnx_sha256=exported.manifest["onnx_sha256"],
+            provider_options = ort_trt_provider_options(profiles, Path("ort-trt-cache") / part)
+        entries[part] = GraphEntry(onnx=_inside(exported.path, out_dir), onnx_sha256=exported.manifest["onnx_sha256"],
                                    profiles=tuple(p.to_json() for p in profiles), reused_export=exported.reused,
                                    engine=engine, provider_options=provider_options)
     return entries

@@ -5,7 +5,7 @@ the factory that opens the transformer backend it describes."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,9 +15,12 @@ from sparse_context.engines.manifest import atomic_write_bytes
 from sparse_context.runtime.errors import bad_value
 
 ENGINES_FILE = "engines.json"
-FORMAT_VERSION = 3  # 2: records the LoRA and transformer checkpoint, so options fixed at build time can be checked
-# 3: the text encoder and VAE parts, and the model files (tokenizer, scheduler) copied into the folder
+# 2: records the LoRA and transformer checkpoint, so options fixed at build time can be checked.
+# 3: file paths relative to the engines folder (a folder can be moved or copied), the scheduler settings, the text
+#    encoder and VAE parts, and the model files (tokenizer, scheduler) copied into the folder.
+FORMAT_VERSION = 3
 BACKENDS = ("trt", "ort-cuda", "ort-trt", "ort-cpu")
+ORT_TRT_CACHE_OPTION = "trt_engine_cache_path"
 DEVICE_BY_BACKEND = {"trt": "cuda", "ort-cuda": "cuda", "ort-trt": "cuda", "ort-cpu": "cpu"}
 
 
@@ -37,9 +40,20 @@ class GraphEntry:
         if not isinstance(data, Mapping):
             raise EnginesIndexError(bad_value(f"{ENGINES_FILE} graph {graph!r}", type(data).__name__, "an object"))
         _require(data, ("onnx", "onnx_sha256", "profiles"), f"graph {graph!r}")
+        profiles = data["profiles"]
+        if not isinstance(profiles, list) or not all(isinstance(p, Mapping) for p in profiles):
+            raise EnginesIndexError(bad_value(f"{ENGINES_FILE} graph {graph!r} profiles", type(profiles).__name__,
+                                              "a list of profile objects"))
+        options = data.get("provider_options")
+        if options is not None and not isinstance(options, Mapping):
+            raise EnginesIndexError(bad_value(f"{ENGINES_FILE} graph {graph!r} provider_options",
+                                              type(options).__name__, "an object"))
+        for key in ("onnx", "engine"):
+            if data.get(key) is not None:
+                inside_folder(str(data[key]), f"{ENGINES_FILE} graph {graph!r} {key}")
         return cls(onnx=str(data["onnx"]), onnx_sha256=str(data["onnx_sha256"]),
-                   profiles=tuple(dict(p) for p in data["profiles"]), reused_export=bool(data.get("reused_export")),
-                   engine=data.get("engine"), provider_options=data.get("provider_options"))
+                   profiles=tuple(dict(p) for p in profiles),
+                   reused_export=bool(data.get("reused_export")), engine=data.get("engine"), provider_options=options)
 
     def to_json(self) -> dict[str, Any]:
         entry = {"onnx": self.onnx, "onnx_sha256": self.onnx_sha256, "reused_export": self.reused_export,
@@ -70,7 +84,14 @@ class EnginesIndex:
     files: Mapping[str, str] = field(default_factory=dict)  # model files copied in: relative path -> sha256
     calibration: Mapping[str, Any] | None = None  # int8/fp8: the accuracy gate's report (calibration.build)
     graph_optimization_level: str | None = None  # "basic" for Q/DQ graphs (see calibration.quantize)
+    scheduler_config: Mapping[str, Any] | None = None  # the model folder's, so the engines run without it
+    is_distilled: bool = True
     format: int = field(default=FORMAT_VERSION)
+    folder: str = field(default="", compare=False)  # where engines.json was read; not written
+
+    def path(self, relative: str) -> Path:
+        """A path recorded in the index, inside the engines folder."""
+        return Path(self.folder or ".") / inside_folder(relative, ENGINES_FILE)
 
     @property
     def device(self) -> str:
@@ -79,6 +100,7 @@ class EnginesIndex:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("folder")
         data.update(plan=self.plan.to_json(), graphs={g: e.to_json() for g, e in self.graphs.items()},
                     parts={p: e.to_json() for p, e in self.parts.items()}, files=dict(self.files),
                     providers=list(self.providers), build_args=list(self.plan.build_args()))
@@ -88,7 +110,8 @@ class EnginesIndex:
     def from_json(cls, data: Any, source: str = ENGINES_FILE) -> EnginesIndex:
         """Check the format version first, then every field; each problem names the file and the fix."""
         if not isinstance(data, Mapping):
-            raise EnginesIndexError(bad_value(source, type(data).__name__, "a JSON object written by build_engines.py"))
+            raise EnginesIndexError(bad_value(source, type(data).__name__, "a JSON object written by build_engines.py",
+                                              "--engines"))
         version = data.get("format")
         if version != FORMAT_VERSION:
             raise EnginesIndexError(f"{source}: format {version!r}; this version reads format {FORMAT_VERSION}; "
@@ -96,18 +119,25 @@ class EnginesIndex:
         _require(data, ("backend", "model_dir", "precision", "attention", "plan", "graphs"), source)
         if data["backend"] not in BACKENDS:
             raise BuildOptionError(bad_value("engines backend", data["backend"], ", ".join(BACKENDS), "--backend"))
-        if not isinstance(data["graphs"], Mapping) or not data["graphs"]:
+        if not isinstance(data["graphs"], Mapping) or not data["graphs"] or not set(data["graphs"]) <= {"full", "kv"}:
             raise EnginesIndexError(bad_value(f"{source} graphs", data["graphs"], "at least one of full, kv"))
         try:
             plan = BucketPlan.from_json(data["plan"])
         except ProfileError as error:
             raise EnginesIndexError(f"{source}: {error}") from error
+        except (TypeError, KeyError, ValueError, AttributeError) as error:  # a plan of the wrong shape
+            raise EnginesIndexError(f"{source}: plan is not the one build_engines.py writes ({error!r}); "
+                                    f"{rebuild_hint(_recorded_args(data))}") from error
+        scheduler = data.get("scheduler_config")
+        if scheduler is not None and not isinstance(scheduler, Mapping):
+            raise EnginesIndexError(bad_value(f"{source} scheduler_config", type(scheduler).__name__, "an object"))
         return cls(backend=data["backend"], model_dir=str(data["model_dir"]), precision=str(data["precision"]),
                    attention=str(data["attention"]), plan=plan,
                    graphs={g: GraphEntry.from_json(g, e) for g, e in data["graphs"].items()},
                    providers=tuple(data.get("providers") or ()), lora=data.get("lora"),
                    lora_sha256=data.get("lora_sha256"), lora_scale=float(data.get("lora_scale", 1.0)),
-                   transformer_file=data.get("transformer_file"),
+                   transformer_file=data.get("transformer_file"), scheduler_config=scheduler,
+                   is_distilled=bool(data.get("is_distilled", True)),
                    parts={p: GraphEntry.from_json(p, e) for p, e in (data.get("parts") or {}).items()},
                    files={str(k): str(v) for k, v in (data.get("files") or {}).items()},
                    calibration=data.get("calibration"), graph_optimization_level=data.get("graph_optimization_level"),
@@ -115,13 +145,14 @@ class EnginesIndex:
 
     @classmethod
     def read(cls, engines_dir: str | Path) -> EnginesIndex:
+        """``engines.json`` of a folder; the paths it records are taken inside that folder, wherever it now is."""
         path = Path(engines_dir) / ENGINES_FILE
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise EnginesIndexError(bad_value("engines folder", str(engines_dir), f"a folder with {ENGINES_FILE} "
                                               "written by build_engines.py", "--engines")) from error
-        return cls.from_json(data, str(path))
+        return replace(cls.from_json(data, str(path)), folder=str(Path(engines_dir).resolve()))
 
     def write(self, engines_dir: str | Path) -> Path:
         path = Path(engines_dir) / ENGINES_FILE
@@ -143,16 +174,20 @@ def open_backend(index: EnginesIndex, memory: Any = None, device: str | None = N
     providers: list[Any] = list(index.providers)
     entry = index.graphs.get("kv", index.graphs.get("full"))
     if entry.provider_options and providers and providers[0] == "TensorrtExecutionProvider":
-        providers[0] = (providers[0], dict(entry.provider_options))
+        options = dict(entry.provider_options)
+        if ORT_TRT_CACHE_OPTION in options:  # recorded inside the folder, so a moved folder keeps its cache
+            options[ORT_TRT_CACHE_OPTION] = str(index.path(options[ORT_TRT_CACHE_OPTION]))
+        providers[0] = (providers[0], options)
     full, kv = index.graphs.get("full"), index.graphs.get("kv")
     session_options = None
     if index.graph_optimization_level == "basic":  # Q/DQ graphs: see calibration.quantize
         from sparse_context.calibration.quantize import basic_session_options
 
         session_options = basic_session_options()
-    return OrtTransformerBackend(full=full.onnx if full else None, kv=kv.onnx if kv else None, providers=providers,
-                                 session_options=session_options, plan=index.plan,
-                                 strict_shapes=index.backend == "ort-trt", device_id=device_id)
+    return OrtTransformerBackend(full=index.path(full.onnx) if full else None, kv=index.path(kv.onnx) if kv else None,
+                                 providers=providers, session_options=session_options, plan=index.plan,
+                                 strict_shapes=index.backend == "ort-trt", device_id=device_id,
+                                 expected_sha256={g: e.onnx_sha256 for g, e in index.graphs.items()})
 
 
 def check_device(index: EnginesIndex, device: str | None) -> int:
@@ -165,6 +200,16 @@ def check_device(index: EnginesIndex, device: str | None) -> int:
         raise BuildOptionError(bad_value("device", device, f"{allowed}: these engines were built for "
                                          f"--backend {index.backend}, which runs on {index.device}", "--device"))
     return int(number or 0)
+
+
+def inside_folder(relative: str, where: str) -> str:
+    """``relative`` if it names a path inside the engines folder; absolute paths and ``..`` are refused, so an
+    index cannot make the runtime load files from elsewhere, and a moved or copied folder still loads."""
+    parts = Path(relative).parts
+    if not relative or Path(relative).is_absolute() or ".." in parts or (parts and parts[0].startswith("~")):
+        raise EnginesIndexError(bad_value(where, relative, "a path relative to the engines folder, inside it",
+                                          "--engines"))
+    return relative
 
 
 def _require(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:

@@ -11,13 +11,13 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from sparse_context.engines.errors import EngineCorruptError, EngineMismatchError, rebuild_hint
 from sparse_context.engines.profiles import Profile
+from sparse_context.runtime.files import atomic_write_bytes  # noqa: F401  (re-exported: engines write with it)
 
 MANIFEST_FORMAT = 1
 MANIFEST_SUFFIX = ".json"  # kv.engine -> kv.engine.json
@@ -108,24 +108,6 @@ def normalize_cc(compute_capability: str | Sequence[int]) -> str:
         return text if "." in text else f"{text[:-1]}.{text[-1:]}"
     major, minor = compute_capability
     return f"{int(major)}.{int(minor)}"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write via a temp file in the same folder and ``os.replace``: readers see the old file or the new one,
-    never half of one (same folder, because a rename across file systems is a copy)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def manifest_path(engine_path: str | os.PathLike) -> Path:

@@ -62,20 +62,24 @@ class PipelineResult:
 def open_parts(index: EnginesIndex, tokenizer: Any, device_id: int = 0, memory: Any = None) -> TextAndVae:
     """The text encoder and VAE sessions an index describes, on its backend (TensorRT engines, or onnxruntime
     with the recorded providers)."""
+    from sparse_context.export.manifest import verify_export
+
     sessions = {}
     for part in PART_NAMES:
         entry = index.parts[part]
+        verify_export(index.path(entry.onnx), entry.onnx_sha256)  # sizes and checksums before anything loads
         if index.backend == "trt":
             from sparse_context.engines.trt.parts import TrtPartSession
 
-            sessions[part] = TrtPartSession(entry.engine, entry.onnx, memory=memory, device=device_id)
+            sessions[part] = TrtPartSession(index.path(entry.engine), index.path(entry.onnx), memory=memory,
+                                            device=device_id)
         else:
             from sparse_context.engines.ort.parts import OrtPartSession
 
             providers: list[Any] = list(index.providers) or ["CPUExecutionProvider"]
             if entry.provider_options and providers[0] == "TensorrtExecutionProvider":
                 providers[0] = (providers[0], dict(entry.provider_options))
-            sessions[part] = OrtPartSession(entry.onnx, providers, device_id)
+            sessions[part] = OrtPartSession(index.path(entry.onnx), providers, device_id)
     return TextAndVae(tokenizer, **sessions)
 
 

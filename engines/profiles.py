@@ -127,7 +127,7 @@ def trtexec_shape_args(profile: Profile | Mapping[str, ShapeRange]) -> list[str]
     return [f"{flag}={format_shapes({n: r[i] for n, r in shapes.items()})}" for i, flag in enumerate(SHAPE_FLAGS)]
 
 
-def parse_shapes(text: str, flag: str = "--shapes") -> dict[str, Shape]:
+def parse_shapes(text: str, flag: str = SHAPE_FLAGS[1]) -> dict[str, Shape]:
     """Parse ``name:1x410x128,name2:4`` (names may be quoted, may contain ':'; ``name:`` is a scalar)."""
     if not isinstance(text, str) or not text.strip():
         raise ProfileError(bad_value("shape list", text, "name:DxDxD[,name:DxD...]", flag))

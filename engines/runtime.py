@@ -26,6 +26,7 @@ from sparse_context.runtime.core import References, engine_fingerprint, generate
 from sparse_context.runtime.errors import InputError, ModelLoadError, bad_value
 from sparse_context.runtime.fingerprints import array_digest
 from sparse_context.runtime.kv_cache import ReferenceKVCache
+from sparse_context.runtime.limits import check_guidance, check_output_size, check_seed, check_steps
 from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
     TOKEN_PIXELS, check_keep_fraction, check_reference_count, text_position_ids, token_grid,
@@ -56,7 +57,9 @@ def read_model_settings(model_dir: str | Path) -> tuple[dict[str, Any], bool]:
     try:
         index = json.loads((folder / "model_index.json").read_text())
         scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        if not isinstance(index, dict) or not isinstance(scheduler, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ModelLoadError(bad_value("model folder", str(folder), "a diffusers folder with model_index.json and "
                                        "scheduler/scheduler_config.json", "--model")) from error
     return scheduler, bool(index.get("is_distilled", True))
@@ -113,14 +116,24 @@ class EngineRuntime:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         check_keep_fraction(keep_fraction)
+        check_steps(num_steps)
+        check_guidance(guidance_scale)
+        check_seed(seed)
+        width, height = check_output_size(width, height)
+        dims = self.backend.dims
         embeds = np.asarray(prompt_embeds, dtype=np.float32)
-        if embeds.ndim != 3 or embeds.shape[0] != 1:
-            raise InputError(bad_value("prompt_embeds shape", embeds.shape, "(1, text tokens, text dim)"))
+        if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != dims.text_dim:
+            raise InputError(bad_value("prompt_embeds shape", embeds.shape, f"(1, text tokens, {dims.text_dim}): "
+                                       "the text width these engines were built for"))
+        if isinstance(reference_latents, np.ndarray) and reference_latents.ndim == 3:
+            raise InputError(bad_value("reference_latents", f"one array of shape {reference_latents.shape}",
+                                       "a list with one (C, rows, cols) array per reference"))
         grids = [np.asarray(g, dtype=np.float32) for g in reference_latents]
         check_reference_count(len(grids))
-        if any(g.ndim != 3 for g in grids):
-            raise InputError(bad_value("reference latent shapes", [g.shape for g in grids], "(C, rows, cols) each"))
-        rows, cols = token_grid(int(width), int(height), TOKEN_PIXELS)
+        if any(g.ndim != 3 or g.shape[0] != dims.in_channels or min(g.shape) < 1 for g in grids):
+            raise InputError(bad_value("reference latent shapes", [g.shape for g in grids],
+                                       f"({dims.in_channels}, rows, cols) each: the latent channels of the model"))
+        rows, cols = token_grid(width, height, TOKEN_PIXELS)
 
         # 1. Which reference tokens to keep
         if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any
 
 from sparse_context.export.errors import GraphCheckError
 from sparse_context.export.spec import ExportSpec
-from sparse_context.export.trt_ops import MAX_OPSET, TENSORRT_PARSER_VERSION, unsupported_ops
+from sparse_context.export.trt_ops import (
+    MAX_OPSET, SUPPORTED, TENSORRT_PARSER_VERSION, restriction, unsupported_ops,
+)
 
 
 def _dims(value_info: Any) -> list[int | str | None]:
@@ -76,6 +80,48 @@ def _tensorrt_problems(model: Any) -> list[str]:
     problems += [f"operator {op} is not in TensorRT {TENSORRT_PARSER_VERSION}'s ONNX parser support list"
                  for op in unsupported_ops(ops)]
     problems += [f"operator {op} is outside the ONNX domain (TensorRT would need a plugin)" for op in foreign]
+    return problems + _restriction_problems(model)
+
+
+def _restriction_problems(model: Any) -> list[str]:
+    """The parser table's restrictions that can apply to our graphs: axes (and CumSum's axis) fed by an initializer
+    or a Constant, the two branches of an If giving outputs of equal rank under different names, only the first
+    output of LayerNormalization used, no ScatterND reduction."""
+    from onnx import defs
+
+    graph, opset = model.graph, _opset(model)
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                       for o in n.output}
+    consumed = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    problems = []
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED:
+            continue
+        rule = restriction(node.op_type)
+        label = f"node {node.name or '?'} ({node.op_type})"
+        if re.search(r"\bax[ie]s must be (an initializer|a constant)", rule):
+            names = [i.name for i in defs.get_schema(node.op_type, opset).inputs]
+            wanted = "axes" if "axes" in names else "axis"
+            index = names.index(wanted) if wanted in names else None
+            given = node.input[index] if index is not None and index < len(node.input) else ""
+            if given and given not in constants:
+                problems.append(f"{label}: its {wanted} come from {given!r}; TensorRT {TENSORRT_PARSER_VERSION}: "
+                                f"{rule}")
+        elif node.op_type == "If":
+            branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
+            then, other = branches.get("then_branch"), branches.get("else_branch")
+            if then is not None and other is not None:
+                ranks = [[len(o.type.tensor_type.shape.dim) for o in g.output] for g in (then, other)]
+                shared = {o.name for o in then.output} & {o.name for o in other.output}
+                if ranks[0] != ranks[1] or shared:
+                    problems.append(f"{label}: branch outputs of ranks {ranks[0]} and {ranks[1]}, shared names "
+                                    f"{sorted(shared)}; TensorRT {TENSORRT_PARSER_VERSION}: {rule}")
+        elif node.op_type == "LayerNormalization" and any(o and o in consumed for o in node.output[1:]):
+            problems.append(f"{label}: uses outputs beyond Y; TensorRT {TENSORRT_PARSER_VERSION}: {rule}")
+        elif node.op_type == "ScatterND":
+            reduction = next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
+            if reduction != "none":
+                problems.append(f"{label}: reduction {reduction!r}; TensorRT {TENSORRT_PARSER_VERSION}: {rule}")
     return problems
 
 

@@ -33,3 +33,8 @@ class ValidationError(ExportError):
     def __init__(self, message: str, report: object = None):
         self.report = report
         super().__init__(message)
+
+
+class ExportCorruptError(ExportError):
+    """An export's files are missing, truncated or modified: they do not match the sizes and checksums its
+    manifest records, or the manifest is not one this package wrote."""

@@ -25,7 +25,8 @@ from sparse_context.export.spec import (
 )
 from sparse_context.export.manifest import MANIFEST, ONNX_FILE, read_export_manifest
 from sparse_context.runtime.errors import bad_value
-from sparse_context.runtime.fingerprints import file_sha256
+from sparse_context.runtime.files import publish_mode
+from sparse_context.runtime.fingerprints import file_sha256, file_sha256_memo
 
 FORMAT_VERSION = 1  # bump when the graph semantics or the folder layout change: old caches stop matching
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
@@ -88,17 +89,10 @@ def _report(progress: Progress | None, stage: str) -> None:
         progress(stage, STAGES.index(stage) + 1, len(STAGES))
 
 
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
-
-
 def _sha256(path: Path) -> str:
-    """file_sha256, memoised on (path, size, mtime): a 9B checkpoint takes a minute to hash, and a multi-graph
-    export asks for it once per graph."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        _SHA_MEMO[key] = file_sha256(path)
-    return _SHA_MEMO[key]
+    """file_sha256, remembered per file identity across processes: a 9B checkpoint takes a minute to hash, and a
+    multi-graph export (or the next build) asks for it again."""
+    return file_sha256_memo(path)
 
 
 def weights_sha256(model_dir: Path, transformer_file: Path | None) -> str:
@@ -144,6 +138,7 @@ def load_transformer(options: ExportOptions) -> tuple[Any, dict[str, Any]]:
     read_model_index(options.model_dir)
     try:
         transformer = Flux2Transformer2DModel.from_pretrained(str(options.model_dir), subfolder="transformer",
+                                                              use_safetensors=True,
                                                               torch_dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load the transformer of {options.model_dir}: {error} (check --model)") \
@@ -265,7 +260,8 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
         transformer, info = load_transformer(options)
         lora_info = info["lora"]
     Path(options.out_dir).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{final.name}-", dir=options.out_dir))
+    remove_abandoned_staging(Path(options.out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{final.name}-", dir=options.out_dir))
     try:
         _report(progress, "trace")
         _trace(transformer, spec, options, staging / ONNX_FILE)
@@ -277,7 +273,8 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
         summary = check_graph(staging / ONNX_FILE, spec, for_tensorrt=options.attention == "matmul")
         # 4. Manifest last: its presence marks the folder complete
         _report(progress, "manifest")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(staging.iterdir())}
+        # remembered per file identity, which the rename below keeps: loading the export does not hash it again
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256_memo(p)} for p in sorted(staging.iterdir())}
         manifest = {
             "cache_key": key, "graph": spec.graph, "precision": spec.precision, "attention": options.attention,
             "opset": summary["opset"], "for_tensorrt": options.attention == "matmul", "ops": summary["ops"],
@@ -287,6 +284,7 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
             "versions": exporter_versions(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        publish_mode(staging)  # mkdtemp made it 0700
         if final.exists():  # an older folder that failed _load_complete (damaged): replace it
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -294,6 +292,31 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(final / ONNX_FILE, manifest, reused=False, spec=spec)
+
+
+STAGING_PREFIX = ".staging-"
+
+
+def remove_abandoned_staging(folder: Path) -> list[Path]:
+    """Delete staging folders whose exporting process is gone (``kill -9``, a power cut): at 9B each holds 18 GB.
+    A staging folder is named ``.staging-<pid>-...``; one of a live process (or of an unknown one) is left alone."""
+    removed = []
+    for path in folder.glob(f"{STAGING_PREFIX}*"):
+        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def export_graphs(options: ExportOptions, graphs: tuple[str, ...] = ("full", "kv"),

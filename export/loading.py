@@ -3,35 +3,15 @@ single-file transformer checkpoint (diffusers or original BFL key names) and an 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sparse_context.export.model_folder import (  # noqa: F401  (re-exported: the loaders' names for them)
+    SETTINGS_FILE, SUPPORTED_PIPELINES, check_safetensors, read_model_index, read_settings,
+)
 from sparse_context.runtime.errors import ModelLoadError, bad_value
-
-SUPPORTED_PIPELINES = ("Flux2KleinPipeline", "Flux2KleinKVPipeline")
-SETTINGS_FILE = "sparse_context.json"  # optional: text_encoder_out_layers, max_sequence_length
-
-
-def read_model_index(model_dir: str | Path) -> dict[str, Any]:
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise ModelLoadError(bad_value("model folder", str(folder), "an existing local diffusers folder", "--model"))
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise ModelLoadError(bad_value("model folder", str(folder),
-                                       "a diffusers folder with model_index.json (save_pretrained layout)", "--model"))
-    try:
-        data = json.loads(index.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"{index} is not valid JSON: {error} (check --model)") from error
-    if data.get("_class_name") not in SUPPORTED_PIPELINES:
-        raise ModelLoadError(bad_value("pipeline class in model_index.json", data.get("_class_name"),
-                                       " or ".join(SUPPORTED_PIPELINES), "--model"))
-    return data
-
 
 def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32, with_transformer: bool = True) -> Any:
     """``Flux2KleinPipeline`` or ``Flux2KleinKVPipeline`` from a local folder, never touching a hub.
@@ -43,7 +23,9 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32, wit
     pipeline_class = getattr(diffusers, index["_class_name"])
     skip = {} if with_transformer else {"transformer": None}
     try:
-        return pipeline_class.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True, **skip)
+        # safetensors only: a folder holding pickled .bin weights is refused instead of unpickled
+        return pipeline_class.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
+                                              use_safetensors=True, **skip)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load {index['_class_name']} from {model_dir}: {error} (check --model)") \
             from error
@@ -59,6 +41,7 @@ def load_transformer_file(transformer: torch.nn.Module, path: str | Path) -> Non
     if not path.is_file():
         raise ModelLoadError(bad_value("transformer checkpoint", str(path), "an existing .safetensors file",
                                        "--transformer"))
+    check_safetensors(path, "transformer checkpoint", "--transformer")
     try:
         checkpoint = load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for damaged files
@@ -79,11 +62,6 @@ def load_transformer_file(transformer: torch.nn.Module, path: str | Path) -> Non
             f"{len(missing)} missing e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}, "
             f"{len(wrong)} with other shapes e.g. {wrong[:3]} (check --transformer / --model)")
     transformer.load_state_dict({k: v.to(expected[k].dtype) for k, v in checkpoint.items()})
-
-
-def read_settings(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / SETTINGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_generator_parts(model_dir: str | Path, lora: str | Path | None = None, lora_scale: float = 1.0,

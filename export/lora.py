@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sparse_context.runtime.errors import LoraError, bad_value
+from sparse_context.runtime.errors import LoraError, ModelLoadError, bad_value
 from sparse_context.runtime.fingerprints import file_sha256
 
 _PREFIX = "transformer."
@@ -23,9 +23,15 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """The LoRA's tensors in diffusers key format and its adapter metadata (``{}`` if it has none)."""
     from diffusers import Flux2KleinPipeline
 
+    from sparse_context.export.model_folder import check_safetensors
+
     path = Path(path)
     if not path.is_file():
         raise LoraError(bad_value("LoRA file", str(path), "an existing .safetensors file", "--lora"))
+    try:
+        check_safetensors(path, "LoRA file", "--lora")
+    except ModelLoadError as error:
+        raise LoraError(str(error)) from None
     try:
         state_dict, metadata = Flux2KleinPipeline.lora_state_dict(str(path), return_lora_metadata=True)
     except Exception as error:  # diffusers raises several types for unreadable or foreign files

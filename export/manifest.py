@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sparse_context.export.errors import ExportError
+from sparse_context.export.errors import ExportCorruptError, ExportError
 from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.fingerprints import file_sha256_memo
 
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -24,7 +25,45 @@ def read_export_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ExportError(bad_value("ONNX export", str(path), f"a {ONNX_FILE} with its {MANIFEST} (written by "
                                     "sparse_context.export)")) from error
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ExportCorruptError(bad_value(f"{folder / MANIFEST}", type(manifest).__name__,
+                                           "the JSON object sparse_context.export writes"))
+    return manifest
+
+
+def verify_export(path: str | Path, expected_onnx_sha256: str | None = None) -> dict[str, Any]:
+    """The manifest of an export after checking that every file it lists (graph and external weights) exists
+    with the recorded size and sha256, so a truncated, zeroed or swapped file is refused before onnxruntime or
+    TensorRT reads it. Digests are remembered per file identity, so an unchanged 18 GB export is hashed once.
+    ``expected_onnx_sha256``: the checksum the caller recorded (``engines.json``) must be this export's too."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    manifest = read_export_manifest(folder)
+    files = manifest.get("files") or {}
+    if ONNX_FILE not in files:
+        raise ExportCorruptError(bad_value(f"{folder / MANIFEST}", sorted(files), f"a files entry for {ONNX_FILE} "
+                                           "with its bytes and sha256"))
+    problems = []
+    for name, info in sorted(files.items()):
+        file = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not isinstance(info, dict):
+            problems.append(f"{name}: not a file of this folder")
+        elif not file.is_file():
+            problems.append(f"{name}: missing")
+        elif file.stat().st_size != info.get("bytes"):
+            problems.append(f"{name}: {file.stat().st_size} bytes, the manifest records {info.get('bytes')}")
+        elif file_sha256_memo(file) != info.get("sha256"):
+            problems.append(f"{name}: sha256 {file_sha256_memo(file)[:16]}..., the manifest records "
+                            f"{str(info.get('sha256'))[:16]}...")
+    if expected_onnx_sha256 is not None and manifest.get("onnx_sha256") != expected_onnx_sha256:
+        problems.append(f"{ONNX_FILE}: sha256 {str(manifest.get('onnx_sha256'))[:16]}... is not the "
+                        f"{expected_onnx_sha256[:16]}... recorded when the engines were built")
+    if problems:
+        raise ExportCorruptError(f"ONNX export {folder} does not match its {MANIFEST} (damaged, truncated or "
+                                 "replaced files are not loaded; export it again, e.g. rerun build_engines.py):\n  "
+                                 + "\n  ".join(problems))
+    return manifest

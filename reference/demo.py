@@ -3,6 +3,9 @@ sparse and sparse + KV images with the tiny FLUX.2-klein, all on the CPU in well
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -11,9 +14,12 @@ import numpy as np
 
 from sparse_context.reference.generator import SparseContextGenerator
 from sparse_context.reference.tiny import TINY_SEED, tiny_model_dir
+from sparse_context.runtime.files import publish_mode
 from sparse_context.runtime.images import load_image, sample_images
+from sparse_context.runtime.limits import check_seed, check_steps
 from sparse_context.runtime.overlay import draw_selection, save_png, selection_grid_png
 from sparse_context.runtime.selection import STRATEGY_CHOICES, select_references
+from sparse_context.runtime.tokens import check_keep_fraction
 
 DEMO_PROMPT = "the cat from the first image wearing an astronaut suit, drinking coffee"
 DEMO_STRATEGIES = tuple(s for s in STRATEGY_CHOICES if s != "mask")  # mask needs a user mask
@@ -22,9 +28,31 @@ DEMO_STRATEGIES = tuple(s for s in STRATEGY_CHOICES if s != "mask")  # mask need
 def run_demo(out_dir: str | Path, keep_fraction: float = 0.10, steps: int = 4, seed: int = 0, size: int = 256,
              cache_dir: str | Path | None = None,
              progress: Callable[[str], Callable[[int, int], None]] | None = None) -> dict[str, Any]:
-    """Write overlays and generated images to ``out_dir``; return token counts, timings and file paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write overlays and generated images to ``out_dir``; return token counts, timings and file paths.
+
+    Files are written into a staging folder inside ``out_dir`` and moved into place only when the whole demo
+    succeeded, so a failed run leaves no partial overlays."""
+    check_keep_fraction(keep_fraction)
+    check_steps(steps)
+    check_seed(seed)
+    final_dir = Path(out_dir)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-demo-", dir=final_dir))
+    try:
+        report = _run(staging, keep_fraction, steps, seed, size, cache_dir, progress)
+        for path in sorted(staging.iterdir()):
+            publish_mode(path)
+            os.replace(path, final_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report["out_dir"] = str(final_dir)
+    for entry in report["generation"].values():
+        entry["image"] = str(final_dir / Path(entry["image"]).name)
+    return report
+
+
+def _run(out_dir: Path, keep_fraction: float, steps: int, seed: int, size: int, cache_dir: str | Path | None,
+         progress: Callable[[str], Callable[[int, int], None]] | None) -> dict[str, Any]:
     references = [load_image(path) for path in sample_images().values()]
     report: dict[str, Any] = {"out_dir": str(out_dir), "keep_fraction": keep_fraction, "selection": {},
                               "generation": {}}

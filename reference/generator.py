@@ -19,9 +19,10 @@ from PIL import Image
 from sparse_context.reference.torch_backend import TorchTransformerBackend
 from sparse_context.runtime.core import References, cached_prompt, engine_fingerprint, generate_latents
 from sparse_context.runtime.errors import InputError, bad_value
-from sparse_context.runtime.fingerprints import FINGERPRINT_SAMPLE, array_digest, weights_fingerprint
+from sparse_context.runtime.fingerprints import array_digest, weights_fingerprint
 from sparse_context.runtime.images import load_image, prepare_reference
 from sparse_context.runtime.kv_cache import ReferenceKVCache
+from sparse_context.runtime.limits import check_guidance, check_output_size, check_prompt, check_seed, check_steps
 from sparse_context.runtime.packing import pack_grid, unpack_grid
 from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
 from sparse_context.runtime.sampler import Conditioning
@@ -82,8 +83,8 @@ class SparseContextGenerator:
         self.kv_cache = kv_cache  # persistent reference K/V across calls (KV mode only)
         self.prompt_cache = prompt_cache  # prompt embeddings across calls
         self.engines_index = None  # what the engines were built with (from_engines only)
-        self._fingerprint: str | None = None
-        self._text_fingerprint: str | None = None
+        self._fingerprint = LiveFingerprint(transformer) if transformer is not None else None
+        self._text_fingerprint = LiveFingerprint(text_encoder) if text_encoder is not None else None
 
     @classmethod
     def from_pipeline(cls, pipe: Any, **overrides: Any) -> "SparseContextGenerator":
@@ -95,6 +96,8 @@ class SparseContextGenerator:
             scheduler_config=dict(pipe.scheduler.config),
             is_distilled=bool(pipe.config.get("is_distilled", True)),
             prefers_kv=type(pipe).__name__ == "Flux2KleinKVPipeline",
+            # the caller's pipeline stays as it was: KV processors only for the duration of each call
+            backend=TorchTransformerBackend(pipe.transformer, keep_processors=False),
         )
         settings.update(overrides)
         return cls(pipe.transformer, **settings)
@@ -154,13 +157,19 @@ class SparseContextGenerator:
 
     @property
     def model_fingerprint(self) -> str:
-        """Identifies the transformer weights for the reference cache: config + a sample of every parameter."""
+        """Identifies the transformer weights for the reference cache: config + the content of every parameter,
+        recomputed after any weight changed (a LoRA merged, a state dict loaded), so cached K/V never outlive
+        the weights that computed them."""
         if self._fingerprint is None:
-            if self.transformer is None:
-                self._fingerprint = engine_fingerprint(self.backend)
-            else:
-                self._fingerprint = _weights_fingerprint(self.transformer)
-        return self._fingerprint
+            return engine_fingerprint(self.backend)
+        return self._fingerprint()
+
+    def weights_changed(self) -> None:
+        """Say that weights changed in a way torch does not count (writes through ``parameter.data``): the next
+        cache lookup rehashes them. Changes through the parameters themselves are seen without this."""
+        for fingerprint in (self._fingerprint, self._text_fingerprint):
+            if fingerprint is not None:
+                fingerprint.invalidate()
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, np.ndarray]:
         """(1, L, D) prompt embeddings as diffusers' Klein pipelines compute them, and their (L, 4) ids."""
@@ -176,11 +185,10 @@ class SparseContextGenerator:
                 hidden_states_layers=self.text_encoder_out_layers,
             )
 
-        if self.prompt_cache is not None and self._text_fingerprint is None:
-            self._text_fingerprint = _weights_fingerprint(self.text_encoder)
         settings = {"max_sequence_length": self.max_sequence_length, "layers": self.text_encoder_out_layers,
                     "dtype": str(self.dtype), "device": str(self.device)}
-        embeds = cached_prompt(self.prompt_cache, self._text_fingerprint or "", prompt, settings, encode)
+        encoder = self._text_fingerprint() if self.prompt_cache is not None else ""
+        embeds = cached_prompt(self.prompt_cache, encoder, prompt, settings, encode)
         return embeds, text_position_ids(embeds.shape[1])
 
     def prepare_references(self, references: Sequence[Any]) -> list[Image.Image]:
@@ -263,6 +271,14 @@ class SparseContextGenerator:
             raise InputError(bad_value("references", "images and reference_latents", "one of them"))
         if kv_state is not None and not use_kv:
             raise InputError(bad_value("kv_state", "given with use_kv=False", "use_kv=True", "--kv"))
+        check_steps(num_steps)
+        check_guidance(guidance_scale)
+        check_seed(seed)
+        if prompt is not None:
+            check_prompt(prompt)
+        if height is not None or width is not None:  # a side not given is the default one
+            check_output_size(DEFAULT_SIZE if width is None else width, DEFAULT_SIZE if height is None else height,
+                              self.token_pixels)
 
         # 2. Prompt embeddings (and the empty negative prompt for guidance on non-distilled models)
         if prompt_embeds is None:
@@ -374,12 +390,69 @@ def _np_conditioning(conditioning: Conditioning) -> Conditioning:
                         conditioning.negative_text_ids, conditioning.guidance_scale)
 
 
+class LiveFingerprint:
+    """A module's weights fingerprint that follows the live weights.
+
+    Hashing every weight costs seconds at 9B, so the digest is kept while no parameter changed: each parameter's
+    storage address and version counter (torch bumps it on every in-place write through the parameter, as
+    ``copy_``, ``load_state_dict`` and our LoRA merge do) are compared on each call and the digest recomputed
+    when any differs. Writes that bypass the counter (``parameter.data.add_(...)``) are not seen: call
+    :meth:`invalidate` after them."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self._state: tuple | None = None
+        self._value = ""
+
+    def state(self) -> tuple:
+        return tuple((name, p.data_ptr(), p._version, tuple(p.shape), p.dtype)
+                     for name, p in self.module.named_parameters())
+
+    def invalidate(self) -> None:
+        self._state = None
+
+    def __call__(self) -> str:
+        state = self.state()
+        if state != self._state:
+            self._value = _weights_fingerprint(self.module)
+            self._state = state
+        return self._value
+
+
 def _weights_fingerprint(model: torch.nn.Module) -> str:
     with torch.no_grad():
-        samples = ((name, parameter.detach().reshape(-1)[:FINGERPRINT_SAMPLE].float().cpu().numpy())
-                   for name, parameter in model.named_parameters())
+        contents = ((name, _content(parameter)) for name, parameter in model.named_parameters())
         config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)  # transformers
-        return weights_fingerprint(config, samples)
+        return weights_fingerprint(config, contents)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 24  # elements per device reduction (an int64 copy of 16M values: 128 MB)
+
+
+def _content(parameter: torch.Tensor) -> Any:
+    """What identifies a parameter's values: its bytes on the CPU; on a GPU, a checksum computed there (copying
+    18 GB to the host to hash it would take longer than generating)."""
+    flat = parameter.detach().reshape(-1)
+    if flat.device.type == "cpu":
+        return flat.contiguous().view(torch.uint8).numpy()
+    return device_checksum(flat)
+
+
+def device_checksum(flat: torch.Tensor) -> bytes:
+    """16 bytes that change when any value of ``flat`` changes: the sum of its bit patterns and their sum
+    weighted by odd position-dependent factors (int64, wrapping), both reduced where the tensor lives. A single
+    changed value always changes the weighted sum (an odd factor times a non-zero difference is non-zero mod
+    2^64); swapped values change it too."""
+    bits = flat.contiguous().view(_BITS[flat.element_size()])
+    plain = weighted = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for start in range(0, bits.numel(), _CHUNK):
+        chunk = bits[start:start + _CHUNK].to(torch.int64)
+        positions = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=flat.device)
+        factors = positions * 2654435761 * 2 + 1  # odd, and different per position
+        plain = plain + chunk.sum()
+        weighted = weighted + (chunk * factors).sum()
+    return np.array([plain.item(), weighted.item(), bits.numel()], dtype=np.int64).tobytes()
 
 
 def _synchronize(device: torch.device) -> None:

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sparse_context.runtime.files import publish_mode
+
 TINY_SEED = 0
 TINY_TEXT_LAYERS = (1, 2, 3)  # which text-encoder hidden states are stacked (real Klein: 9, 18, 27)
 TINY_MAX_SEQUENCE_LENGTH = 64  # real Klein: 512
@@ -138,11 +140,14 @@ def save_tiny_model(folder: str | Path, seed: int = TINY_SEED) -> Path:
     try:
         pipe = Flux2KleinPipeline(**build_tiny_components(seed), is_distilled=True)
         pipe.save_pretrained(staging)
+        files = {p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
         (staging / "sparse_context.json").write_text(json.dumps({
             "text_encoder_out_layers": list(TINY_TEXT_LAYERS),
             "max_sequence_length": TINY_MAX_SEQUENCE_LENGTH,
             "fingerprint": tiny_fingerprint(seed),
+            "files": files,  # what a complete folder holds: a damaged one is rebuilt, not reported as --model
         }, indent=2))
+        publish_mode(staging)  # mkdtemp made it 0700
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
@@ -153,12 +158,32 @@ def save_tiny_model(folder: str | Path, seed: int = TINY_SEED) -> Path:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SPARSE_CONTEXT_CACHE", Path.home() / ".cache" / "sparse_context"))
+    from sparse_context.runtime.fingerprints import cache_dir
+
+    return cache_dir()
+
+
+def _is_complete(folder: Path) -> bool:
+    """Every file the folder was written with is there at its size (a cache can be damaged after the fact)."""
+    try:
+        files = json.loads((folder / "sparse_context.json").read_text()).get("files")
+        return isinstance(files, dict) and bool(files) and all(
+            (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def tiny_model_dir(cache_dir: str | Path | None = None, seed: int = TINY_SEED) -> Path:
-    """The tiny model's diffusers folder, created on first use and reused while its fingerprint matches."""
+    """The tiny model's diffusers folder, created on first use, reused while complete, rebuilt when damaged."""
+    from sparse_context.runtime.errors import ModelLoadError
+    from sparse_context.runtime.fingerprints import CACHE_ENV
+
     folder = Path(cache_dir or default_cache_dir()) / f"tiny-klein-{tiny_fingerprint(seed)}"
-    if not (folder / "sparse_context.json").is_file():
-        save_tiny_model(folder, seed)
+    if not _is_complete(folder):
+        try:
+            save_tiny_model(folder, seed)
+        except OSError as error:
+            raise ModelLoadError(f"cache folder for the embedded tiny model: got {str(folder.parent)!r}, which "
+                                 f"cannot be written ({error.strerror or error}); allowed: a writable folder (set "
+                                 f"{CACHE_ENV} to one, or give --model)") from error
     return folder

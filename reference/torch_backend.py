@@ -6,7 +6,8 @@ Dense and sparse steps call the model as ``Flux2KleinPipeline`` does; KV steps u
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -27,14 +28,36 @@ def set_kv_processors(transformer: Any) -> None:
             block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
 
 
+@contextmanager
+def kv_processors(transformer: Any) -> Iterator[None]:
+    """The KV-aware processors while the block runs, the transformer's own ones again afterwards."""
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    originals = [(block.attn, block.attn.processor) for block in blocks]
+    set_kv_processors(transformer)
+    try:
+        yield
+    finally:
+        for attention, processor in originals:
+            if attention.processor is not processor:
+                attention.set_processor(processor)
+
+
 class TorchTransformerBackend:
-    """Runs a ``Flux2Transformer2DModel``; tensors stay torch tensors on the model's device."""
+    """Runs a ``Flux2Transformer2DModel``; tensors stay torch tensors on the model's device.
+
+    ``keep_processors=False`` leaves a caller's transformer as it was: the KV processors are installed for each
+    call only (a pipeline the caller keeps using must not change under it)."""
 
     name = "torch"
 
-    def __init__(self, transformer: Any):
+    def __init__(self, transformer: Any, keep_processors: bool = True):
         self.transformer = transformer
-        set_kv_processors(transformer)
+        self.keep_processors = keep_processors
+        if keep_processors:
+            set_kv_processors(transformer)
+
+    def _processors(self) -> Any:
+        return nullcontext() if self.keep_processors else kv_processors(self.transformer)
 
     @property
     def device(self) -> torch.device:
@@ -56,46 +79,49 @@ class TorchTransformerBackend:
         if refs is not None and ref_ids is not None and ref_ids.shape[0] > 0:
             hidden = torch.cat([target, refs], dim=1)  # (1, N_t + N_r, C)
             ids = np.concatenate([target_ids, ref_ids], axis=0)
-        output = self.transformer(
-            hidden_states=hidden.to(self.dtype),
-            timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
-            guidance=None,
-            encoder_hidden_states=text,
-            txt_ids=self._ids(text_ids),
-            img_ids=self._ids(ids),
-            return_dict=False,
-        )[0]
+        with self._processors():
+            output = self.transformer(
+                hidden_states=hidden.to(self.dtype),
+                timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
+                guidance=None,
+                encoder_hidden_states=text,
+                txt_ids=self._ids(text_ids),
+                img_ids=self._ids(ids),
+                return_dict=False,
+            )[0]
         return output[:, : target.shape[1]]  # (1, N_t, C)
 
     @torch.no_grad()
     def kv_extract(self, target, target_ids, refs, ref_ids, text, text_ids, timestep):
         hidden = torch.cat([refs, target], dim=1).to(self.dtype)  # (1, N_r + N_t, C)
-        output, kv_cache = self.transformer(
-            hidden_states=hidden,
-            timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
-            guidance=None,
-            encoder_hidden_states=text,
-            txt_ids=self._ids(text_ids),
-            img_ids=self._ids(np.concatenate([ref_ids, target_ids], axis=0)),
-            return_dict=False,
-            kv_cache_mode="extract",
-            num_ref_tokens=refs.shape[1],
-        )
+        with self._processors():
+            output, kv_cache = self.transformer(
+                hidden_states=hidden,
+                timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
+                guidance=None,
+                encoder_hidden_states=text,
+                txt_ids=self._ids(text_ids),
+                img_ids=self._ids(np.concatenate([ref_ids, target_ids], axis=0)),
+                return_dict=False,
+                kv_cache_mode="extract",
+                num_ref_tokens=refs.shape[1],
+            )
         return output, kv_cache
 
     @torch.no_grad()
     def kv_cached(self, target, target_ids, kv_state, text, text_ids, timestep):
-        return self.transformer(
-            hidden_states=target.to(self.dtype),
-            timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
-            guidance=None,
-            encoder_hidden_states=text,
-            txt_ids=self._ids(text_ids),
-            img_ids=self._ids(target_ids),
-            return_dict=False,
-            kv_cache=kv_state,
-            kv_cache_mode="cached",
-        )[0]
+        with self._processors():
+            return self.transformer(
+                hidden_states=target.to(self.dtype),
+                timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
+                guidance=None,
+                encoder_hidden_states=text,
+                txt_ids=self._ids(text_ids),
+                img_ids=self._ids(target_ids),
+                return_dict=False,
+                kv_cache=kv_state,
+                kv_cache_mode="cached",
+            )[0]
 
     def euler_step(self, latents, velocity, delta):
         # FlowMatchEulerDiscreteScheduler.step: upcast to float32, add, cast back to the velocity's dtype.

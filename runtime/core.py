@@ -66,8 +66,10 @@ def kept_tokens(grids: Sequence[tuple[int, int]], selections: Sequence[np.ndarra
 
 
 def engine_fingerprint(backend: Any) -> str:
-    """The reference-cache identity of an engine backend: the checksums of the ONNX exports it runs."""
-    return engines_fingerprint(getattr(backend, "manifests", {}))
+    """The reference-cache identity of an engine backend: the checksums of the files it loaded (checked against
+    them when it loaded), else those its exports' manifests record."""
+    fingerprint = getattr(backend, "fingerprint", None)
+    return fingerprint if isinstance(fingerprint, str) else engines_fingerprint(getattr(backend, "manifests", {}))
 
 
 def kv_nbytes(kv_state: Any) -> int:

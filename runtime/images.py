@@ -37,19 +37,21 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 EXIF_ORIENTATION = 0x0112
 
 
-def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray, what: str = "reference image",
+               flag: str = "--ref") -> Image.Image:
     """Return ``source`` as an 8-bit RGB PIL image, upright per its EXIF orientation.
 
     Transparent pixels are composited over white; 16-bit and float data are scaled (not clipped) to 8 bits.
+    ``what`` and ``flag`` name the image in errors (a mask is not a reference).
     """
     if isinstance(source, np.ndarray):
         return Image.fromarray(_rgb8_from_array(source), mode="RGB")
     if isinstance(source, (str, os.PathLike)):
-        image = _open_fully(Path(source))
+        image = _open_fully(Path(source), what, flag)
     elif isinstance(source, Image.Image):
         image = source
     else:
-        raise ImageError(bad_value("reference image", type(source).__name__, ALLOWED_SOURCES, "--ref"))
+        raise ImageError(bad_value(what, type(source).__name__, ALLOWED_SOURCES, flag))
     if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)  # a phone portrait is stored landscape plus an orientation tag
     return _rgb8_from_pil(image)  # an upright RGB image comes back as is: no copy on the runtime's path
@@ -175,20 +177,20 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _open_fully(path: Path) -> Image.Image:
+def _open_fully(path: Path, what: str = "reference image", flag: str = "--ref") -> Image.Image:
     if not path.exists():
-        raise ImageError(bad_value("reference image file", str(path), "an existing image file", "--ref"))
+        raise ImageError(bad_value(f"{what} file", str(path), "an existing image file", flag))
     if not path.is_file():
-        raise ImageError(bad_value("reference image file", str(path), "a file, not a folder", "--ref"))
+        raise ImageError(bad_value(f"{what} file", str(path), "a file, not a folder", flag))
     try:
         with Image.open(path) as image:
             image.load()  # Image.open reads only the header; a cut-off file must fail here, not inside the VAE
     except UnidentifiedImageError:
         allowed = "a file Pillow can read (PNG, JPEG, WebP, TIFF, ...)"
-        raise ImageError(bad_value("reference image file", str(path), allowed, "--ref")) from None
+        raise ImageError(bad_value(f"{what} file", str(path), allowed, flag)) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         allowed = f"a complete image; decoding failed: {error}"
-        raise ImageError(bad_value("reference image file", str(path), allowed, "--ref")) from None
+        raise ImageError(bad_value(f"{what} file", str(path), allowed, flag)) from None
     return image
 
 

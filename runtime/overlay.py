@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
+from sparse_context.runtime.files import atomic_write_bytes
 from sparse_context.runtime.errors import InputError, bad_value
 from sparse_context.runtime.tokens import TOKEN_PIXELS
 
@@ -63,16 +63,7 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:
         raise InputError(bad_value("PNG encoding of image", image.shape, "an image OpenCV can encode"))
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(encoded.tobytes())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)  # atomic on one file system, hence the temporary in the same folder
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, encoded.tobytes())
     return path
 
 

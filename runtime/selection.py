@@ -436,6 +436,10 @@ def select_references(
     # 1. check inputs before any decoding
     strategy = parse_strategy(strategy)
     allocation = parse_allocation(allocation)
+    if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
+        # a path would otherwise be taken as a sequence of one-character "images", an array as rows
+        raise SelectionError(bad_value("images", repr(images) if isinstance(images, (str, bytes, os.PathLike))
+                                       else type(images).__name__, "a list of images, e.g. [\"ref.jpg\"]", "--ref"))
     images = list(images)
     if not images:
         raise SelectionError(bad_value("number of reference images", 0, "at least 1", "--ref"))

@@ -102,7 +102,7 @@ def test_runtime_input_errors(engines_dir):
     grid = np.zeros((128, 8, 8), np.float32)
     with pytest.raises(InputError, match=r"prompt_embeds shape: got \(64, 32\)"):
         runtime.generate_latents(np.zeros((64, 32), np.float32))
-    with pytest.raises(InputError, match=r"reference latent shapes.*\(C, rows, cols\)"):
+    with pytest.raises(InputError, match=r"reference latent shapes.*\(128, rows, cols\)"):
         runtime.generate_latents(embeds, [np.zeros((128, 64), np.float32)])
     with pytest.raises(InputError, match=r"latents shape: got \(1, 10, 128\).*\(1, 16, 128\).*--width/--height"):
         runtime.generate_latents(embeds, height=64, width=64, latents=np.zeros((1, 10, 128), np.float32))

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from sparse_context.engines.buckets import (
-    CACHED_TOKENS, DEFAULT_KEEP_FRACTIONS, KEEP_CHOICES, REF_TOKENS, RESOLUTION_CHOICES, TARGET_TOKENS, TEXT_TOKENS,
+    CACHED_TOKENS, DEFAULT_KEEP_FRACTIONS, KEEP_CHOICES, REF_TOKENS, TARGET_TOKENS, TEXT_TOKENS,
     BucketPlan, Resolution, add_bucket_arguments, plan_from_args, steps_for_graph, tokens_at,
 )
 from sparse_context.engines.errors import ProfileError
@@ -169,7 +169,33 @@ def test_cli_choices_come_from_registry():
     add_bucket_arguments(parser)
     choices = {action.dest: action.choices for action in parser._actions}
     assert tuple(choices["keeps"]) == KEEP_CHOICES
-    assert tuple(choices["target_resolutions"]) == RESOLUTION_CHOICES
+    assert choices["target_resolutions"] is None  # any size of whole tokens within the limits
     assert list(choices["max_refs"]) == list(range(1, MAX_REFERENCES + 1))
     with pytest.raises(SystemExit):
         parser.parse_args(["--keeps", "0.3"])
+
+
+@pytest.mark.parametrize("text, ok", [("1280x720", True), ("2048x2048", True), ("64x4096", True),
+                                      ("1000x1000", False), ("4112x64", False), ("2064x2048", False),
+                                      ("0x512", False)])
+def test_any_target_size_of_whole_tokens_within_the_limits(text, ok):
+    from sparse_context.engines.buckets import FLAG_TARGET_RESOLUTIONS, plan_from_args
+
+    parser = argparse.ArgumentParser()
+    add_bucket_arguments(parser)
+    args = parser.parse_args([FLAG_TARGET_RESOLUTIONS, text])
+    if ok:
+        assert plan_from_args(args).target_resolutions[0].name == text
+    else:
+        with pytest.raises(InputError, match=f"resolution: got '{text}'.*{FLAG_TARGET_RESOLUTIONS}"):
+            plan_from_args(args)
+
+
+def test_reference_resolution_within_the_area_references_are_resized_to():
+    from sparse_context.engines.buckets import FLAG_REF_RESOLUTION, plan_from_args
+
+    parser = argparse.ArgumentParser()
+    add_bucket_arguments(parser)
+    assert plan_from_args(parser.parse_args([FLAG_REF_RESOLUTION, "1280x768"])).ref_resolution.name == "1280x768"
+    with pytest.raises(InputError, match="reference resolution: got '1280x1280'.*--ref-resolution"):
+        plan_from_args(parser.parse_args([FLAG_REF_RESOLUTION, "1280x1280"]))

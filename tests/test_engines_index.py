@@ -18,7 +18,7 @@ PLAN = BucketPlan(keep_fractions=(0.1, 1.0), max_refs=3, ref_resolution=Resoluti
 
 def make_index(**changes) -> EnginesIndex:
     values = dict(backend="ort-cpu", model_dir="/models/klein", precision="fp32", attention="matmul", plan=PLAN,
-                  graphs={"kv": GraphEntry(onnx="/x/model.onnx", onnx_sha256="ab" * 32,
+                  graphs={"kv": GraphEntry(onnx="onnx/x/model.onnx", onnx_sha256="ab" * 32,
                                            profiles=({"name": "keep0.10/extract"},))},
                   providers=("CPUExecutionProvider",))
     values.update(changes)
@@ -27,14 +27,24 @@ def make_index(**changes) -> EnginesIndex:
 
 def test_round_trip_through_the_file(tmp_path):
     index = make_index(lora="/l/sc.safetensors", lora_sha256="cd" * 32, lora_scale=0.5,
-                       graphs={"full": GraphEntry("/f.onnx", "0" * 64, (), engine="/f.engine"),
-                               "kv": GraphEntry("/k.onnx", "1" * 64, (), provider_options={"a": "1"})},
-                       parts={"vae_decoder": GraphEntry("/d.onnx", "2" * 64, ({"bucket": "parts"},))},
-                       files={"model/tokenizer/tokenizer.json": "3" * 64})
+                       graphs={"full": GraphEntry("f.onnx", "0" * 64, (), engine="trt/f.engine"),
+                               "kv": GraphEntry("k.onnx", "1" * 64, (), provider_options={"a": "1"})},
+                       parts={"vae_decoder": GraphEntry("onnx/d.onnx", "2" * 64, ({"bucket": "parts"},))},
+                       files={"model/tokenizer/tokenizer.json": "3" * 64}, scheduler_config={"shift": 3.0})
     index.write(tmp_path)
     data = json.loads((tmp_path / "engines.json").read_text())
     assert data["format"] == FORMAT_VERSION and data["build_args"] == list(PLAN.build_args())
-    assert EnginesIndex.read(tmp_path) == index
+    assert "folder" not in data
+    read = EnginesIndex.read(tmp_path)
+    assert read == index and read.path(read.graphs["full"].engine) == tmp_path.resolve() / "trt" / "f.engine"
+
+
+@pytest.mark.parametrize("path", ["/etc/model.onnx", "../elsewhere/model.onnx", "onnx/../../x.onnx", "~/m.onnx", ""])
+def test_paths_may_not_leave_the_folder(path):
+    data = make_index().to_json()
+    data["graphs"]["kv"]["onnx"] = path
+    with pytest.raises(EnginesIndexError, match="a path relative to the engines folder, inside it.*--engines"):
+        EnginesIndex.from_json(data)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -45,7 +55,12 @@ def test_round_trip_through_the_file(tmp_path):
     (dict(graphs={"kv": []}), "graph 'kv': got 'list'; allowed: an object"),
     (dict(graphs={"kv": {"onnx": "x"}}), "graph 'kv': missing onnx_sha256, profiles"),
     (dict(plan={"max_refs": 3}), "recorded bucket plan"),
-], ids=["old-format", "format-2-no-parts", "no-format", "no-graphs", "graph-not-object", "graph-fields", "plan"])
+    (dict(plan=[]), "recorded bucket plan: got \\[\\]"),
+    (dict(graphs={"mystery": {}}), "graphs: got .*allowed: at least one of full, kv"),
+    (dict(graphs={"kv": {"onnx": "m.onnx", "onnx_sha256": "0", "profiles": {}}}), "profiles: got 'dict'"),
+    (dict(scheduler_config=[1]), "scheduler_config: got 'list'"),
+], ids=["old-format", "format-2", "no-format", "no-graphs", "graph-not-object", "graph-fields", "plan", "plan-list",
+        "unknown-graph", "profiles-not-list", "scheduler-not-object"])
 def test_malformed_index_names_the_problem(change, match):
     data = {**make_index().to_json(), **change}
     if change.get("format", 0) is None:

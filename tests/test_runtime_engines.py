@@ -175,7 +175,8 @@ def test_ort_backend_argument_errors(engines_dir):
     from sparse_context.engines.index import EnginesIndex
     from sparse_context.engines.ort.backend import OrtTransformerBackend
 
-    kv = EnginesIndex.read(engines_dir).graphs["kv"].onnx
+    index = EnginesIndex.read(engines_dir)
+    kv = index.path(index.graphs["kv"].onnx)
     with pytest.raises(BackendOptionError, match=r"execution providers: got \[\]; allowed: at least one"):
         OrtTransformerBackend(kv=kv, providers=())
     with pytest.raises(BackendOptionError, match="execution provider: got 'ROCMExecutionProvider'"):

@@ -9,6 +9,7 @@ TensorRT is ``test_tiny_engine_matches_onnxruntime`` (marked trt/gpu).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -62,7 +63,7 @@ def test_engines_json_records_engines_and_plan(trt_engines_dir):
     engines = json.loads((trt_engines_dir / "engines.json").read_text())
     assert engines["backend"] == "trt" and engines["plan"]["max_refs"] == 3
     for graph in ("full", "kv"):
-        manifest = read_manifest(engines["graphs"][graph]["engine"])
+        manifest = read_manifest(trt_engines_dir / engines["graphs"][graph]["engine"])
         steps = {p.step for p in manifest.profiles}
         assert steps == ({"full"} if graph == "full" else {"extract", "cached"})
         assert len(manifest.profiles) == len(steps) * 2  # two buckets: keep 0.10 and keep 1.0
@@ -163,13 +164,11 @@ def test_corrupted_engine_is_refused_before_deserializing(standin, trt_engines_d
 
     from sparse_context.engines.errors import EngineCorruptError
 
-    copy = tmp_path / "engines"
+    copy = tmp_path / "engines"  # a copied folder loads as it is: its paths are relative to it
     shutil.copytree(trt_engines_dir, copy)
+    runtime(copy, standin)
     engines = json.loads((copy / "engines.json").read_text())
-    for entry in engines["graphs"].values():
-        entry["engine"] = entry["engine"].replace(str(trt_engines_dir), str(copy))
-    (copy / "engines.json").write_text(json.dumps(engines))
-    engine = engines["graphs"]["kv"]["engine"]
+    engine = copy / engines["graphs"]["kv"]["engine"]
     with open(engine, "ab") as stream:
         stream.write(b"tampered")
     with pytest.raises(EngineCorruptError, match="modified or truncated"):
@@ -210,7 +209,7 @@ def _kv_only(engines_dir):
 
     engines = json.loads((engines_dir / "engines.json").read_text())
     engines["graphs"].pop("full")
-    return EnginesIndex.from_json(engines)
+    return dataclasses.replace(EnginesIndex.from_json(engines), folder=str(engines_dir))
 
 
 def test_backend_errors_name_the_fix(standin, trt_engines_dir):
@@ -239,7 +238,7 @@ def test_runner_external_tensor_errors(standin, trt_engines_dir):
     from sparse_context.engines.errors import RunnerError
     from sparse_context.engines.trt.runner import DeviceTensor, TrtRunner
 
-    engine = json.loads((trt_engines_dir / "engines.json").read_text())["graphs"]["kv"]["engine"]
+    engine = trt_engines_dir / json.loads((trt_engines_dir / "engines.json").read_text())["graphs"]["kv"]["engine"]
     with pytest.raises(RunnerError, match=r"external tensors: got \['kv_cache'\]"):
         TrtRunner(engine, memory=standin, external=("kv_cache",)).activate()
     spec = ("cached_keys", "cached_values", "ref_keys", "ref_values")
@@ -277,7 +276,8 @@ def test_fp16_engines_give_the_same_latents_on_both_backends(standin, tiny_model
     index = build_engines(BuildRequest(model_dir=tiny_model_dir, backend="trt", plan=plan, out_dir=tmp_path,
                                        precision="fp16"))
     trt = open_backend(index, memory=standin)
-    ort = OrtTransformerBackend(full=index.graphs["full"].onnx, kv=index.graphs["kv"].onnx, plan=index.plan)
+    ort = OrtTransformerBackend(full=index.path(index.graphs["full"].onnx), kv=index.path(index.graphs["kv"].onnx),
+                                plan=index.plan)
     scheduler, _ = read_model_settings(index.model_dir)
     rng = np.random.default_rng(3)
     embeds = rng.standard_normal((1, 64, trt.dims.text_dim)).astype(np.float32)

@@ -20,6 +20,7 @@ from sparse_context.engines.ort.loader import (
 )
 from sparse_context.export.spec import NUMPY_DTYPES, ModelDims
 from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.fingerprints import engines_fingerprint
 from sparse_context.runtime.kv_buffers import EngineKVState, KVBufferPool
 from sparse_context.runtime.memo import IdentityMemo
 from sparse_context.runtime.schedule import euler_step
@@ -42,13 +43,15 @@ class OrtTransformerBackend:
 
     def __init__(self, full: str | Path | None = None, kv: str | Path | None = None,
                  providers: Sequence[Any] = ("CPUExecutionProvider",), session_options: Any = None, *,
-                 plan: Any = None, strict_shapes: bool = False, device_id: int = 0):
+                 plan: Any = None, strict_shapes: bool = False, device_id: int = 0,
+                 expected_sha256: dict[str, str] | None = None):
         self._ort = import_onnxruntime()
         self.device = providers_device(providers)
         self.device_id = int(device_id)
         providers = with_default_options(providers, self.device_id)
-        exports = graph_exports(full, kv)
+        exports = graph_exports(full, kv, expected_sha256)
         self.manifests = {graph: manifest for graph, (_, manifest) in exports.items()}
+        self.fingerprint = engines_fingerprint(self.manifests)  # the files were just checked against these
         self.sessions = {graph: session_from_onnx(path, providers, session_options)
                          for graph, (path, _) in exports.items()}
         manifest = next(iter(self.manifests.values()))

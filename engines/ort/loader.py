@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from sparse_context.engines.errors import BackendOptionError
-from sparse_context.export.manifest import onnx_path, read_export_manifest
+from sparse_context.engines.errors import BackendOptionError, EngineCorruptError
+from sparse_context.export.manifest import onnx_path, verify_export
 from sparse_context.runtime.errors import bad_value
 
 # Providers per engines backend, first choice first (onnxruntime falls back along the list per node).
@@ -70,8 +70,10 @@ def ort_trt_provider_options(profiles: Sequence[Any], cache_dir: Path) -> dict[s
             "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": "True"}
 
 
-def graph_exports(full: str | Path | None, kv: str | Path | None) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """{graph: (model.onnx, its export manifest)}, each checked to be an export of that graph."""
+def graph_exports(full: str | Path | None, kv: str | Path | None,
+                  expected_sha256: dict[str, str] | None = None) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """{graph: (model.onnx, its export manifest)}, each checked to be an export of that graph whose files match
+    the sizes and checksums of its manifest (and ``expected_sha256[graph]``, the checksum recorded at build)."""
     if full is None and kv is None:
         raise BackendOptionError(bad_value("ONNX graphs", "none", "a full graph, a KV graph or both"))
     exports: dict[str, tuple[Path, dict[str, Any]]] = {}
@@ -79,7 +81,7 @@ def graph_exports(full: str | Path | None, kv: str | Path | None) -> dict[str, t
         if given is None:
             continue
         path = onnx_path(given)
-        manifest = read_export_manifest(path)
+        manifest = verify_export(path, (expected_sha256 or {}).get(graph))
         if manifest.get("graph") != graph:
             raise BackendOptionError(bad_value(f"{graph} graph", str(path), f"an export of the {graph} graph "
                                                f"(this one is '{manifest.get('graph')}')"))
@@ -90,4 +92,9 @@ def graph_exports(full: str | Path | None, kv: str | Path | None) -> dict[str, t
 def session_from_onnx(path: Path, providers: Sequence[Any], session_options: Any = None) -> Any:
     """An ``InferenceSession`` on ``providers`` (as given: apply :func:`with_default_options` first)."""
     ort = import_onnxruntime()
-    return ort.InferenceSession(str(path), sess_options=session_options, providers=list(providers))
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options, providers=list(providers))
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... types for unreadable models
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise EngineCorruptError(f"onnxruntime could not load {path}: {first_line[:300]} (export it again, e.g. "
+                                 "rerun build_engines.py)") from error

@@ -24,6 +24,7 @@ from sparse_context.engines.profiles import ProfileSelector
 from sparse_context.engines.trt.memory import default_memory
 from sparse_context.engines.trt.runner import DeviceTensor, TrtRunner, _itemsize
 from sparse_context.export.manifest import read_export_manifest
+from sparse_context.runtime.fingerprints import text_digest
 from sparse_context.export.spec import NUMPY_DTYPES, ModelDims
 from sparse_context.runtime.errors import bad_value
 from sparse_context.runtime.kv_buffers import EngineKVState, KVBufferPool
@@ -50,13 +51,15 @@ class TrtTransformerBackend:
         try:
             for graph, entry in graphs.items():
                 external = KV_TENSORS if graph == "kv" else ()
-                runner = TrtRunner(Path(entry.engine), memory=self.memory, device=device, external=external,
+                runner = TrtRunner(index.path(entry.engine), memory=self.memory, device=device, external=external,
                                    static=STATIC_INPUTS)
                 self.runners[graph] = runner.activate()
         except BaseException:
             self.close()
             raise
-        self.manifests = {graph: read_export_manifest(entry.onnx) for graph, entry in graphs.items()}
+        self.manifests = {graph: read_export_manifest(index.path(entry.onnx)) for graph, entry in graphs.items()}
+        # The engines run, not the ONNX: their checksums (checked before deserializing) identify the weights.
+        self.fingerprint = text_digest({g: r.manifest.engine_sha256 for g, r in self.runners.items()})
         manifest = next(iter(self.manifests.values()))
         self.dims = ModelDims.from_config(manifest["model_config"])
         self.precision = manifest["precision"]

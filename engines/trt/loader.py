@@ -159,7 +159,7 @@ def check_build_flags(trt: Any, flags: Sequence[str], strongly_typed: bool) -> l
                 "in the precision you want (--dtype) or quantize it with ModelOpt, and drop the flag")
         if not hasattr(trt.BuilderFlag, name.upper()):
             known = sorted(n for n in dir(trt.BuilderFlag) if n.isupper() and n not in PRECISION_FLAGS)
-            raise BuildOptionError(bad_value("builder flag", name, ", ".join(known), "--flag"))
+            raise BuildOptionError(bad_value("builder flag", name, ", ".join(known), "flags="))
         values.append(getattr(trt.BuilderFlag, name.upper()))
     return values
 
@@ -172,13 +172,14 @@ def builder_config(parsed: ParsedNetwork, *, workspace_bytes: int | None = None,
     config = parsed.builder.create_builder_config()
     if workspace_bytes is not None:
         if workspace_bytes <= 0:
-            raise BuildOptionError(bad_value("workspace", workspace_bytes, "bytes > 0", "--workspace-gib"))
+            raise BuildOptionError(bad_value("workspace", workspace_bytes, "bytes > 0", "--workspace-gb"))
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     for flag in check_build_flags(trt, flags, parsed.strongly_typed):
         config.set_flag(flag)
     if optimization_level is not None:
         if optimization_level not in OPTIMIZATION_LEVELS:
-            raise BuildOptionError(bad_value("builder optimization level", optimization_level, "0..5", "--opt-level"))
+            raise BuildOptionError(bad_value("builder optimization level", optimization_level, "0..5",
+                                             "optimization_level="))
         config.builder_optimization_level = int(optimization_level)
     if timing_cache_path is not None:
         # A timing cache from an earlier build skips re-timing kernels; mismatched caches are refused, not mixed.

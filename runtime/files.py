@@ -1,0 +1,58 @@
+"""Publishing files and folders: written whole under a temporary name, renamed into place, readable as the umask says.
+
+``tempfile`` creates files 0600 and folders 0700 whatever the umask (it must: the name is guessable until the
+rename). Outputs renamed from there would keep those modes, so an engines folder built by root could not be read
+by a service user; :func:`publish_mode` gives them the modes an ordinary ``open``/``mkdir`` would have.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+_UMASK: list[int] = []
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read once: reading it means setting it, so it is not done on every write)."""
+    with _UMASK_LOCK:
+        if not _UMASK:
+            mask = os.umask(0o022)
+            os.umask(mask)
+            _UMASK.append(mask)
+        return _UMASK[0]
+
+
+def publish_mode(path: str | os.PathLike) -> None:
+    """Give a file 0666 and a folder (with everything inside it) 0777, both less the umask."""
+    path = Path(path)
+    mask = current_umask()
+    if path.is_dir():
+        for root, folders, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                os.chmod(Path(root) / name, 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write via a temp file in the same folder and ``os.replace``: readers see the old file or the new one,
+    never half of one (same folder, because a rename across file systems is a copy)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        publish_mode(temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
