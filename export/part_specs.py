@@ -107,7 +107,7 @@ def _check_precision(precision: str) -> None:
 
 
 def resolution_bounds(resolutions: Sequence[tuple[int, int]], opt: tuple[int, int] | None = None,
-                      flag: str = "--resolution") -> tuple[AxisBound, AxisBound]:
+                      flag: str = "--target-resolutions") -> tuple[AxisBound, AxisBound]:
     """(rows, cols) bounds covering every (width, height) in pixels; opt is ``opt`` or the largest area."""
     sizes = [(int(w), int(h)) for w, h in resolutions]
     if not sizes:
@@ -129,7 +129,7 @@ def vae_encoder_spec(resolutions: Sequence[tuple[int, int]] = DEFAULT_REFERENCE_
                      precision: str = "fp32", opt: tuple[int, int] | None = None) -> PartSpec:
     """Prepared reference image -> normalised, patchified latent grid, for references of ``resolutions``."""
     _check_precision(precision)
-    bounds = resolution_bounds(resolutions, opt, "--reference-resolution")
+    bounds = resolution_bounds(resolutions, opt, "--ref-resolution")
     image = TensorSpec("image", (1, 3, IMAGE_HEIGHT, IMAGE_WIDTH))
     latents = TensorSpec("latents", (1, LATENT_CHANNELS, LATENT_ROWS, LATENT_COLS))
     return PartSpec("vae_encoder", precision, bounds, (image,), (latents,))

@@ -310,10 +310,10 @@ def test_trt_part_engines_and_the_torch_free_pipeline(standin, trt_engines_dir, 
     index = EnginesIndex.read(trt_engines_dir)
     assert set(index.parts) == {"text_encoder", "vae_encoder", "vae_decoder"}
     for part, entry in index.parts.items():
-        manifest = read_manifest(entry.engine)
+        manifest = read_manifest(index.path(entry.engine))
         assert manifest.graph == part and [p.name for p in manifest.profiles] == [f"parts/{part}"]
         assert manifest.profiles[0].to_json() == dict(entry.profiles[0])
-    decoder = read_manifest(index.parts["vae_decoder"].engine).profiles[0].shape_dict()["latents"]
+    decoder = read_manifest(index.path(index.parts["vae_decoder"].engine)).profiles[0].shape_dict()["latents"]
     assert decoder == ((1, 128, 4, 4), (1, 128, 6, 6), (1, 128, 6, 6))  # the 64 and 96 px targets, 96 first
     pipe = EnginePipeline.from_engines(trt_engines_dir, memory=standin)
     latents = np.random.default_rng(4).standard_normal((1, 36, 128)).astype(np.float32)
