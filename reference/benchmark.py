@@ -1,6 +1,6 @@
 """Speed benchmark of the PyTorch reference backend: references x keep fraction x KV cache, side by side.
 
-Transformer only, as in ../shared/NOTES.md §1: random weights at the chosen config's real shapes (weights do not
+Transformer only: random weights at the chosen config's real shapes (weights do not
 change cost), random tokens, the real denoising loop (``runtime.sampler.denoise``). Every configuration runs in
 the same process, so the printed ratios compare like with like; absolute times only mean something on a GPU.
 """

@@ -586,13 +586,13 @@ def _check_environment(options: EngineBenchOptions) -> None:
         import onnxruntime
     except ImportError as error:
         raise InputError(f"onnxruntime is not installed ({error}); pip install .[onnx] for --backend ort-cpu, "
-                         "onnxruntime-gpu for ort-cuda (../shared/offline-gpu/README.md)") from error
+                         "onnxruntime-gpu for ort-cuda (the README's GPU check says how on an offline host)") from error
     available = onnxruntime.get_available_providers()
     wanted = _providers(options)[0]
     if wanted not in available:
         raise InputError(bad_value("backend", options.resolved_backend, f"one whose provider this onnxruntime has "
                                    f"({', '.join(available)}); for ort-cuda install onnxruntime-gpu "
-                                   "(../shared/offline-gpu/README.md)", "--backend"))
+                                   "(the README's GPU check)", "--backend"))
 
 
 def _providers(options: EngineBenchOptions) -> tuple[str, ...]:
