@@ -33,7 +33,7 @@ def small_plan():
 @pytest.fixture(scope="module")
 def exports(engines_dir):
     engines = json.loads((engines_dir / "engines.json").read_text())
-    return {graph: Path(entry["onnx"]) for graph, entry in engines["graphs"].items()}
+    return {graph: engines_dir / entry["onnx"] for graph, entry in engines["graphs"].items()}  # inside the folder
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +277,7 @@ def test_int8_build_records_the_gate_and_quantizes_the_blocks(int8_dir, exports)
         assert row["min_velocity_cosine"] >= 0.9999 and row["latent_rel_error"] <= 0.002 and row["psnr_db"] >= 70
         assert len(row["velocity_cosine_by_step"]) == 4
     for graph in ("full", "kv"):
-        path = Path(engines["graphs"][graph]["onnx"])
+        path = int8_dir / engines["graphs"][graph]["onnx"]
         manifest = json.loads((path.parent / "manifest.json").read_text())
         assert manifest["quantization"]["gate"] == report  # the gate's numbers are in the graph's manifest
         assert manifest["quantization"]["recipe_sha256"] == report["recipe_sha256"]
@@ -334,7 +334,7 @@ def test_fp8_build_on_the_cpu_reference(tiny_model_dir, engines_dir, tmp_path):
     assert engines["calibration"]["passed"] and engines["precision"] == "fp8"
     import onnx
 
-    model = onnx.load(engines["graphs"]["kv"]["onnx"], load_external_data=False)
+    model = onnx.load(tmp_path / engines["graphs"]["kv"]["onnx"], load_external_data=False)
     fp8 = onnx.TensorProto.FLOAT8E4M3FN
     assert any(i.data_type == fp8 for i in model.graph.initializer if i.name.endswith("zero_point"))
 
@@ -350,12 +350,12 @@ def test_trt_standin_builds_the_qdq_graph_strongly_typed(tiny_model_dir, engines
         monkeypatch.setattr(f"sparse_context.engines.{module}.default_memory", lambda device=0: memory)
     engines, _ = build_quantized(tiny_model_dir, engines_dir, tmp_path, "int8", backend="trt")
     for graph in ("full", "kv"):
-        described = json.loads(Path(engines["graphs"][graph]["engine"]).read_bytes())
+        described = json.loads((tmp_path / engines["graphs"][graph]["engine"]).read_bytes())
         assert described["strongly_typed"] and described["qdq"]
     from sparse_context.engines.manifest import read_manifest
     from sparse_context.reference.generator import SparseContextGenerator
 
-    manifest = read_manifest(engines["graphs"]["kv"]["engine"])
+    manifest = read_manifest(tmp_path / engines["graphs"]["kv"]["engine"])
     assert manifest.precision_recipe_sha256  # keyed by the quantization recipe too
     result = SparseContextGenerator.from_engines(tmp_path, memory=memory).generate(
         "a cat", [], num_steps=2, height=256, width=256, output_type="latent")
@@ -375,7 +375,7 @@ def test_real_tensorrt_builds_the_int8_graph(int8_dir):
     from sparse_context.export.spec import ModelDims, build_spec
 
     engines = json.loads((int8_dir / "engines.json").read_text())
-    path = Path(engines["graphs"]["kv"]["onnx"])
+    path = int8_dir / engines["graphs"]["kv"]["onnx"]
     manifest = json.loads((path.parent / "manifest.json").read_text())
     plan = small_plan()
     spec = build_spec("kv", "fp32", ModelDims.from_config(manifest["model_config"]), plan.text_tokens,
