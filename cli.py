@@ -473,7 +473,7 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--variants", nargs="+", default=None,
                        help="`gpu`: onnxruntime attention forms, first one first (default: mha fused)")
     bench.add_argument("--export-workers", type=int, default=None,
-                       help="`gpu`: export processes beside the GPU phases (default 3 on cuda, 0 = in-process on cpu)")
+                       help="`gpu`: export processes beside the GPU phases (default 3 on cuda, 2 on cpu; 0 = in-process)")
     bench.add_argument("--no-bf16", action="store_true", help="`gpu`: skip the PyTorch bf16 row set")
     bench.add_argument("--no-full", action="store_true",
                        help="`gpu`: skip PyTorch at full depth (a shorter run comparing the two reduced depths)")
