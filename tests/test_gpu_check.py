@@ -168,8 +168,8 @@ def test_tiny_plan_killed_mid_run_leaves_every_finished_row(tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "out"
     # In-process exports: a SIGKILLed parent would leave export workers (their own sessions) running.
-    command = [sys.executable, "-m", "sparse_context", *TINY, "--export-workers", "0", "--budget-s", "300", "--out", str(out),
-               "--work-dir", str(tmp_path / "work")]
+    command = [sys.executable, "-m", "sparse_context", *TINY, "--export-workers", "0", "--budget-s", "300",
+               "--out", str(out), "--work-dir", str(tmp_path / "work")]
     environment = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
     seen, deadline = [], time.monotonic() + 240
