@@ -210,14 +210,7 @@ def _build_locked(request: BuildRequest, out_dir: Path,
     graphs: dict[str, GraphEntry] = {}
     for graph, exported in zip(request.graphs, exports):
         profiles = engine_profiles(plan, graph, engine_input_shapes(exported.spec), symbol_names(exported.spec))
-        engine = provider_options = None
-        if request.backend == "trt":
-            engine = _inside(_build_trt(request, graph, exported, profiles, progress), out_dir)
-        elif request.backend == "ort-trt":
-            provider_options = ort_trt_provider_options(profiles, Path("ort-trt-cache") / graph)
-        graphs[graph] = GraphEntry(onnx=_inside(exported.path, out_dir), onnx_sha256=exported.manifest["onnx_sha256"],
-                                   profiles=tuple(p.to_json() for p in profiles), reused_export=exported.reused,
-                                   engine=engine, provider_options=provider_options)
+        graphs[graph] = _graph_entry(request, graph, exported, profiles, out_dir, progress)
 
     # 4. The parts around the transformer: export, one profile each, the same backend build
     parts = _build_parts(request, out_dir, progress)
@@ -281,18 +274,22 @@ def _build_parts(request: BuildRequest, out_dir: Path,
                            target_resolutions(plan), text_tokens=plan.text_tokens,
                            precision=export_precision(request.precision),
                            parts=PARTS, progress=progress)
-    entries = {}
-    for part, exported in exports.items():
-        profiles = (part_profile(exported.spec),)
-        engine = provider_options = None
-        if request.backend == "trt":
-            engine = _inside(_build_trt(request, part, exported, profiles, progress), out_dir)
-        elif request.backend == "ort-trt":
-            provider_options = ort_trt_provider_options(profiles, Path("ort-trt-cache") / part)
-        entries[part] = GraphEntry(onnx=_inside(exported.path, out_dir), onnx_sha256=exported.manifest["onnx_sha256"],
-                                   profiles=tuple(p.to_json() for p in profiles), reused_export=exported.reused,
-                                   engine=engine, provider_options=provider_options)
-    return entries
+    return {part: _graph_entry(request, part, exported, (part_profile(exported.spec),), out_dir, progress)
+            for part, exported in exports.items()}
+
+
+def _graph_entry(request: BuildRequest, graph: str, exported: Any, profiles: Sequence[Profile], out_dir: Path,
+                 progress: Callable[[str, int, int], None] | None) -> GraphEntry:
+    """The backend's build of one export (a TensorRT engine, or the TensorRT EP's options) and its index entry,
+    paths inside the engines folder."""
+    engine = provider_options = None
+    if request.backend == "trt":
+        engine = _inside(_build_trt(request, graph, exported, profiles, progress), out_dir)
+    elif request.backend == "ort-trt":
+        provider_options = ort_trt_provider_options(profiles, Path("ort-trt-cache") / graph)
+    return GraphEntry(onnx=_inside(exported.path, out_dir), onnx_sha256=exported.manifest["onnx_sha256"],
+                      profiles=tuple(p.to_json() for p in profiles), reused_export=exported.reused, engine=engine,
+                      provider_options=provider_options)
 
 
 def _calibration_backend(paths: Mapping[str, Path], quantized: bool) -> Any:

@@ -453,18 +453,25 @@ def time_selection(options: EngineBenchOptions, grids: list[np.ndarray]) -> dict
     from PIL import Image
 
     from sparse_context.runtime.images import load_image, sample_images
-    from sparse_context.runtime.selection import select_references
 
     photos = list(sample_images().values())
     size = (options.ref_px, options.ref_px)
     images = [load_image(photos[i % len(photos)]).resize(size, Image.Resampling.LANCZOS) for i in range(len(grids))]
+    return time_select_and_pack(images, grids, SELECTION_STRATEGIES, options.seed, SELECTION_REPEATS)
+
+
+def time_select_and_pack(references: list[Any], grids: list[np.ndarray], strategies: tuple[str, ...], seed: int,
+                         repeats: int) -> dict[str, dict[str, Any]]:
+    """Per strategy: median seconds of ``select_references`` on ``references`` at keep 0.10 and of
+    ``pack_references`` of ``grids`` with those selections, over ``repeats`` calls after a warm-up."""
+    from sparse_context.runtime.selection import select_references
+
     timings = {}
-    for strategy in SELECTION_STRATEGIES:
+    for strategy in strategies:
         select_s, pack_s = [], []
-        for attempt in range(SELECTION_REPEATS + 1):
+        for attempt in range(repeats + 1):
             start = time.perf_counter()
-            selections = select_references(images, strategy=strategy, keep_fraction=ACCEPTANCE_KEEP,
-                                           seed=options.seed)
+            selections = select_references(references, strategy=strategy, keep_fraction=ACCEPTANCE_KEEP, seed=seed)
             middle = time.perf_counter()
             packed = pack_references(grids, [s.indices for s in selections])
             if attempt:

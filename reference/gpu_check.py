@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ import numpy as np
 from sparse_context.reference.benchmark_configs import CONFIGS
 from sparse_context.reference.engine_benchmark import (
     BenchInputs, CostModel, EngineBenchOptions, LoopRunner, RowKey, TimeBudget, compare_latents,
+    time_select_and_pack,
 )
 from sparse_context.reference.gpu_plan import (
     ACCEPTANCE_KEEP, BUILD_SECONDS_PER_GB, ORT_OVER_TORCH_GUESS, RAM_PER_EXPORT_BYTES_PER_PARAM, SESSION_SECONDS,
@@ -319,14 +319,7 @@ class _Check:
             sync = torch.cuda.synchronize if options.cuda else (lambda: None)
             runner = LoopRunner(TorchTransformerBackend(model), self.inputs,
                                 lambda a: torch.from_numpy(a).to(options.device, dtype), sync)
-            cost = CostModel()
-            for row in self.rows:
-                estimate = cost.estimate(self.inputs.token_steps(row))
-                outcome = self._row(name, row, runner, estimate)
-                if outcome is None:
-                    continue
-                seconds, wall, latents = outcome
-                cost.observe(self.inputs.token_steps(row), wall)
+            for row, seconds, wall, latents in self._rows(name, runner):
                 flops = self.geometry.call_flops(row, CONFIGS[config], options.steps)
                 if not tag:
                     self.torch_wall[depth] = self.torch_wall.get(depth, 0.0) + wall
@@ -338,6 +331,16 @@ class _Check:
             runner.release()
             del runner, model
             self._free()
+
+    def _rows(self, phase: str, runner: LoopRunner) -> Iterator[tuple[RowKey, float, float, np.ndarray]]:
+        """(row, median seconds, wall seconds, final latents) of every row that fits the budget and runs; the
+        cost of later rows is estimated from the ones before (the densest runs first)."""
+        cost = CostModel()
+        for row in self.rows:
+            outcome = self._row(phase, row, runner, cost.estimate(self.inputs.token_steps(row)))
+            if outcome is not None:
+                cost.observe(self.inputs.token_steps(row), outcome[1])
+                yield (row, *outcome)
 
     def _row(self, phase: str, row: RowKey, runner: LoopRunner, estimate: float | None) -> Any:
         if row.cache_hit and not runner.has_state_for(row):
@@ -397,14 +400,7 @@ class _Check:
                     phase["io"] = "cpu"
                     phase["placement"] = self._probe(backend)
             runner = LoopRunner(backend, self.inputs, lambda a: a)
-            cost = CostModel()
-            for row in self.rows:
-                estimate = cost.estimate(self.inputs.token_steps(row))
-                outcome = self._row(name, row, runner, estimate)
-                if outcome is None:
-                    continue
-                seconds, wall, latents = outcome
-                cost.observe(self.inputs.token_steps(row), wall)
+            for row, seconds, wall, latents in self._rows(name, runner):
                 reference = self.latents.get((depth, row))
                 compared = {"finite": bool(np.isfinite(latents).all())}
                 if reference is not None:  # PyTorch at the same depth, same weights and inputs
@@ -510,8 +506,6 @@ def time_selection(options: GpuCheckOptions, grids: list[np.ndarray]) -> dict[st
     import cv2
 
     from sparse_context.runtime.images import sample_images
-    from sparse_context.runtime.packing import pack_references
-    from sparse_context.runtime.selection import select_references
 
     photos = list(sample_images().values())
     size = (options.ref_px, options.ref_px)
@@ -519,21 +513,7 @@ def time_selection(options: GpuCheckOptions, grids: list[np.ndarray]) -> dict[st
     for index in range(len(grids)):
         bgr = cv2.imread(str(photos[index % len(photos)]), cv2.IMREAD_COLOR)
         arrays.append(np.ascontiguousarray(cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)[:, :, ::-1]))
-    timings: dict[str, Any] = {}
-    for strategy in SELECTION_STRATEGIES:
-        select_s, pack_s = [], []
-        for attempt in range(SELECTION_REPEATS + 1):
-            start = time.perf_counter()
-            selections = select_references(arrays, strategy=strategy, keep_fraction=ACCEPTANCE_KEEP,
-                                           seed=options.seed)
-            middle = time.perf_counter()
-            packed = pack_references(grids, [s.indices for s in selections])
-            if attempt:
-                select_s.append(middle - start)
-                pack_s.append(time.perf_counter() - middle)
-        timings[strategy] = {"references": len(grids), "ref_tokens": packed.num_tokens,
-                             "select_s": statistics.median(select_s), "pack_s": statistics.median(pack_s)}
-    return timings
+    return time_select_and_pack(arrays, grids, SELECTION_STRATEGIES, options.seed, SELECTION_REPEATS)
 
 
 # -- onnxruntime's profile -------------------------------------------------------------------------------------
