@@ -190,3 +190,30 @@ def test_tiny_plan_killed_mid_run_leaves_every_finished_row(tmp_path):
         assert labels == {row.label for row in check_rows(6)}
     assert report["selection"]["edge"]["references"] == 6
     assert not list(out.glob(".gpu_check.json.*")), "a half-written report was left behind"
+
+
+def test_cuda_asked_where_torch_sees_no_gpu_is_refused_before_any_work(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU, so --device cuda is valid here")
+    args = TINY + ["--device", "cuda", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "--device" in error and "no CUDA GPU" in error
+    assert not (tmp_path / "work" / "onnx").exists()  # nothing exported
+
+
+def test_too_little_disk_for_the_exports_names_the_work_folder(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    import shutil as shutil_module
+
+    from sparse_context.reference import gpu_check
+
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(gpu_check.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    args = TINY + ["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "free disk" in error and "--work-dir" in error
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["phases"]["environment"]["status"] == "failed" and not report["rows"]
