@@ -302,8 +302,9 @@ def _calibration_backend(paths: Mapping[str, Path], quantized: bool) -> Any:
 
     cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     providers = (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+    # Host steps: capture records every call's inputs as host arrays anyway.
     return OrtTransformerBackend(providers=providers, session_options=basic_session_options() if quantized else None,
-                                 **paths)
+                                 device_steps=False, **paths)
 
 
 def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Sequence[Profile],

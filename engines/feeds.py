@@ -85,7 +85,9 @@ class FeedBuilder:
     # -- helpers ---------------------------------------------------------------------------------------------
 
     def _common(self, target, text, timestep) -> dict[str, np.ndarray | Empty]:
-        return {"target": self._cast(target),  # (1, N_t, C): new every step
+        # (1, N_t, C), new every step; a backend's device-resident latents (``on_device``) are bound as they are
+        target = target if getattr(target, "on_device", False) else self._cast(target)
+        return {"target": target,
                 "text": self._static("text", text),  # (1, L, D)
                 "timestep": np.array([timestep], np.float32)}  # (1,)
 

@@ -390,27 +390,41 @@ class _Check:
                 backend, profile_dir = self._open(exports, name)
             phase["providers_used"] = {g: list(s.get_providers()) for g, s in backend.sessions.items()}
             with _timed(phase, "probe_s"):
-                try:
-                    phase["placement"] = self._probe(backend)
-                    phase["io"] = backend.io_device
-                except Exception as error:  # device buffers failed: measure with host I/O rather than nothing
-                    phase["device_io_error"] = f"{type(error).__name__}: {str(error)[:500]}"
-                    self.log(f"{name}: device I/O failed ({phase['device_io_error']}); retrying with host I/O")
-                    backend.set_io_device("cpu")
-                    phase["io"] = "cpu"
-                    phase["placement"] = self._probe(backend)
+                phase["placement"] = self._probe_with_fallbacks(backend, phase, name)
             runner = LoopRunner(backend, self.inputs, lambda a: a)
+            timed: dict[RowKey, tuple[float, np.ndarray]] = {}
             for row, seconds, wall, latents in self._rows(name, runner):
+                timed[row] = (seconds, latents)
                 reference = self.latents.get((depth, row))
                 compared = {"finite": bool(np.isfinite(latents).all())}
                 if reference is not None:  # PyTorch at the same depth, same weights and inputs
                     compared.update(compare_latents(reference, latents), finite=compared["finite"])
                 self.report.row(name, row, seconds=seconds, wall_s=wall, ref_tokens=self.inputs.ref_tokens(row),
-                                **compared)
+                                in_session_s=runner.session_seconds, **compared)
+            phase["host_steps"] = self._host_steps(backend, runner, timed)
             runner.release()
             del runner, backend
             shutil.rmtree(profile_dir, ignore_errors=True)
             self._free()
+
+    def _host_steps(self, backend: Any, runner: LoopRunner, timed: dict[RowKey, tuple[float, np.ndarray]]
+                    ) -> dict[str, Any]:
+        """The acceptance KV row again with the Euler step on the host (velocity copied out, latents copied in,
+        numpy float16 arithmetic): what keeping latents on the device buys, measured side by side."""
+        row = RowKey(self.options.refs, ACCEPTANCE_KEEP, True)
+        if not backend.device_steps:
+            return {"status": "skipped", "reason": "device steps failed in the probe: every row ran host steps"}
+        if row not in timed or not self.budget.fits(2.0 * (self.options.repeats + 1) * timed[row][0]):
+            return {"status": "skipped", "reason": "the device-step row did not run or does not fit the budget"}
+        device_s, device_latents = timed[row]
+        backend.device_steps = False
+        try:
+            seconds, _, latents = runner.run(row)
+        finally:
+            backend.device_steps = True
+        self.log(f"host steps         {row.label:26s} {seconds:8.3f}s  (device steps {device_s:.3f}s)")
+        return {"status": "done", "row": row.label, "host_steps_s": seconds, "device_steps_s": device_s,
+                "host_over_device": seconds / device_s, "latents_equal": bool(np.array_equal(latents, device_latents))}
 
     def _open(self, exports: dict[str, Any], name: str) -> tuple[Any, Path]:
         import onnxruntime as ort
@@ -434,7 +448,21 @@ class _Check:
                                         session_options=session_options, plan=plan)
         return backend, profile_dir
 
-    def _probe(self, backend: Any) -> dict[str, Any]:
+    def _probe_with_fallbacks(self, backend: Any, phase: dict[str, Any], name: str) -> dict[str, Any]:
+        """The probe with device steps and device buffers; if it fails, again with host steps, then with host I/O
+        (measure something rather than nothing, and say what failed)."""
+        fallbacks = (("device_steps_error", "host steps", lambda: setattr(backend, "device_steps", False)),
+                     ("device_io_error", "host I/O", lambda: backend.set_io_device("cpu")))
+        for error_key, instead, fall_back in fallbacks:
+            try:
+                return self._probe(backend, phase)
+            except Exception as error:  # a provider's kernel or binding error
+                phase[error_key] = f"{type(error).__name__}: {str(error)[:500]}"
+                self.log(f"{name}: {error_key} ({phase[error_key]}); retrying with {instead}")
+                fall_back()
+        return self._probe(backend, phase)
+
+    def _probe(self, backend: Any, phase: dict[str, Any]) -> dict[str, Any]:
         """One dense call through the full graph and one keep-0.10 KV call through the kv graph, profiled; then
         where every node ran (provider per node from onnxruntime's own profile, not ``get_providers()``)."""
         from sparse_context.runtime.packing import pack_references
@@ -447,6 +475,7 @@ class _Check:
             denoise(backend, inputs.latents, inputs.target_ids, conditioning, inputs.schedule, packed.tokens[None],
                     packed.position_ids, use_kv=use_kv)
         on_cpu = backend.device == "cpu"
+        phase.update(io=backend.io_device, device_steps=backend.device_steps)
         return {graph: summarize_profile(Path(session.end_profiling()), expect_cpu=on_cpu)
                 for graph, session in backend.sessions.items()}
 
@@ -531,8 +560,12 @@ def summarize_profile(path: Path, expect_cpu: bool = False) -> dict[str, Any]:
     fallbacks: dict[str, dict[str, Any]] = {}
     op_time: dict[str, float] = {}
     memcpy = {"nodes": 0, "us": 0.0}
+    runs = {"count": 0, "run_ms": 0.0, "node_ms": 0.0}
     for event in events:
         args = event.get("args") or {}
+        if event.get("cat") == "Session" and event.get("name") == "model_run":
+            runs["count"] += 1
+            runs["run_ms"] += float(event.get("dur", 0)) / 1e3
         if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
             continue
         node, provider, op = event["name"][:-len("_kernel_time")], args.get("provider", "?"), args.get("op_name", "?")
@@ -546,13 +579,16 @@ def summarize_profile(path: Path, expect_cpu: bool = False) -> dict[str, Any]:
             output_bytes = int(args.get("output_size", 0) or 0)
             if op in HEAVY_OPS or output_bytes > PROBE_BYTES:
                 fallbacks[node] = {"op": op, "output_bytes": output_bytes}
+        runs["node_ms"] += float(event.get("dur", 0)) / 1e3
         if provider != "CPUExecutionProvider" or expect_cpu:
             op_time[op] = op_time.get(op, 0.0) + float(event.get("dur", 0))
     total = sum(op_time.values()) or 1.0
     top = sorted(op_time.items(), key=lambda item: -item[1])[:10]
     shown = dict(sorted(fallbacks.items(), key=lambda item: -item[1]["output_bytes"])[:20])
+    # On the CUDA EP a node's time is its host side (launches are asynchronous): node_ms close to run_ms means
+    # the host, not the GPU, sets the pace.
     return {"nodes_per_provider": per_provider, "cpu_fallback_count": len(fallbacks), "cpu_fallbacks": shown,
-            "memcpy": memcpy,
+            "memcpy": memcpy, "runs": runs,
             "top_ops": [{"op": op, "share": us / total, "ms": us / 1e3} for op, us in top]}
 
 

@@ -114,7 +114,7 @@ def validate_export(onnx_path: str | Path, transformer: Any, ref_token_counts: S
     default_atol, default_rtol = DEFAULT_TOLERANCE.get(precision, DEFAULT_TOLERANCE["fp16"])
     report = ValidationReport(str(path), default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
     compare = _Comparer(report, graph)
-    ours = OrtTransformerBackend(**{graph: path})
+    ours = OrtTransformerBackend(**{graph: path}, device_steps=False)  # single calls compared on the host
     theirs = TorchTransformerBackend(transformer)
     counts = list(ref_token_counts) if ref_token_counts is not None else check_grid(spec)
     num_target = int(target_tokens or bounds[TARGET_TOKENS][2])

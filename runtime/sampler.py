@@ -8,6 +8,7 @@ extracts reference K/V with ``[references, target]``, later steps reuse them).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -33,6 +34,10 @@ class TransformerBackend(Protocol):
                   timestep: np.float32) -> Any: ...
 
     def euler_step(self, latents: Any, velocity: Any, delta: np.float32) -> Any: ...
+
+    # Optional, for a backend that keeps latents on its device: ``device_loop()``, a context the whole loop runs
+    # in; ``guide(positive, negative, scale)``, the classifier-free guidance mix (default: array arithmetic); and
+    # ``finish_latents(latents)``, what the caller gets from the last step's latents (default: them as they are).
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,12 @@ def denoise(
     With ``use_kv`` the first step extracts reference K/V unless ``kv_state`` is given (a persistent cache hit:
     reference K/V depend only on the references and the model, so reuse is exact).
     """
+    loop = getattr(backend, "device_loop", contextlib.nullcontext)
+    with loop():
+        return _denoise(backend, latents, target_ids, conditioning, schedule, refs, ref_ids, use_kv, kv_state, on_step)
+
+
+def _denoise(backend, latents, target_ids, conditioning, schedule, refs, ref_ids, use_kv, kv_state, on_step):
     has_refs = refs is not None and ref_ids is not None and ref_ids.shape[0] > 0
     for step in range(schedule.num_steps):
         timestep = schedule.model_timestep(step)
@@ -85,8 +96,14 @@ def denoise(
         prediction = velocity(conditioning.text, conditioning.text_ids)
         if conditioning.uses_guidance:
             negative = velocity(conditioning.negative_text, conditioning.negative_text_ids)
-            prediction = negative + conditioning.guidance_scale * (prediction - negative)
+            guide = getattr(backend, "guide", _guide)
+            prediction = guide(prediction, negative, conditioning.guidance_scale)
         latents = backend.euler_step(latents, prediction, schedule.step_delta(step))
         if on_step is not None:
             on_step(step + 1, schedule.num_steps)
-    return latents, kv_state
+    finish = getattr(backend, "finish_latents", None)
+    return (finish(latents) if finish is not None else latents), kv_state
+
+
+def _guide(positive: Any, negative: Any, scale: float) -> Any:
+    return negative + scale * (positive - negative)

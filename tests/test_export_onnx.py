@@ -156,3 +156,63 @@ def test_tiny_generation_on_ort_equals_pytorch_generator(tiny_generator, full_ex
     ours, _ = denoise(backend, latents, grid_position_ids(3, 4), Conditioning(text, text_position_ids(64)), schedule,
                       packed.tokens[None], packed.position_ids, use_kv=mode == "sparse_kv")
     np.testing.assert_allclose(ours, result.latents.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_device_steps_equal_host_steps(tiny_model_dir, out_dir, full_export, kv_export, precision):
+    """Latents kept on the session's device (Euler step and guidance as onnxruntime graphs) are bit-equal to the
+    host loop, for dense, sparse, sparse + KV and guided generation; only host arrays leave the loop."""
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
+    from sparse_context.runtime.sampler import Conditioning, denoise
+    from sparse_context.runtime.schedule import flow_match_schedule
+    from sparse_context.runtime.tokens import grid_position_ids, text_position_ids
+
+    if precision == "fp32":
+        graphs = {"full": full_export.path, "kv": kv_export.path}
+    else:  # the fp16 full graph serves dense and sparse; the KV path shares every step with fp32
+        graphs = {"full": export_onnx(_options(tiny_model_dir, out_dir, graph="full", precision="fp16")).path}
+    rng = np.random.default_rng(21)
+    text, negative = (rng.standard_normal((1, 64, 96)).astype(np.float32) for _ in range(2))
+    refs = rng.standard_normal((1, 7, 128)).astype(np.float32)
+    ref_ids = grid_position_ids(7, 1, time=10)
+    latents = rng.standard_normal((1, 12, 128)).astype(np.float32)
+    schedule = flow_match_schedule(3, 12, None)
+    plain = Conditioning(text, text_position_ids(64))
+    guided = Conditioning(text, text_position_ids(64), negative, text_position_ids(64), guidance_scale=3.5)
+    runs = [("dense", plain, None, False), ("sparse", plain, refs, False), ("guided", guided, refs, False)]
+    if "kv" in graphs:
+        runs += [("sparse_kv", plain, refs, True), ("guided_kv", guided, refs, True)]
+    host = OrtTransformerBackend(**graphs, device_steps=False)
+    device = OrtTransformerBackend(**graphs)
+    for name, conditioning, references, use_kv in runs:
+        ids = None if references is None else ref_ids
+        expected, _ = denoise(host, latents, grid_position_ids(3, 4), conditioning, schedule, references, ids,
+                              use_kv=use_kv)
+        got, _ = denoise(device, latents, grid_position_ids(3, 4), conditioning, schedule, references, ids,
+                         use_kv=use_kv)
+        assert isinstance(got, np.ndarray) and got.dtype == expected.dtype == device.dtype, name
+        assert got.tobytes() == expected.tobytes(), name
+    assert device._step_sessions and not host._step_sessions  # the device loop really ran the step graphs
+
+
+def test_device_tensors_refuse_stale_or_foreign_use(full_export):
+    from sparse_context.engines.errors import BackendOptionError
+    from sparse_context.engines.ort.backend import OrtTensor, OrtTransformerBackend
+    from sparse_context.runtime.tokens import grid_position_ids, text_position_ids
+
+    rng = np.random.default_rng(22)
+    target, text = rng.standard_normal((1, 12, 128)).astype(np.float32), rng.standard_normal((1, 64, 96))
+    args = (grid_position_ids(3, 4), None, None, text.astype(np.float32), text_position_ids(64), np.float32(0.5))
+    backend, other = OrtTransformerBackend(full=full_export.path), OrtTransformerBackend(full=full_export.path)
+    direct = backend.full(target, *args)
+    assert isinstance(direct, np.ndarray)  # outside the loop: host arrays, as before
+    with backend.device_loop():
+        first = backend.full(target, *args)
+        assert isinstance(first, OrtTensor) and np.array_equal(np.asarray(first), direct)
+        backend.full(target, *args), backend.full(target, *args)  # the first buffer comes round again
+        with pytest.raises(BackendOptionError, match="reused by a later call"):
+            np.asarray(first)
+        latest = backend.full(target, *args)
+    with pytest.raises(BackendOptionError, match="from another backend"), other.device_loop():
+        other.full(latest, *args)
+    assert isinstance(backend.full(target, *args), np.ndarray)  # the loop's mode ends with it

@@ -158,6 +158,52 @@ def test_profile_summary_counts_providers_and_finds_heavy_cpu_nodes(tmp_path):
     assert as_cuda["cpu_fallback_count"] == 2 and as_cuda["cpu_fallbacks"]["mm"]["op"] == "MatMul"
     as_cpu = summarize_profile(path, expect_cpu=True)
     assert as_cpu["cpu_fallback_count"] == 0 and {t["op"] for t in as_cpu["top_ops"]} == {"MatMul", "Relu"}
+    runs = as_cpu["runs"]  # one session run; its nodes' time lies inside the run's
+    assert runs["count"] == 1 and 0 < runs["node_ms"] <= runs["run_ms"]
+
+
+class _BackendIO:
+    """What the probe's fallbacks change on a backend: its step mode and its I/O device."""
+
+    def __init__(self):
+        self.device_steps, self.io_device = True, "cuda"
+
+    def set_io_device(self, device):
+        self.io_device = device
+
+
+class _FailingProbe:
+    """The checker's probe failing its first ``failures`` calls, as a provider's kernel error would."""
+
+    def __init__(self, failures):
+        self.failures, self.calls, self.lines = failures, [], []
+        self.log = self.lines.append
+
+    def _probe(self, backend, phase):
+        self.calls.append((backend.device_steps, backend.io_device))
+        if len(self.calls) <= self.failures:
+            raise RuntimeError(f"kernel failure {len(self.calls)}")
+        phase.update(io=backend.io_device, device_steps=backend.device_steps)
+        return {"kv": "profiled"}
+
+
+@pytest.mark.parametrize("failures", [0, 1, 2, 3])
+def test_probe_falls_back_to_host_steps_then_host_io_and_records_why(failures):
+    from sparse_context.reference.gpu_check import _Check
+
+    checker, backend, phase = _FailingProbe(failures), _BackendIO(), {}
+    attempts = [(True, "cuda"), (False, "cuda"), (False, "cpu")][:failures + 1]
+    if failures == 3:  # nothing left to fall back to: the phase fails with the last error
+        with pytest.raises(RuntimeError, match="kernel failure 3"):
+            _Check._probe_with_fallbacks(checker, backend, phase, "ort_d4_mha")
+        assert checker.calls == attempts
+        return
+    assert _Check._probe_with_fallbacks(checker, backend, phase, "ort_d4_mha") == {"kv": "profiled"}
+    assert checker.calls == attempts
+    assert (phase["device_steps"], phase["io"]) == attempts[-1]
+    assert ("device_steps_error" in phase) == (failures >= 1) and ("device_io_error" in phase) == (failures >= 2)
+    if failures:
+        assert phase["device_steps_error"] == "RuntimeError: kernel failure 1" and "host steps" in checker.lines[0]
 
 
 @pytest.mark.slow
