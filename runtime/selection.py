@@ -272,13 +272,33 @@ def select_tokens(
     else:
         floor_count = math.floor(floor_fraction * count + 0.5)
         floor = spread_tokens(rows, cols, floor_count, rng)
-        # Importance descending, equal importance in the order of a random key: np.lexsort((key, -importance))
-        # exactly, as two stable argsorts, which take 0.2 ms on a 64x64 grid where lexsort takes 0.5 ms.
-        by_key = np.argsort(rng.random(available), kind="stable")  # (N,)
-        ranking = by_key[np.argsort(-importance.ravel()[by_key].astype(np.float64), kind="stable")]  # (N,)
-        ranking = ranking[~np.isin(ranking, floor)]
-        chosen = np.concatenate([floor, ranking[: count - floor_count]])
+        keys = rng.random(available)  # (N,) orders tokens of equal importance
+        chosen = np.concatenate([floor, _most_important(importance, keys, floor, count - floor_count)])
     return np.sort(chosen).astype(np.int64)
+
+
+def _most_important(importance: np.ndarray, keys: np.ndarray, taken: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` tokens not in ``taken`` by importance descending, then ``keys`` ascending, then index.
+
+    The same set as the head of ``np.lexsort((keys, -importance))`` without ``taken``, in any order. Only the
+    cut matters, so two partitions (one on importance, one on the keys of the tokens tied at the threshold)
+    replace sorting the whole grid: 0.05 ms instead of 0.5 ms on a 64x64 grid, six times per generation.
+    """
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    values = importance.ravel().astype(np.float64)  # (N,) a copy; float64 as the ranking always compared
+    values[taken] = -1.0  # importance is >= 0, so a taken token sorts below every other one
+    cut = values.size - count
+    threshold = np.partition(values, cut)[cut]  # the count-th largest value, never -1: count <= N - len(taken)
+    above = np.flatnonzero(values > threshold)  # (< count,)
+    tied = np.flatnonzero(values == threshold)  # (>= count - len(above),) ascending index, as the tie-break wants
+    short = count - above.size
+    if short < tied.size:
+        tied_keys = keys[tied]
+        key_cut = np.partition(tied_keys, short - 1)[short - 1]  # the short-th smallest key among the tied
+        below = tied[tied_keys < key_cut]
+        tied = np.concatenate([below, tied[tied_keys == key_cut][: short - below.size]])
+    return np.concatenate([above, tied])
 
 
 def spread_tokens(rows: int, cols: int, count: int, rng: np.random.Generator) -> np.ndarray:
