@@ -172,11 +172,7 @@ def saliency_importance(image_rgb: np.ndarray, grid: tuple[int, int]) -> np.ndar
 
     spectrum = np.fft.fft2(lab, axes=(0, 1))  # (h, w, 3) complex
     log_amplitude = np.log(np.abs(spectrum) + 1e-9)
-    # 3x3 mean with wrap-around: the spectrum is periodic, so its borders have neighbours on the other side.
-    local_mean = sum(
-        np.roll(log_amplitude, (dy, dx), axis=(0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-    ) / 9.0
-    residual = log_amplitude - local_mean
+    residual = log_amplitude - _wrapped_mean_3x3(log_amplitude)
     saliency = np.abs(np.fft.ifft2(np.exp(residual + 1j * np.angle(spectrum)), axes=(0, 1)))  # (h, w, 3)
     saliency = cv2.GaussianBlur(saliency.astype(np.float32), (0, 0), SALIENCY_BLUR_SIGMA)
     saliency /= saliency.mean(axis=(0, 1)) + 1e-9  # each channel counts the same, whatever its contrast
@@ -185,6 +181,26 @@ def saliency_importance(image_rgb: np.ndarray, grid: tuple[int, int]) -> np.ndar
     saliency *= (1.0 - CENTER_PRIOR_WEIGHT) + CENTER_PRIOR_WEIGHT * _center_prior(grid)
     peak = float(saliency.max())
     return saliency / peak if peak > 0 else saliency
+
+
+def _wrapped_mean_3x3(values: np.ndarray) -> np.ndarray:
+    """3x3 mean over the first two axes with wrap-around: a spectrum is periodic, so its borders have
+    neighbours on the other side. The same additions in the same order as the mean of the nine
+    ``np.roll(values, (dy, dx))``, so the same bits, without making nine shifted copies (half the time)."""
+    height, width = values.shape[:2]
+    padded = np.empty((height + 2, width + 2) + values.shape[2:], dtype=values.dtype)  # (h+2, w+2, ...)
+    padded[1:-1, 1:-1] = values
+    padded[0, 1:-1] = values[-1]
+    padded[-1, 1:-1] = values[0]
+    padded[:, 0] = padded[:, -2]
+    padded[:, -1] = padded[:, 1]
+    # np.roll by (dy, dx) puts values[i - dy, j - dx] at (i, j): rows 1 - dy ... of the padded array
+    shifted = [padded[1 - dy:1 - dy + height, 1 - dx:1 - dx + width] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    total = shifted[0] + shifted[1]
+    for view in shifted[2:]:
+        total += view
+    total /= 9.0
+    return total
 
 
 def mask_importance(mask: np.ndarray | None, image_hw: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:

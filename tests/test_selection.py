@@ -12,7 +12,7 @@ from PIL import Image
 from sparse_context.runtime.errors import InputError, SelectionError
 from sparse_context.runtime.images import prepare_reference, sample_images
 from sparse_context.runtime.selection import (
-    STRATEGY_CHOICES, Selection, Strategy, _most_important, allocate_budget, importance_map, select_references,
+    STRATEGY_CHOICES, Selection, Strategy, _most_important, _wrapped_mean_3x3, allocate_budget, importance_map, select_references,
     select_tokens, spread_tokens,
 )
 from sparse_context.runtime.tokens import kept_token_count, token_grid
@@ -235,6 +235,14 @@ def test_importance_of_a_flat_image_is_finite(strategy):
     importance = importance_map(image, (4, 4), strategy, mask)
     assert np.all(np.isfinite(importance)) and importance.min() >= 0
     assert len(select_tokens(importance, 5, strategy, seed=0)) == 5
+
+
+def test_wrapped_mean_equals_the_mean_of_nine_rolls():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 3), (1, 5, 3), (4, 1, 3), (2, 2, 1), (8, 8, 3), (64, 48, 3), (9, 13)]:
+        values = np.log(rng.random(shape) * 1e3 + 1e-9)
+        rolled = sum(np.roll(values, (dy, dx), axis=(0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9.0
+        np.testing.assert_array_equal(_wrapped_mean_3x3(values), rolled)  # bit for bit: same additions
 
 
 def test_importance_map_wants_the_prepared_image():
