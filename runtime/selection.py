@@ -497,20 +497,14 @@ def select_references(
     if workers is not None and (not _is_int(workers) or workers < 1):
         raise SelectionError(bad_value("selection workers", workers, "an integer >= 1"))
 
-    # 2. per reference: the pixels it becomes inside the pipeline, its token grid, its mask on those pixels, its
-    #    token importance and, where its budget depends on it alone, its tokens (in parallel: this is the
-    #    runtime's only per-reference CPU work)
-    def score(index: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray, np.ndarray | None]:
+    # 2. per reference: the pixels it becomes inside the pipeline, its token grid, its mask on those pixels, and
+    #    its token importance (in parallel: this is the runtime's only per-reference CPU work)
+    def score(index: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
         pixels, (width, height) = prepare_reference_with_size(images[index], max_area, multiple_of)  # (h, w, 3)
         grid = token_grid(pixels.shape[1], pixels.shape[0])
         mask = _mask_for_prepared(masks[index], index, (height, width), pixels.shape[:2], grid, max_area,
                                   multiple_of)
-        importance = importance_map(pixels, grid, strategy, mask)
-        budget = _own_budget(grid[0] * grid[1], allocation, keep_fraction, token_count)
-        if budget is None:
-            return pixels, grid, importance, None
-        return pixels, grid, importance, select_tokens(importance, budget, strategy, reference_seed(int(seed), index),
-                                                       floor_fraction)
+        return pixels, grid, importance_map(pixels, grid, strategy, mask)
 
     count = workers or min(len(images), os.cpu_count() or 1)
     scores_pixels = strategy in (Strategy.EDGE, Strategy.SALIENCY, Strategy.MASK)
@@ -520,30 +514,19 @@ def select_references(
         scored = list(pool.map(score, range(len(images))))  # in order; the first error propagates
     else:
         scored = [score(index) for index in range(len(images))]
-    importances = [importance for _, _, importance, _ in scored]
+    prepared = [pixels for pixels, _, _ in scored]
+    grids = [grid for _, grid, _ in scored]
+    importances = [importance for _, _, importance in scored]
 
-    # 3. budget (which also checks --tokens against every reference), select what is not selected yet
+    # 3. budget, select
     budgets = allocate_budget(importances, keep_fraction, token_count, allocation)
     selections = []
-    for index, ((pixels, grid, importance, indices), budget) in enumerate(zip(scored, budgets)):
-        if indices is None:
-            indices = select_tokens(importance, budget, strategy, reference_seed(int(seed), index), floor_fraction)
+    for index, (pixels, grid, importance, budget) in enumerate(zip(prepared, grids, importances, budgets)):
+        indices = select_tokens(importance, budget, strategy, reference_seed(int(seed), index), floor_fraction)
         indices.setflags(write=False)
         importance.setflags(write=False)
         selections.append(Selection(indices, grid, strategy, importance, pixels))
     return selections
-
-
-def _own_budget(available: int, allocation: Allocation, keep_fraction: float | None,
-                token_count: int | None) -> int | None:
-    """The budget ``allocate_budget`` gives a reference of ``available`` tokens, when it needs no other reference:
-    ``per_reference`` with a keep fraction, or with a token count this reference can hold. None otherwise (a
-    ``global`` share, or a count for ``allocate_budget`` to refuse with its own message)."""
-    if allocation is not Allocation.PER_REFERENCE:
-        return None
-    if token_count is None:
-        return kept_token_count(available, keep_fraction)
-    return int(token_count) if _is_int(token_count) and 1 <= token_count <= available else None
 
 
 @functools.lru_cache(maxsize=8)
