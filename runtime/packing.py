@@ -13,12 +13,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from sparse_context.runtime.errors import SelectionError, bad_value
-from sparse_context.runtime.tokens import check_reference_count, grid_position_ids, reference_time
+from sparse_context.runtime.tokens import (
+    POSITION_AXES, check_reference_count, grid_position_ids, reference_time,
+)
 
 
-def _concat(parts: Sequence[Any], like: Any) -> Any:
-    if isinstance(like, np.ndarray):
-        return np.concatenate(parts, axis=0)
+def _torch_cat(parts: Sequence[Any]) -> Any:
     import torch  # only reached with torch inputs
 
     return torch.cat(list(parts), dim=0)
@@ -52,7 +52,7 @@ def check_indices(indices: np.ndarray, available: int, reference: int) -> np.nda
 class PackedReferences:
     """Kept reference tokens in reference order, each reference's tokens in row-major grid order."""
 
-    tokens: Any  # (N_kept, C) numpy array or torch tensor
+    tokens: Any  # (N_kept, C) numpy array (C-contiguous) or torch tensor
     position_ids: np.ndarray  # (N_kept, 4) int64 (t, h, w, l)
     counts: tuple[int, ...]  # kept tokens per reference
     grids: tuple[tuple[int, int], ...]  # (rows, cols) per reference
@@ -88,8 +88,8 @@ def pack_references(latent_grids: Sequence[Any], kept_indices: Sequence[np.ndarr
     if all(isinstance(grid, np.ndarray) for grid in latent_grids):
         tokens = _pack_numpy(latent_grids, keeps, counts)
     else:
-        tokens = _concat([pack_grid(grid) if keep is None else pack_grid(grid)[_as_torch_index(keep, grid)]
-                          for grid, keep in zip(latent_grids, keeps)], latent_grids[0])
+        tokens = _torch_cat([pack_grid(grid) if keep is None else pack_grid(grid)[_as_torch_index(keep, grid)]
+                             for grid, keep in zip(latent_grids, keeps)])
     return PackedReferences(tokens=tokens, position_ids=ids, counts=tuple(counts), grids=tuple(grids))
 
 
@@ -97,14 +97,15 @@ def _position_ids(rows: int, cols: int, index: int, keep: np.ndarray | None) -> 
     """(K, 4) ids of the kept tokens of reference ``index``: ``grid_position_ids(...)[keep]``, built directly."""
     if keep is None:
         return grid_position_ids(rows, cols, time=reference_time(index))  # (rows*cols, 4)
-    ids = np.zeros((keep.size, 4), dtype=np.int64)  # (K, 4)
+    ids = np.zeros((keep.size, POSITION_AXES), dtype=np.int64)  # (K, 4)
     ids[:, 0] = reference_time(index)
     ids[:, 1], ids[:, 2] = np.divmod(keep, cols)
     return ids
 
 
 def _pack_numpy(latent_grids: Sequence[np.ndarray], keeps: Sequence[np.ndarray | None], counts: Sequence[int]):
-    """Kept tokens of numpy grids written straight into one (N_kept, C) array (no per-reference copies)."""
+    """Kept tokens of numpy grids written straight into one C-contiguous (N_kept, C) array: no per-reference
+    copies to concatenate, and none later for an engine input, which wants (1, N_kept, C) C-contiguous."""
     channels = latent_grids[0].shape[0]
     tokens = np.empty((sum(counts), channels), dtype=np.result_type(*latent_grids))  # (N_kept, C)
     start = 0

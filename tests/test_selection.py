@@ -12,8 +12,8 @@ from PIL import Image
 from sparse_context.runtime.errors import InputError, SelectionError
 from sparse_context.runtime.images import prepare_reference, sample_images
 from sparse_context.runtime.selection import (
-    STRATEGY_CHOICES, Selection, Strategy, _most_important, _wrapped_mean_3x3, allocate_budget, importance_map, select_references,
-    select_tokens, spread_tokens,
+    STRATEGY_CHOICES, Selection, Strategy, _most_important, _wrapped_mean_3x3, allocate_budget, importance_map,
+    select_references, select_tokens, spread_tokens,
 )
 from sparse_context.runtime.tokens import kept_token_count, token_grid
 
