@@ -297,24 +297,22 @@ def _most_important(importance: np.ndarray, keys: np.ndarray, taken: np.ndarray,
     """The first ``count`` tokens not in ``taken`` by importance descending, then ``keys`` ascending, then index.
 
     The same set as the head of ``np.lexsort((keys, -importance))`` without ``taken``, in any order. Only the
-    cut matters, so two partitions (one on importance, one on the keys of the tokens tied at the threshold)
-    replace sorting the whole grid: 0.05 ms instead of 0.5 ms on a 64x64 grid, six times per generation.
+    cut matters, so one partition replaces sorting the whole grid (0.02 ms instead of 0.5 ms on a 64x64 grid,
+    six times per generation). numpy orders complex numbers by real part, then imaginary part: a partition of
+    ``-importance + 1j * key`` is a partition by both. A float partition by importance alone took 0.36 ms on
+    an edge map with 85 % zeros (numpy's introselect is slow on long runs of equal values); keys have none.
     """
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     values = importance.ravel().astype(np.float64)  # (N,) a copy; float64 as the ranking always compared
-    values[taken] = -1.0  # importance is >= 0, so a taken token sorts below every other one
-    cut = values.size - count
-    threshold = np.partition(values, cut)[cut]  # the count-th largest value, never -1: count <= N - len(taken)
-    above = np.flatnonzero(values > threshold)  # (< count,)
-    tied = np.flatnonzero(values == threshold)  # (>= count - len(above),) ascending index, as the tie-break wants
-    short = count - above.size
-    if short < tied.size:
-        tied_keys = keys[tied]
-        key_cut = np.partition(tied_keys, short - 1)[short - 1]  # the short-th smallest key among the tied
-        below = tied[tied_keys < key_cut]
-        tied = np.concatenate([below, tied[tied_keys == key_cut][: short - below.size]])
-    return np.concatenate([above, tied])
+    values[taken] = -1.0  # importance is >= 0, so a taken token ranks after every other one
+    ranks = np.empty(values.size, dtype=np.complex128)  # (N,) no arithmetic: the parts keep their exact values
+    ranks.real = -values
+    ranks.imag = keys
+    last = np.partition(ranks, count - 1)[count - 1]  # the count-th in ranking order; never a taken token
+    ahead = np.flatnonzero(ranks < last)  # (< count,) complex < is lexicographic too
+    level = np.flatnonzero(ranks == last)  # ascending index; more than one only where keys repeat too
+    return np.concatenate([ahead, level[: count - ahead.size]])
 
 
 def spread_tokens(rows: int, cols: int, count: int, rng: np.random.Generator) -> np.ndarray:
