@@ -13,12 +13,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from sparse_context.runtime.errors import SelectionError, bad_value
-from sparse_context.runtime.tokens import check_reference_count, grid_position_ids, reference_time
+from sparse_context.runtime.tokens import (
+    POSITION_AXES, check_reference_count, grid_position_ids, reference_time,
+)
 
 
-def _concat(parts: Sequence[Any], like: Any) -> Any:
-    if isinstance(like, np.ndarray):
-        return np.concatenate(parts, axis=0)
+def _torch_cat(parts: Sequence[Any]) -> Any:
     import torch  # only reached with torch inputs
 
     return torch.cat(list(parts), dim=0)
@@ -37,22 +37,22 @@ def unpack_grid(tokens: Any, rows: int, cols: int) -> Any:
 
 def check_indices(indices: np.ndarray, available: int, reference: int) -> np.ndarray:
     """Sorted unique int64 indices in [0, available), or SelectionError."""
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if indices.size and (indices.min() < 0 or indices.max() >= available):
+    indices = np.sort(np.asarray(indices, dtype=np.int64).reshape(-1))  # (K,)
+    if indices.size and (indices[0] < 0 or indices[-1] >= available):
         raise SelectionError(
-            bad_value(f"token indices of reference {reference}", f"range [{indices.min()}, {indices.max()}]",
+            bad_value(f"token indices of reference {reference}", f"range [{indices[0]}, {indices[-1]}]",
                       f"indices in [0, {available}) for its {available}-token grid")
         )
-    if indices.size != np.unique(indices).size:
+    if np.any(indices[1:] == indices[:-1]):  # sorted: a repeat sits next to itself
         raise SelectionError(bad_value(f"token indices of reference {reference}", "repeated indices", "unique indices"))
-    return np.sort(indices)
+    return indices
 
 
 @dataclass(frozen=True)
 class PackedReferences:
     """Kept reference tokens in reference order, each reference's tokens in row-major grid order."""
 
-    tokens: Any  # (N_kept, C) numpy array or torch tensor
+    tokens: Any  # (N_kept, C) numpy array (C-contiguous) or torch tensor
     position_ids: np.ndarray  # (N_kept, 4) int64 (t, h, w, l)
     counts: tuple[int, ...]  # kept tokens per reference
     grids: tuple[tuple[int, int], ...]  # (rows, cols) per reference
@@ -77,32 +77,45 @@ def pack_references(latent_grids: Sequence[Any], kept_indices: Sequence[np.ndarr
         raise SelectionError(
             bad_value("token selections", f"{len(kept_indices)} selections", f"one per reference ({len(latent_grids)})")
         )
-    tokens, ids, counts, grids = [], [], [], []
-    for index, grid in enumerate(latent_grids):
-        rows, cols = int(grid.shape[-2]), int(grid.shape[-1])
-        grid_tokens = pack_grid(grid)  # (rows*cols, C)
-        grid_ids = grid_position_ids(rows, cols, time=reference_time(index))  # (rows*cols, 4)
-        if kept_indices is not None:
-            keep = check_indices(kept_indices[index], rows * cols, index)
-            if isinstance(grid_tokens, np.ndarray):
-                # Gather along the contiguous axis of (C, rows*cols), then transpose: indexing rows of the
-                # transposed view reads one float per cache line and took 3x as long for 6 x 410 tokens.
-                grid_tokens = np.take(grid.reshape(grid.shape[0], -1), keep, axis=1).T  # (K, C)
-            else:
-                grid_tokens = grid_tokens[_as_torch_index(keep, grid_tokens)]
-            grid_ids = grid_ids[keep]
-        tokens.append(grid_tokens)
-        ids.append(grid_ids)
-        counts.append(int(grid_ids.shape[0]))
-        grids.append((rows, cols))
-    if not tokens:
+    grids = [(int(grid.shape[-2]), int(grid.shape[-1])) for grid in latent_grids]
+    if not grids:
         return PackedReferences(tokens=None, position_ids=np.zeros((0, 4), np.int64), counts=(), grids=())
-    return PackedReferences(
-        tokens=_concat(tokens, tokens[0]),
-        position_ids=np.concatenate(ids, axis=0),
-        counts=tuple(counts),
-        grids=tuple(grids),
-    )
+    keeps = [None if kept_indices is None else check_indices(kept_indices[index], rows * cols, index)
+             for index, (rows, cols) in enumerate(grids)]
+    counts = [rows * cols if keep is None else keep.size for (rows, cols), keep in zip(grids, keeps)]
+    ids = np.concatenate([_position_ids(rows, cols, index, keep) for index, ((rows, cols), keep)
+                          in enumerate(zip(grids, keeps))])  # (N_kept, 4)
+    if all(isinstance(grid, np.ndarray) for grid in latent_grids):
+        tokens = _pack_numpy(latent_grids, keeps, counts)
+    else:
+        tokens = _torch_cat([pack_grid(grid) if keep is None else pack_grid(grid)[_as_torch_index(keep, grid)]
+                             for grid, keep in zip(latent_grids, keeps)])
+    return PackedReferences(tokens=tokens, position_ids=ids, counts=tuple(counts), grids=tuple(grids))
+
+
+def _position_ids(rows: int, cols: int, index: int, keep: np.ndarray | None) -> np.ndarray:
+    """(K, 4) ids of the kept tokens of reference ``index``: ``grid_position_ids(...)[keep]``, built directly."""
+    if keep is None:
+        return grid_position_ids(rows, cols, time=reference_time(index))  # (rows*cols, 4)
+    ids = np.zeros((keep.size, POSITION_AXES), dtype=np.int64)  # (K, 4)
+    ids[:, 0] = reference_time(index)
+    ids[:, 1], ids[:, 2] = np.divmod(keep, cols)
+    return ids
+
+
+def _pack_numpy(latent_grids: Sequence[np.ndarray], keeps: Sequence[np.ndarray | None], counts: Sequence[int]):
+    """Kept tokens of numpy grids written straight into one C-contiguous (N_kept, C) array: no per-reference
+    copies to concatenate, and none later for an engine input, which wants (1, N_kept, C) C-contiguous."""
+    channels = latent_grids[0].shape[0]
+    tokens = np.empty((sum(counts), channels), dtype=np.result_type(*latent_grids))  # (N_kept, C)
+    start = 0
+    for grid, keep, count in zip(latent_grids, keeps, counts):
+        flat = grid.reshape(grid.shape[0], -1)  # (C, rows*cols)
+        # Gather along the contiguous axis of (C, rows*cols), then transpose: indexing rows of the
+        # transposed view reads one float per cache line and took 3x as long for 6 x 410 tokens.
+        tokens[start:start + count] = (flat if keep is None else np.take(flat, keep, axis=1)).T  # (K, C)
+        start += count
+    return tokens
 
 
 def _as_torch_index(indices: np.ndarray, like: Any) -> Any:

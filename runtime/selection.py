@@ -172,11 +172,7 @@ def saliency_importance(image_rgb: np.ndarray, grid: tuple[int, int]) -> np.ndar
 
     spectrum = np.fft.fft2(lab, axes=(0, 1))  # (h, w, 3) complex
     log_amplitude = np.log(np.abs(spectrum) + 1e-9)
-    # 3x3 mean with wrap-around: the spectrum is periodic, so its borders have neighbours on the other side.
-    local_mean = sum(
-        np.roll(log_amplitude, (dy, dx), axis=(0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-    ) / 9.0
-    residual = log_amplitude - local_mean
+    residual = log_amplitude - _wrapped_mean_3x3(log_amplitude)
     saliency = np.abs(np.fft.ifft2(np.exp(residual + 1j * np.angle(spectrum)), axes=(0, 1)))  # (h, w, 3)
     saliency = cv2.GaussianBlur(saliency.astype(np.float32), (0, 0), SALIENCY_BLUR_SIGMA)
     saliency /= saliency.mean(axis=(0, 1)) + 1e-9  # each channel counts the same, whatever its contrast
@@ -185,6 +181,26 @@ def saliency_importance(image_rgb: np.ndarray, grid: tuple[int, int]) -> np.ndar
     saliency *= (1.0 - CENTER_PRIOR_WEIGHT) + CENTER_PRIOR_WEIGHT * _center_prior(grid)
     peak = float(saliency.max())
     return saliency / peak if peak > 0 else saliency
+
+
+def _wrapped_mean_3x3(values: np.ndarray) -> np.ndarray:
+    """3x3 mean over the first two axes with wrap-around: a spectrum is periodic, so its borders have
+    neighbours on the other side. The same additions in the same order as the mean of the nine
+    ``np.roll(values, (dy, dx))``, so the same bits, without making nine shifted copies (half the time)."""
+    height, width = values.shape[:2]
+    padded = np.empty((height + 2, width + 2) + values.shape[2:], dtype=values.dtype)  # (h+2, w+2, ...)
+    padded[1:-1, 1:-1] = values
+    padded[0, 1:-1] = values[-1]
+    padded[-1, 1:-1] = values[0]
+    padded[:, 0] = padded[:, -2]
+    padded[:, -1] = padded[:, 1]
+    # np.roll by (dy, dx) puts values[i - dy, j - dx] at (i, j): rows 1 - dy ... of the padded array
+    shifted = [padded[1 - dy:1 - dy + height, 1 - dx:1 - dx + width] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    total = shifted[0] + shifted[1]
+    for view in shifted[2:]:
+        total += view
+    total /= 9.0
+    return total
 
 
 def mask_importance(mask: np.ndarray | None, image_hw: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
@@ -272,13 +288,31 @@ def select_tokens(
     else:
         floor_count = math.floor(floor_fraction * count + 0.5)
         floor = spread_tokens(rows, cols, floor_count, rng)
-        # Importance descending, equal importance in the order of a random key: np.lexsort((key, -importance))
-        # exactly, as two stable argsorts, which take 0.2 ms on a 64x64 grid where lexsort takes 0.5 ms.
-        by_key = np.argsort(rng.random(available), kind="stable")  # (N,)
-        ranking = by_key[np.argsort(-importance.ravel()[by_key].astype(np.float64), kind="stable")]  # (N,)
-        ranking = ranking[~np.isin(ranking, floor)]
-        chosen = np.concatenate([floor, ranking[: count - floor_count]])
+        keys = rng.random(available)  # (N,) orders tokens of equal importance
+        chosen = np.concatenate([floor, _most_important(importance, keys, floor, count - floor_count)])
     return np.sort(chosen).astype(np.int64)
+
+
+def _most_important(importance: np.ndarray, keys: np.ndarray, taken: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` tokens not in ``taken`` by importance descending, then ``keys`` ascending, then index.
+
+    The same set as the head of ``np.lexsort((keys, -importance))`` without ``taken``, in any order. Only the
+    cut matters, so one partition replaces sorting the whole grid (0.03 ms instead of 0.5 ms on a 64x64 grid,
+    six times per generation). numpy orders complex numbers by real part, then imaginary part: a partition of
+    ``-importance + 1j * key`` is a partition by both. A float partition by importance alone took 0.36 ms on
+    an edge map with 85 % zeros (numpy's introselect is slow on long runs of equal values); keys have none.
+    """
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    values = importance.ravel().astype(np.float64)  # (N,) a copy; float64 as the ranking always compared
+    values[taken] = -1.0  # importance is >= 0, so a taken token ranks after every other one
+    ranks = np.empty(values.size, dtype=np.complex128)  # (N,) no arithmetic: the parts keep their exact values
+    ranks.real = -values
+    ranks.imag = keys
+    last = np.partition(ranks, count - 1)[count - 1]  # the count-th in ranking order; never a taken token
+    ahead = np.flatnonzero(ranks < last)  # (< count,) complex < is lexicographic too
+    level = np.flatnonzero(ranks == last)  # ascending index; more than one only where keys repeat too
+    return np.concatenate([ahead, level[: count - ahead.size]])
 
 
 def spread_tokens(rows: int, cols: int, count: int, rng: np.random.Generator) -> np.ndarray:

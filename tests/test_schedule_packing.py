@@ -8,7 +8,7 @@ import pytest
 from sparse_context.runtime.errors import InputError, SelectionError
 from sparse_context.runtime.packing import pack_grid, pack_references, unpack_grid
 from sparse_context.runtime.schedule import compute_empirical_mu, flow_match_schedule
-from sparse_context.runtime.tokens import MAX_REFERENCES, kept_token_count
+from sparse_context.runtime.tokens import MAX_REFERENCES, grid_position_ids, kept_token_count
 
 CONFIGS = [
     {},
@@ -64,6 +64,29 @@ def test_pack_roundtrip_and_positions():
     assert packed.counts == (3, 1) and packed.num_tokens == 4 and packed.available == 24
     assert packed.position_ids.tolist() == [[10, 0, 0, 0], [10, 1, 1, 0], [10, 2, 3, 0], [20, 1, 3, 0]]
     assert np.array_equal(packed.tokens[3], second[:, 1, 3])
+
+
+def test_pack_equals_gathering_each_packed_grid():
+    """numpy grids are gathered straight into one array; torch grids by indexing; both equal the plain way."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    grids = [rng.standard_normal((8, 5, 7)).astype(np.float32), rng.standard_normal((8, 1, 3)),
+             rng.standard_normal((8, 4, 4)).astype(np.float16)]
+    kept = [rng.choice(35, 9, replace=False), np.array([2, 0, 1]), np.array([], dtype=np.int64)]
+    for selections in (kept, None):
+        packed = pack_references(grids, selections)
+        keeps = selections or [np.arange(g.shape[1] * g.shape[2]) for g in grids]
+        expected = np.concatenate([pack_grid(g)[np.sort(k)] for g, k in zip(grids, keeps)])
+        expected_ids = np.concatenate([grid_position_ids(g.shape[1], g.shape[2], 10 + 10 * i)[np.sort(k)]
+                                       for i, (g, k) in enumerate(zip(grids, keeps))])
+        assert packed.tokens.dtype == expected.dtype == np.float64 and packed.tokens.flags.c_contiguous
+        np.testing.assert_array_equal(packed.tokens, expected)
+        np.testing.assert_array_equal(packed.position_ids, expected_ids)
+        assert packed.position_ids.dtype == np.int64
+        assert packed.counts == tuple(len(k) for k in keeps) and packed.grids == ((5, 7), (1, 3), (4, 4))
+        with_torch = pack_references([torch.from_numpy(g.astype(np.float64)) for g in grids], selections)
+        np.testing.assert_array_equal(with_torch.tokens.numpy(), expected)
+        np.testing.assert_array_equal(with_torch.position_ids, expected_ids)
 
 
 def test_pack_edge_cases():

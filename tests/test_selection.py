@@ -12,8 +12,8 @@ from PIL import Image
 from sparse_context.runtime.errors import InputError, SelectionError
 from sparse_context.runtime.images import prepare_reference, sample_images
 from sparse_context.runtime.selection import (
-    STRATEGY_CHOICES, Selection, Strategy, allocate_budget, importance_map, select_references, select_tokens,
-    spread_tokens,
+    STRATEGY_CHOICES, Selection, Strategy, _most_important, _wrapped_mean_3x3, allocate_budget, importance_map,
+    select_references, select_tokens, spread_tokens,
 )
 from sparse_context.runtime.tokens import kept_token_count, token_grid
 
@@ -103,6 +103,68 @@ def test_importance_strategies_keep_a_floor_of_coverage():
     assert np.all(np.divmod(only_top, 40)[0] < 20) and np.all(np.divmod(only_top, 40)[1] < 20)
 
 
+def _select_by_lexsort(importance: np.ndarray, count: int, seed: int, floor_fraction: float) -> np.ndarray:
+    """select_tokens for edge / saliency / mask written the plain way: rank the whole grid with np.lexsort."""
+    rows, cols = importance.shape
+    rng = np.random.default_rng(seed)
+    floor_count = int(np.floor(floor_fraction * count + 0.5))
+    floor = spread_tokens(rows, cols, floor_count, rng)
+    keys = rng.random(rows * cols)
+    ranking = np.lexsort((keys, -importance.ravel().astype(np.float64)))  # stable: equal keys by index
+    ranking = ranking[~np.isin(ranking, floor)]
+    return np.sort(np.concatenate([floor, ranking[: count - floor_count]])).astype(np.int64)
+
+
+def _importance_maps(grid: tuple[int, int], rng: np.random.Generator) -> list[np.ndarray]:
+    """Maps with few, many and no ties, of every dtype an importance can arrive in."""
+    sparse = rng.random(grid).astype(np.float32)
+    sparse[rng.random(grid) < 0.9] = 0.0
+    signed_zeros = np.where(rng.random(grid) < 0.5, -0.0, 0.0) + (rng.random(grid) < 0.1)
+    beyond_float64 = 2**53 + rng.integers(0, 3, grid, dtype=np.int64)  # 2**53 + 1 rounds to 2**53: a tie
+    return [
+        rng.random(grid).astype(np.float32),
+        rng.integers(0, 3, grid).astype(np.float32),
+        rng.integers(0, 2, grid, dtype=np.uint8),
+        rng.random(grid) < 0.2,
+        np.zeros(grid, np.float32),
+        np.full(grid, 0.5),
+        sparse,
+        signed_zeros,
+        beyond_float64,
+        np.round(rng.random(grid), 1).astype(np.float16),
+    ]
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 9), (7, 3), (13, 17), (64, 64)])
+def test_importance_selection_equals_a_full_lexsort(grid):
+    rng = np.random.default_rng(sum(grid))
+    available = grid[0] * grid[1]
+    counts = sorted({0, 1, available // 10, available // 2, available - 1, available} & set(range(available + 1)))
+    for importance in _importance_maps(grid, rng):
+        for count in counts:
+            for floor_fraction in (0.0, 0.25, 0.5, 1.0, float(rng.random())):
+                for seed in (0, 1, int(rng.integers(2**32))):
+                    expected = _select_by_lexsort(importance, count, seed, floor_fraction)
+                    for strategy in ("edge", "saliency", "mask"):
+                        chosen = select_tokens(importance, count, strategy, seed, floor_fraction)
+                        assert chosen.dtype == np.int64
+                        np.testing.assert_array_equal(chosen, expected, err_msg=f"{importance.dtype} {count=} "
+                                                      f"{floor_fraction=} {seed=}")
+
+
+def test_most_important_breaks_equal_keys_by_index():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        size = int(rng.integers(1, 60))
+        importance = rng.integers(0, 3, size).astype(np.float32)
+        keys = rng.integers(0, 3, size).astype(np.float64)  # ties in importance and key: index decides
+        taken = rng.choice(size, int(rng.integers(0, size + 1)), replace=False)
+        count = int(rng.integers(0, size - taken.size + 1))
+        ranking = np.lexsort((keys, -importance.astype(np.float64)))
+        expected = ranking[~np.isin(ranking, taken)][:count]
+        np.testing.assert_array_equal(np.sort(_most_important(importance, keys, taken, count)), np.sort(expected))
+
+
 def test_select_tokens_errors():
     ones = np.ones((8, 8), np.float32)
     with pytest.raises(SelectionError, match=r"token count: got 65; allowed: an integer from 0 to 64 .*--keep or"):
@@ -173,6 +235,14 @@ def test_importance_of_a_flat_image_is_finite(strategy):
     importance = importance_map(image, (4, 4), strategy, mask)
     assert np.all(np.isfinite(importance)) and importance.min() >= 0
     assert len(select_tokens(importance, 5, strategy, seed=0)) == 5
+
+
+def test_wrapped_mean_equals_the_mean_of_nine_rolls():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 3), (1, 5, 3), (4, 1, 3), (2, 2, 1), (8, 8, 3), (64, 48, 3), (9, 13)]:
+        values = np.log(rng.random(shape) * 1e3 + 1e-9)
+        rolled = sum(np.roll(values, (dy, dx), axis=(0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9.0
+        np.testing.assert_array_equal(_wrapped_mean_3x3(values), rolled)  # bit for bit: same additions
 
 
 def test_importance_map_wants_the_prepared_image():
