@@ -242,8 +242,9 @@ class LoopRunner:
     def has_state_for(self, row: RowKey) -> bool:
         return self._kv is not None and self._kv[0] == RowKey(row.refs, row.keep, True)
 
-    def run(self, row: RowKey) -> tuple[float, float, np.ndarray]:
-        """(median seconds over repeats, wall seconds of every call incl. warm-up, final latents as float32)."""
+    def run(self, row: RowKey, repeats: int | None = None) -> tuple[float, float, np.ndarray]:
+        """(median seconds over repeats, wall seconds of every call incl. warm-up, final latents as float32).
+        ``repeats=0``: one untimed call (its seconds are its wall time), e.g. under a profiler."""
         kv_state = self._kv[1] if row.cache_hit and self.has_state_for(row) else None
         if row.cache_hit and kv_state is None:  # planned_rows puts every cache-hit row after its KV row
             raise RuntimeError(f"{row.label}: its KV row has not run on this backend")
@@ -252,14 +253,17 @@ class LoopRunner:
         if row.refs:
             packed = pack_references(self.grids[:row.refs], self.inputs.kept[(row.refs, row.keep)])
             refs, ref_ids = packed.tokens[None], packed.position_ids  # (1, N_r, C), (N_r, 4)
+        repeats = self.inputs.options.repeats if repeats is None else repeats
         times, in_session, started = [], [], time.perf_counter()
-        for attempt in range(self.inputs.options.repeats + 1):  # the first call warms kernels and allocators
+        for attempt in range(repeats + 1):  # the first call warms kernels and allocators
             latents = state = None  # at most one K/V cache alive at a time
             self.sync()
             start, session_start = time.perf_counter(), getattr(self.backend, "session_seconds", None)
             latents, state = denoise(self.backend, self.latents, self.inputs.target_ids, self.conditioning,
                                      self.inputs.schedule, refs, ref_ids, use_kv=row.kv, kv_state=kv_state)
             self.sync()
+            if not repeats:
+                times.append(time.perf_counter() - start)
             if attempt:
                 times.append(time.perf_counter() - start)
                 if session_start is not None:

@@ -328,6 +328,8 @@ class _Check:
                     self.rate = measured if self.rate is None else min(self.rate, measured)
                 self.report.row(name, row, seconds=seconds, wall_s=wall, ref_tokens=self.inputs.ref_tokens(row),
                                 tflops=flops / seconds / 1e12, finite=bool(np.isfinite(latents).all()))
+            if depth == options.ladder[0] and not tag:
+                phase["kernels"] = self._kernel_profiles(runner, sync)
             runner.release()
             del runner, model
             self._free()
@@ -402,10 +404,31 @@ class _Check:
                 self.report.row(name, row, seconds=seconds, wall_s=wall, ref_tokens=self.inputs.ref_tokens(row),
                                 in_session_s=runner.session_seconds, **compared)
             phase["host_steps"] = self._host_steps(backend, runner, timed)
+            if depth == self.options.ladder[0]:
+                phase["kernels"] = self._kernel_profiles(runner, lambda: None)
             runner.release()
             del runner, backend
             shutil.rmtree(profile_dir, ignore_errors=True)
             self._free()
+
+    def _kernel_profiles(self, runner: LoopRunner, sync: Callable[[], None]) -> dict[str, Any]:
+        """GPU kernel time per category for one generation of the target-only row, the acceptance KV row and its
+        persistent-cache call (``reference.kernel_profile``): where the cached call's time over target-only goes."""
+        from sparse_context.reference.kernel_profile import profile_kernels
+
+        rows = [RowKey(0, 1.0, False), RowKey(self.options.refs, ACCEPTANCE_KEEP, True),
+                RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True)]
+        if not self.options.cuda:
+            return {"status": "skipped", "reason": "kernel times need CUPTI on a GPU"}
+        if not self.budget.fits(3 * 2.0 * self.torch_wall.get(self.options.ladder[0], 0.0) / 9 + 10.0):
+            return {"status": "skipped", "reason": "does not fit the budget"}
+        profiles = {}
+        try:
+            for row in rows:
+                profiles[row.label] = profile_kernels(lambda row=row: runner.run(row, repeats=0), sync)
+        except Exception as error:  # the profiler's own failure must not cost the phase its rows
+            profiles["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        return profiles
 
     def _host_steps(self, backend: Any, runner: LoopRunner, timed: dict[RowKey, tuple[float, np.ndarray]]
                     ) -> dict[str, Any]:

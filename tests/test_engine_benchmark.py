@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 pytest.importorskip("onnxruntime")
@@ -167,3 +169,23 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys, args, flag):
     assert main(SMALL + args + ["--work-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert flag in capsys.readouterr().err
     assert not (tmp_path / "engines.json").exists()
+
+
+def test_loop_runner_single_untimed_call_and_its_cache_hit():
+    """``run(row, repeats=0)``: one call, its seconds its wall time, the same latents as a timed run; the KV row
+    leaves its K/V for the cache-hit row (what the GPU check's kernel profiles run)."""
+    from sparse_context.reference.benchmark import build_transformer
+    from sparse_context.reference.engine_benchmark import BenchInputs, LoopRunner
+    from sparse_context.reference.torch_backend import TorchTransformerBackend
+
+    options = EngineBenchOptions(refs=(2,), target_px=64, ref_px=64, text_tokens=8, steps=2, repeats=2).validate()
+    model = build_transformer("tiny", "cpu", torch.float32)
+    inputs = BenchInputs.create(options, int(model.config.in_channels), int(model.config.joint_attention_dim))
+    runner = LoopRunner(TorchTransformerBackend(model), inputs, torch.from_numpy)
+    kv_row = RowKey(2, 0.1, True)
+    timed_s, _, timed = runner.run(kv_row)
+    once_s, wall_s, once = runner.run(kv_row, repeats=0)
+    assert once_s > 0 and wall_s >= once_s and np.array_equal(once, timed)
+    assert runner.has_state_for(RowKey(2, 0.1, True, cache_hit=True))
+    _, _, cached = runner.run(RowKey(2, 0.1, True, cache_hit=True), repeats=0)
+    assert cached.shape == once.shape and np.isfinite(cached).all()
