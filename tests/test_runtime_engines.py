@@ -181,6 +181,12 @@ def test_ort_backend_argument_errors(engines_dir):
         OrtTransformerBackend(kv=kv, providers=())
     with pytest.raises(BackendOptionError, match="execution provider: got 'ROCMExecutionProvider'"):
         OrtTransformerBackend(kv=kv, providers=("ROCMExecutionProvider",))
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # refused up front, not a CPU fallback
+        with pytest.raises(BackendOptionError, match=r"execution provider: got 'CUDAExecutionProvider'; allowed: "
+                                                     r"one this onnxruntime has.*onnxruntime-gpu.*--backend"):
+            OrtTransformerBackend(kv=kv, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     backend = OrtTransformerBackend(kv=kv)
     with pytest.raises(BackendOptionError, match="kv_state: got 'tuple'.*EngineKVState"):
         backend.kv_cached(np.zeros((1, 4, 128), np.float32), np.zeros((4, 4), np.int64), (None, None),

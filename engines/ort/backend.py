@@ -19,7 +19,8 @@ import numpy as np
 from sparse_context.engines.errors import BackendOptionError
 from sparse_context.engines.feeds import KV_INPUTS, KV_OUTPUTS, STATIC_ENTRIES, CallFeed, Empty, FeedBuilder
 from sparse_context.engines.ort.loader import (
-    graph_exports, import_onnxruntime, providers_device, session_from_onnx, with_default_options,
+    check_providers_available, graph_exports, import_onnxruntime, providers_device, session_from_onnx,
+    with_default_options,
 )
 from sparse_context.engines.ort.step_graphs import euler_graph, guidance_graph, rounded_scalar
 from sparse_context.export.spec import NUMPY_DTYPES, ModelDims
@@ -83,6 +84,7 @@ class OrtTransformerBackend:
                  expected_sha256: dict[str, str] | None = None, device_steps: bool = True):
         self._ort = import_onnxruntime()
         self.device = providers_device(providers)
+        check_providers_available(self._ort, providers)
         self.device_id = int(device_id)
         providers = with_default_options(providers, self.device_id)
         exports = graph_exports(full, kv, expected_sha256)

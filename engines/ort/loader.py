@@ -42,6 +42,18 @@ def providers_device(providers: Sequence[Any]) -> str:
     return DEVICE_BY_PROVIDER[first]
 
 
+def check_providers_available(ort: Any, providers: Sequence[Any]) -> None:
+    """The first provider must be in this onnxruntime: otherwise onnxruntime would only warn and run every node on
+    the CPU, while the I/O buffers are asked for on the GPU."""
+    first, available = provider_name(providers[0]), list(ort.get_available_providers())
+    if first not in available:
+        package = "onnxruntime-gpu (pip install sparse-context[onnxruntime-gpu])" if first != "CPUExecutionProvider" \
+            else "onnxruntime"
+        raise BackendOptionError(bad_value("execution provider", first, f"one this onnxruntime has: {available}; "
+                                           f"install {package}, or build engines for the CPU "
+                                           "(build_engines.py --backend ort-cpu)", "--backend"))
+
+
 def with_default_options(providers: Sequence[Any], device_id: int = 0) -> list[Any]:
     """CUDA EP defaults for this workload: the chosen device, and an arena that grows by what is asked (the K/V
     buffers are large and long-lived; the default doubling strategy would reserve up to twice that). The TensorRT
