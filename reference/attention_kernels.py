@@ -157,8 +157,9 @@ def _line(entry: dict[str, Any]) -> str:
     return f"{where} {entry['ms']:9.3f} ms {entry['tflops']:7.1f} TFLOP/s  diff {entry['max_abs_diff']:.2e}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sparse_context.reference.attention_kernels",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -167,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"))
     parser.add_argument("--out", type=Path, default=None, help="folder for attention_kernels.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.device == "cuda":  # onnxruntime prints which kernel each node used
         os.environ.setdefault("ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO", "1")
     report = run(args.device, args.heads, args.head_dim, args.token_scale, args.chain, args.repeats, args.dtype,

@@ -170,8 +170,9 @@ def defined_flags() -> set[str]:
     """Every option string some parser of this package defines."""
     from sparse_context.build_engines import build_parser as build_engines_parser
     from sparse_context.cli import build_parser
+    from sparse_context.reference.attention_kernels import build_parser as attention_kernels_parser
 
-    flags, parsers = set(), [build_parser(), build_engines_parser()]
+    flags, parsers = set(), [build_parser(), build_engines_parser(), attention_kernels_parser()]
     while parsers:
         parser = parsers.pop()
         for action in parser._actions:
