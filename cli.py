@@ -337,11 +337,11 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
-    from sparse_context.reference.gpu_plan import VARIANTS, GpuCheckOptions, estimate_plan
+    from sparse_context.reference.gpu_plan import DEFAULT_VARIANTS, GpuCheckOptions, estimate_plan
 
     options = GpuCheckOptions(
         config=args.config, depths=tuple(args.depths) if args.depths else None,
-        variants=tuple(args.variants or VARIANTS), refs=max(args.refs), target_px=args.target_px,
+        variants=tuple(args.variants or DEFAULT_VARIANTS), refs=max(args.refs), target_px=args.target_px,
         ref_px=args.ref_px, text_tokens=args.text_tokens, steps=args.steps, repeats=args.repeats,
         device=args.device, precision=args.dtype, budget_s=args.budget_s, seed=args.seed, out=Path(args.out),
         work_dir=Path(args.work_dir) if args.work_dir else None, export_workers=args.export_workers,
@@ -471,7 +471,8 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--depths", nargs=2, default=None,
                        help="`gpu`: the two reduced depths (default: d4 d8; tiny: d2 d4)")
     bench.add_argument("--variants", nargs="+", default=None,
-                       help="`gpu`: onnxruntime attention forms, first one first (default: mha fused)")
+                       help="`gpu`: onnxruntime graph variants, first one first: mha, fused, mha-split (mha with "
+                       "the fused projections split into one product per slice) (default: mha fused)")
     bench.add_argument("--export-workers", type=int, default=None,
                        help="`gpu`: export processes beside the GPU phases (default 3 on cuda, 2 on cpu; 0 = in-process)")
     bench.add_argument("--no-bf16", action="store_true", help="`gpu`: skip the PyTorch bf16 row set")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from sparse_context.export.exporter import DEFAULT_OPSET, ExportOptions, export_graphs
-from sparse_context.export.graphs import ATTENTION_FORMS
+from sparse_context.export.graphs import ATTENTION_FORMS, PROJECTION_FORMS
 from sparse_context.export.spec import DEFAULT_MAX_REF_TOKENS, GRAPHS, PRECISIONS
 from sparse_context.runtime.errors import SparseContextError, bad_value
 
@@ -32,6 +32,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16")
     parser.add_argument("--attention", choices=ATTENTION_FORMS, default="matmul",
                         help="matmul: MatMul-Softmax-MatMul for TensorRT 10.3; fused: ONNX Attention for onnxruntime")
+    parser.add_argument("--projections", choices=PROJECTION_FORMS, default="fused",
+                        help="split: one matrix product per slice of each fused projection, so onnxruntime copies "
+                        "no slices (same numbers up to summation order)")
     parser.add_argument("--opset", type=int, help=f"default {DEFAULT_OPSET['matmul']} (matmul) / "
                         f"{DEFAULT_OPSET['fused']} (fused)")
     parser.add_argument("--max-ref-tokens", type=int, default=DEFAULT_MAX_REF_TOKENS,
@@ -51,7 +54,8 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         graphs = GRAPHS if args.graph == "both" else (args.graph,)
         options = ExportOptions(model_dir=args.model, graph=graphs[0], precision=args.precision,
-                                attention=args.attention, opset=args.opset, lora=args.lora,
+                                attention=args.attention, projections=args.projections, opset=args.opset,
+                                lora=args.lora,
                                 lora_scale=args.lora_scale, transformer_file=args.transformer,
                                 max_ref_tokens=args.max_ref_tokens, target_sizes=tuple(args.target_size),
                                 out_dir=args.out).validate()

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sparse_context.export.errors import ExportConfigError, ExportError
-from sparse_context.export.graphs import ATTENTION_FORMS, FullGraph, KVGraph, attention_form
+from sparse_context.export.graphs import (
+    ATTENTION_FORMS, PROJECTION_FORMS, FullGraph, KVGraph, attention_form, projection_form,
+)
 from sparse_context.export.spec import (
     DEFAULT_MAX_REF_TOKENS, DEFAULT_TARGET_SIZES, GRAPHS, PRECISIONS, ExportSpec, ModelDims, build_spec,
     example_sizes,
@@ -45,6 +47,7 @@ class ExportOptions:
     graph: str = "kv"
     precision: str = "fp16"
     attention: str = "matmul"
+    projections: str = "fused"  # "split": one matrix product per slice of a fused projection (graphs.projection_form)
     opset: int | None = None  # None: DEFAULT_OPSET of the attention form
     lora: Path | None = None
     lora_scale: float = 1.0
@@ -67,6 +70,9 @@ class ExportOptions:
         if self.attention not in ATTENTION_FORMS:
             raise ExportConfigError(bad_value("attention form", self.attention, " or ".join(ATTENTION_FORMS),
                                               "--attention"))
+        if self.projections not in PROJECTION_FORMS:
+            raise ExportConfigError(bad_value("projection form", self.projections, " or ".join(PROJECTION_FORMS),
+                                              "--projections"))
         low, high = OPSET_RANGE[self.attention]
         if not low <= self.resolved_opset <= high:
             raise ExportConfigError(bad_value(f"opset for --attention {self.attention}", self.resolved_opset,
@@ -166,11 +172,14 @@ def cache_key(options: ExportOptions, spec: ExportSpec, weights: str, lora: str 
     blob = {"weights": weights, "lora": lora, "lora_scale": options.lora_scale if lora else None,
             "attention": options.attention, "opset": options.resolved_opset, "spec": spec.to_json(),
             "versions": exporter_versions()}
+    if options.projections != "fused":  # keys of the default form stay what they were
+        blob["projections"] = options.projections
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def _final_dir(options: ExportOptions, key: str) -> Path:
-    name = f"{options.graph}-{options.precision}-{options.attention}-op{options.resolved_opset}-{key[:16]}"
+    split = "-split" if options.projections == "split" else ""
+    name = f"{options.graph}-{options.precision}-{options.attention}{split}-op{options.resolved_opset}-{key[:16]}"
     return Path(options.out_dir) / name
 
 
@@ -210,7 +219,7 @@ def _trace(transformer: Any, spec: ExportSpec, options: ExportOptions, path: Pat
         dims[symbol] = torch.export.Dim(symbol, min=1)
     dynamic_shapes = tuple({axis: dims[symbol] for axis, symbol in t.dynamic_axes().items()} or None
                            for t in spec.inputs)
-    with torch.no_grad(), attention_form(options.attention):
+    with torch.no_grad(), attention_form(options.attention), projection_form(options.projections):
         try:
             program = torch.onnx.export(module, args, dynamo=True, opset_version=options.resolved_opset,
                                         dynamic_shapes=dynamic_shapes, input_names=spec.input_names,
@@ -277,6 +286,7 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256_memo(p)} for p in sorted(staging.iterdir())}
         manifest = {
             "cache_key": key, "graph": spec.graph, "precision": spec.precision, "attention": options.attention,
+            "projections": options.projections,
             "opset": summary["opset"], "for_tensorrt": options.attention == "matmul", "ops": summary["ops"],
             "files": files, "onnx_sha256": files[ONNX_FILE]["sha256"], "base_weights_sha256": weights,
             "lora": {"sha256": lora_sha, "scale": options.lora_scale, **(lora_info or {})} if lora_sha else None,

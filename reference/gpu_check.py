@@ -41,7 +41,7 @@ from sparse_context.reference.engine_benchmark import (
 )
 from sparse_context.reference.gpu_plan import (
     ACCEPTANCE_KEEP, BUILD_SECONDS_PER_GB, ORT_OVER_TORCH_GUESS, RAM_PER_EXPORT_BYTES_PER_PARAM, SESSION_SECONDS,
-    Geometry, GpuCheckOptions, check_rows, depth_units, estimate_plan,
+    Geometry, GpuCheckOptions, check_rows, depth_units, estimate_plan, variant_export,
 )
 from sparse_context.reference.gpu_report import CheckReport
 from sparse_context.runtime.errors import InputError, bad_value
@@ -136,7 +136,8 @@ class ExportQueue:
 
 def export_job(options: GpuCheckOptions, depth: str, variant: str, graph: str) -> dict[str, Any]:
     grid = Geometry.of(options, CONFIGS[options.config]).ref_grid_tokens
-    return {"name": f"{depth}-{variant}-{graph}", "graph": graph, "attention": variant,
+    attention, projections = variant_export(variant)
+    return {"name": f"{depth}-{variant}-{graph}", "graph": graph, "attention": attention, "projections": projections,
             "precision": options.precision, "model_dir": str(model_folder(options, depth)),
             "out_dir": str(options.work / "onnx"), "max_ref_tokens": options.refs * grid,
             "target_px": options.target_px, "text_tokens": options.text_tokens}
@@ -146,7 +147,8 @@ def export_options(job: dict[str, Any]) -> Any:
     from sparse_context.export.exporter import ExportOptions
 
     return ExportOptions(model_dir=Path(job["model_dir"]), graph=job["graph"], precision=job["precision"],
-                         attention=job["attention"], max_ref_tokens=job["max_ref_tokens"],
+                         attention=job["attention"], projections=job.get("projections", "fused"),
+                         max_ref_tokens=job["max_ref_tokens"],
                          target_sizes=((job["target_px"], job["target_px"]),), text_tokens=job["text_tokens"],
                          out_dir=Path(job["out_dir"]))
 

@@ -24,7 +24,15 @@ from sparse_context.runtime.errors import InputError, bad_value
 from sparse_context.runtime.tokens import MAX_REFERENCES, kept_token_count, token_grid
 
 ACCEPTANCE_KEEP = 0.10
-VARIANTS = ("mha", "fused")  # onnxruntime attention forms: contrib MultiHeadAttention, ONNX Attention (opset 23)
+# onnxruntime graph variants: contrib MultiHeadAttention, ONNX Attention (opset 23), and contrib MultiHeadAttention
+# with the fused projections split into one product per slice (export.graphs.projection_form).
+VARIANTS = ("mha", "fused", "mha-split")
+DEFAULT_VARIANTS = ("mha", "fused")
+
+
+def variant_export(variant: str) -> tuple[str, str]:
+    """(attention form, projection form) of a variant."""
+    return ("mha", "split") if variant == "mha-split" else (variant, "fused")
 PRECISIONS = ("fp16", "fp32")
 DEFAULT_BUDGET_S = 480.0
 # Estimates used until measured; the report prints each beside the measured value.
@@ -69,7 +77,7 @@ def extrapolate(seconds_a: float, units_a: float, seconds_b: float, units_b: flo
 class GpuCheckOptions:
     config: str = "klein-9b"
     depths: tuple[str, ...] | None = None  # None: the config's two reduced depths (d4, d8)
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     refs: int = 6  # the most references; 1 and 3 are timed too
     target_px: int = 1024
     ref_px: int = 1024

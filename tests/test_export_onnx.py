@@ -89,9 +89,10 @@ def test_onnxruntime_contrib_attention_graphs(tiny_model_dir, out_dir, torch_tra
     assert max(r.max_abs for r in report.records) < 1e-5
 
 
-@pytest.mark.parametrize("attention", ["matmul", "mha"])
-def test_fp16_graph_within_fp16_tolerance(tiny_model_dir, out_dir, torch_transformer, attention):
-    result = export_onnx(_options(tiny_model_dir, out_dir, graph="full", precision="fp16", attention=attention))
+@pytest.mark.parametrize("attention,projections", [("matmul", "fused"), ("mha", "fused"), ("mha", "split")])
+def test_fp16_graph_within_fp16_tolerance(tiny_model_dir, out_dir, torch_transformer, attention, projections):
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph="full", precision="fp16", attention=attention,
+                                  projections=projections))
     report = validate_export(result.path, torch_transformer, ref_token_counts=[0, 7, 40])
     assert not report.failures, "\n".join(report.lines())
     assert report.atol == pytest.approx(3e-2)
@@ -216,3 +217,49 @@ def test_device_tensors_refuse_stale_or_foreign_use(full_export):
     with pytest.raises(BackendOptionError, match="from another backend"), other.device_loop():
         other.full(latest, *args)
     assert isinstance(backend.full(target, *args), np.ndarray)  # the loop's mode ends with it
+
+
+@pytest.mark.parametrize("graph", ["full", "kv"])
+def test_split_projections_equal_pytorch_and_fold_their_weight_slices(tiny_model_dir, out_dir, torch_transformer,
+                                                                      graph):
+    """``--projections split``: one matrix product per slice of each fused projection. Equal to diffusers at 0, 1,
+    39 and 40 reference tokens (fp32, < 1e-5); fewer activation slices and concatenations than the fused form; and
+    onnxruntime folds every weight slice into an initializer when the session loads (none runs per call)."""
+    import onnx
+    import onnxruntime as ort
+
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph=graph, attention="mha", projections="split"))
+    fused = export_onnx(_options(tiny_model_dir, out_dir, graph=graph, attention="mha"))
+    assert result.manifest["projections"] == "split" and fused.manifest["projections"] == "fused"
+    assert result.path.parent.name.startswith(f"{graph}-fp32-mha-split-") and result.path != fused.path
+    report = validate_export(result.path, torch_transformer)
+    _assert_passed(report, [0, 1, 39, 40])
+    assert max(r.max_abs for r in report.records) < 1e-5
+
+    def activation_ops(path, folded: bool = False) -> dict[str, int]:
+        if folded:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # constant folding
+            options.optimized_model_filepath = str(out_dir / f"{graph}-optimized.onnx")
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            path = out_dir / f"{graph}-optimized.onnx"
+        model = onnx.load(str(path), load_external_data=False)
+        weights = {initializer.name for initializer in model.graph.initializer}
+        counts = {"Slice": 0, "Concat": 0, "weight Slice": 0}
+        for node in model.graph.node:
+            if node.op_type == "Slice" and node.input[0] in weights:
+                counts["weight Slice"] += 1
+            elif node.op_type in counts:
+                counts[node.op_type] += 1
+        return counts
+
+    split, plain = activation_ops(result.path), activation_ops(fused.path)
+    assert split["Slice"] < plain["Slice"] and split["Concat"] < plain["Concat"] and split["weight Slice"] > 0
+    assert activation_ops(result.path, folded=True)["weight Slice"] == 0
+
+
+def test_unknown_projection_form_names_its_flag(tiny_model_dir, out_dir):
+    from sparse_context.export.errors import ExportConfigError
+
+    with pytest.raises(ExportConfigError, match="projection form: got 'packed'; allowed: fused or split.*--projections"):
+        _options(tiny_model_dir, out_dir, projections="packed").validate()

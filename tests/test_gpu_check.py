@@ -50,6 +50,19 @@ def test_dry_run_prints_the_plan_without_torch_work(capsys):
     assert "planned total" in printed and "export d8 mha kv" in printed and "of a 480 s budget" in printed
 
 
+def test_split_projection_variant_plans_and_exports_mha_with_split_projections(capsys, tmp_path):
+    from sparse_context.reference.gpu_check import export_job, export_options
+
+    assert main(["bench", "gpu", "--dry-run", "--variants", "mha", "mha-split"]) == 0
+    printed = capsys.readouterr().out
+    assert "export d4 mha-split full" in printed and "ort_d8_mha-split" in printed and "fused" not in printed
+    options = GpuCheckOptions(config="tiny", variants=("mha-split",), work_dir=tmp_path).validate()
+    job = export_job(options, "d2", "mha-split", "kv")
+    exported = export_options(job).validate()
+    assert (job["name"], exported.attention, exported.projections) == ("d2-mha-split-kv", "mha", "split")
+    assert export_options(export_job(options, "d2", "mha", "kv")).projections == "fused"
+
+
 def test_depth_units_follow_the_weights_and_extrapolation_is_exact_for_linear_costs():
     assert [depth_units(CONFIGS[name]) for name in ("klein-9b-d4", "klein-9b-d8", "klein-9b", "klein-4b")] == \
         [5, 10, 40, 30]
