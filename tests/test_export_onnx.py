@@ -261,5 +261,6 @@ def test_split_projections_equal_pytorch_and_fold_their_weight_slices(tiny_model
 def test_unknown_projection_form_names_its_flag(tiny_model_dir, out_dir):
     from sparse_context.export.errors import ExportConfigError
 
-    with pytest.raises(ExportConfigError, match="projection form: got 'packed'; allowed: fused or split.*--projections"):
+    with pytest.raises(ExportConfigError,
+                       match="projection form: got 'packed'; allowed: fused or split.*--projections"):
         _options(tiny_model_dir, out_dir, projections="packed").validate()

@@ -170,7 +170,8 @@ class OrtTransformerBackend:
         count = int(np.prod(shape, dtype=np.int64))
         return np.frombuffer(host, dtype=self.dtype, count=count).reshape(shape)
 
-    def _step_value(self, name: str, array: np.ndarray, write: bool = True, shape: tuple[int, ...] | None = None) -> Any:
+    def _step_value(self, name: str, array: np.ndarray, write: bool = True,
+                    shape: tuple[int, ...] | None = None) -> Any:
         """The kept buffer of ``array``'s name, shape (or ``shape``) and dtype on the I/O device, holding ``array``
         (``write``) or left as it is (an output's buffer)."""
         array = np.ascontiguousarray(array)
