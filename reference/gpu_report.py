@@ -151,8 +151,10 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
                     entry["ratio_full"] = full_ort / torch_full[label]["seconds"]
             if entry:
                 per_row[label] = entry
+        # Reference counts come from any PyTorch row set: without --no-full's full-depth rows, from the first depth.
         predicted_rows = [{"label": label, "refs": row["refs"], "seconds": per_row[label]["predicted_full_s"]}
-                          for label, row in torch_full.items() if "predicted_full_s" in per_row.get(label, {})]
+                          for label, row in (torch_full or torch_at[depths[0]]).items()
+                          if "predicted_full_s" in per_row.get(label, {})]
         variants[variant] = {"rows": per_row, "predicted_full_speedups": speedups(predicted_rows)}
     derived["ort"] = variants
     bf16 = _by_label(rows.get(f"torch_bf16_{depths[0]}", []))

@@ -140,6 +140,22 @@ def test_report_extrapolates_onnxruntime_and_checks_the_prediction_on_pytorch():
     assert slower["ort mha: onnxruntime / PyTorch, worst row, d8"]["passed"] is False
 
 
+def test_no_full_run_still_extrapolates_onnxruntime_speedups():
+    """--no-full: no PyTorch rows at full depth, so no full-depth ratio; onnxruntime's own extrapolated speedups
+    need none."""
+    data = _data(ort_factor=0.9)
+    del data["rows"]["torch_full"]
+    data["derived"] = derive(data)
+    predicted = data["derived"]["ort"]["mha"]["predicted_full_speedups"]
+    dense, kv = 0.02 + 0.17 * 36, 0.02 + 0.021 * 36
+    assert predicted["refs 6 keep 0.1 kv on"] == pytest.approx(dense / kv)
+    criteria = acceptance(data)
+    measured = criteria["ort mha: speedup 6 refs keep 0.10 + KV (extrapolated)"]
+    assert measured["value"] == pytest.approx(dense / kv) and measured["passed"] is (dense / kv >= 8)
+    assert criteria["ort mha: onnxruntime / PyTorch, worst row, full"]["passed"] is None
+    assert criteria["torch: speedup 6 refs keep 0.10 + KV"]["passed"] is None
+
+
 def test_speedups_need_the_dense_row_of_the_same_reference_count():
     rows = [_row("refs 6 keep 1 kv off", 6, 1.0, False, False, 6.0), _row("refs 6 keep 0.1 kv on", 6, 0.1, True,
             False, 0.75), _row("refs 3 keep 0.1 kv on", 3, 0.1, True, False, 0.7)]
