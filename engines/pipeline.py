@@ -32,7 +32,7 @@ import numpy as np
 from sparse_context.engines.errors import EnginesIndexError
 from sparse_context.engines.index import EnginesIndex, check_device, open_backend
 from sparse_context.engines.parts import PART_NAMES, TextAndVae
-from sparse_context.engines.runtime import EngineRuntime, initial_noise, read_model_settings
+from sparse_context.engines.runtime import EngineRuntime, read_model_settings, starting_latents
 from sparse_context.runtime.core import References, cached_prompt, generate_latents
 from sparse_context.runtime.errors import InputError, bad_value
 from sparse_context.runtime.fingerprints import array_digest
@@ -185,13 +185,8 @@ class EnginePipeline:
             height, width = prepared[0].height, prepared[0].width
         width, height = int(width or DEFAULT_SIZE), int(height or DEFAULT_SIZE)
         rows, cols = token_grid(width, height)
-        channels = self.runtime.backend.dims.in_channels
-        if latents is None:
-            latents = initial_noise(seed, rows * cols, channels)
-        latents = np.asarray(latents, dtype=np.float32)
-        if latents.shape != (1, rows * cols, channels):
-            raise InputError(bad_value("latents shape", latents.shape, f"(1, {rows * cols}, {channels}) for "
-                                       f"{width}x{height} px", "--width/--height"))
+        latents = starting_latents(latents, seed, (rows, cols), self.runtime.backend.dims.in_channels,
+                                   (width, height))
 
         # 2. Prompt embeddings (and the empty negative prompt for guidance on non-distilled models)
         embeds = self.encode_prompt(prompt)

@@ -51,6 +51,20 @@ def initial_noise(seed: int, tokens: int, channels: int) -> np.ndarray:
     return np.random.default_rng(int(seed)).standard_normal((1, tokens, channels)).astype(np.float32)
 
 
+def starting_latents(latents: Any, seed: int, grid: tuple[int, int], channels: int, size: tuple[int, int]
+                     ) -> np.ndarray:
+    """``latents`` as float32, checked to be (1, rows*cols, channels) for the ``size`` (width, height) asked for,
+    or :func:`initial_noise` for ``seed`` when none are given."""
+    rows, cols = grid
+    if latents is None:
+        return initial_noise(seed, rows * cols, channels)
+    latents = np.asarray(latents, dtype=np.float32)
+    if latents.shape != (1, rows * cols, channels):
+        raise InputError(bad_value("latents shape", latents.shape, f"(1, {rows * cols}, {channels}) for "
+                                   f"{size[0]}x{size[1]} px", "--width/--height"))
+    return latents
+
+
 def read_model_settings(model_dir: str | Path) -> tuple[dict[str, Any], bool]:
     """(scheduler config, is_distilled) of a diffusers folder, read as JSON (no diffusers import)."""
     folder = Path(model_dir)
@@ -142,13 +156,7 @@ class EngineRuntime:
         timings["selection"] = time.perf_counter() - clock
 
         # 2. Noise and prompt
-        channels = self.backend.dims.in_channels
-        if latents is None:
-            latents = initial_noise(seed, rows * cols, channels)
-        latents = np.asarray(latents, dtype=np.float32)
-        if latents.shape != (1, rows * cols, channels):
-            raise InputError(bad_value("latents shape", latents.shape, f"(1, {rows * cols}, {channels}) for "
-                                       f"{width}x{height} px", "--width/--height"))
+        latents = starting_latents(latents, seed, (rows, cols), self.backend.dims.in_channels, (width, height))
         negative = None if negative_prompt_embeds is None else np.asarray(negative_prompt_embeds, np.float32)
         conditioning = Conditioning(embeds, text_position_ids(embeds.shape[1]), negative,
                                     None if negative is None else text_position_ids(negative.shape[1]),

@@ -178,10 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.device, args.heads, args.head_dim, args.token_scale, args.chain, args.repeats, args.dtype,
                  log=lambda line: print(line, flush=True))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        temporary = args.out / ".attention_kernels.json.tmp"
-        temporary.write_text(json.dumps(report, indent=1))
-        os.replace(temporary, args.out / "attention_kernels.json")
+        from sparse_context.runtime.files import atomic_write_bytes
+
+        atomic_write_bytes(args.out / "attention_kernels.json", json.dumps(report, indent=1).encode())
     return 0
 
 

@@ -7,10 +7,9 @@ the same process, so the printed ratios compare like with like; absolute times o
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from sparse_context.reference.benchmark_configs import CONFIGS, KLEIN_SCHEDULER  # noqa: F401 (re-exported)
 from sparse_context.reference.torch_backend import TorchTransformerBackend
 from sparse_context.runtime.errors import InputError, bad_value
+from sparse_context.runtime.files import atomic_write_bytes
 from sparse_context.runtime.packing import pack_references
 from sparse_context.runtime.sampler import Conditioning, denoise
 from sparse_context.runtime.schedule import flow_match_schedule
@@ -125,7 +125,7 @@ def write_speed_report(result: dict[str, Any], out_dir: str | Path) -> tuple[Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "speed.json"
-    _atomic_write(json_path, json.dumps(result, indent=2).encode())
+    atomic_write_bytes(json_path, json.dumps(result, indent=2).encode())
     png_path = out_dir / "speed.png"
     _plot_speedups(result, png_path)
     return json_path, png_path
@@ -156,27 +156,12 @@ def _plot_speedups(result: dict[str, Any], path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
+    buffer = io.BytesIO()
     try:
-        figure.savefig(temporary)
-        os.replace(temporary, path)
+        figure.savefig(buffer, format="png")
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _sync(device: str) -> None:

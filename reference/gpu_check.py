@@ -655,12 +655,6 @@ def _tail(path: Path, lines: int = 12) -> str:
         return ""
 
 
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def _worker_main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "--export-worker":
         print("usage: python -m sparse_context.reference.gpu_check --export-worker JOB_JSON", file=sys.stderr)

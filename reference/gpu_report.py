@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 from sparse_context.reference.benchmark_configs import CONFIGS
 from sparse_context.reference.gpu_plan import ACCEPTANCE_KEEP, depth_units, extrapolate
+from sparse_context.runtime.files import atomic_write_bytes
 
 JSON_NAME, PNG_NAME = "gpu_check.json", "gpu_check.png"
 TARGETS = {"speedup_kv": 8.0, "speedup_cached": 9.5, "ort_over_torch": 1.0, "selection_share": 0.02}
@@ -80,10 +79,10 @@ class CheckReport:
             self.data["exports"] = self.exports_snapshot()
         self.data["derived"] = derive(self.data)
         self.data["acceptance"] = acceptance(self.data)
-        _atomic_write(self.out / JSON_NAME, json.dumps(self.data, indent=1, default=str).encode())
+        atomic_write_bytes(self.out / JSON_NAME, json.dumps(self.data, indent=1, default=str).encode())
         if png:
             with contextlib.suppress(ImportError):  # matplotlib is the plot extra
-                _atomic_write(self.out / PNG_NAME, plot_png(self.data))
+                atomic_write_bytes(self.out / PNG_NAME, plot_png(self.data))
 
 
 # -- derived figures -------------------------------------------------------------------------------------------
@@ -275,18 +274,6 @@ def plot_png(data: dict[str, Any]) -> bytes:
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 def _is_user_error(error: BaseException) -> bool:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from sparse_context.runtime.errors import InputError, bad_value
+from sparse_context.runtime.files import atomic_write_bytes
 from sparse_context.runtime.images import sample_images
 from sparse_context.runtime.packing import pack_references
 from sparse_context.runtime.progress import ProgressCallback
@@ -199,19 +199,7 @@ def summary_lines(result: dict) -> list[str]:
 
 def write_selection_report(result: dict, out_dir: str | os.PathLike) -> Path:
     """Write ``result`` to ``out_dir``/select.json atomically (a temporary file in the folder, then a rename)."""
-    path = Path(out_dir) / REPORT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(result, file, indent=2)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(Path(out_dir) / REPORT_NAME, json.dumps(result, indent=2).encode())
 
 
 if __name__ == "__main__":
