@@ -41,7 +41,7 @@ def test_plan_marks_what_does_not_fit_and_full_depth_that_needs_more_memory():
     plan = estimate_plan(GpuCheckOptions(config="klein-9b", budget_s=120.0), gpu_memory_gb=24)
     by_name = {phase.name: phase for phase in plan.phases}
     assert not by_name["torch_full (PyTorch, full depth)"].fits  # 18 GB of weights + activations > 24 GB
-    assert not by_name["ort_d8_fused"].fits
+    assert not by_name["ort_d8_mha-split"].fits
 
 
 def test_dry_run_prints_the_plan_without_torch_work(capsys):
@@ -53,9 +53,11 @@ def test_dry_run_prints_the_plan_without_torch_work(capsys):
 def test_split_projection_variant_plans_and_exports_mha_with_split_projections(capsys, tmp_path):
     from sparse_context.reference.gpu_check import export_job, export_options
 
-    assert main(["bench", "gpu", "--dry-run", "--variants", "mha", "mha-split"]) == 0
+    assert main(["bench", "gpu", "--dry-run"]) == 0  # the default variants
     printed = capsys.readouterr().out
     assert "export d4 mha-split full" in printed and "ort_d8_mha-split" in printed and "fused" not in printed
+    assert main(["bench", "gpu", "--dry-run", "--variants", "mha", "fused"]) == 0
+    assert "ort_d8_fused" in capsys.readouterr().out
     options = GpuCheckOptions(config="tiny", variants=("mha-split",), work_dir=tmp_path).validate()
     job = export_job(options, "d2", "mha-split", "kv")
     exported = export_options(job).validate()
