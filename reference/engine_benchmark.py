@@ -238,6 +238,7 @@ class LoopRunner:
         self.grids = [convert(grid) for grid in inputs.grids]
         self._kv: tuple[RowKey, Any] | None = None
         self.session_seconds: float | None = None  # of the last row run
+        self.samples: list[float] = []  # every timed call of the last row run, in order
 
     def has_state_for(self, row: RowKey) -> bool:
         return self._kv is not None and self._kv[0] == RowKey(row.refs, row.keep, True)
@@ -271,6 +272,7 @@ class LoopRunner:
         # Seconds inside the engine's own runs (onnxruntime backends), median like the row: the rest of the row
         # is the loop's host work (feeds, steps, copies).
         self.session_seconds = statistics.median(in_session) if in_session else None
+        self.samples = list(times)
         if row.kv and row.refs:
             self._kv = (RowKey(row.refs, row.keep, True), state)
         return statistics.median(times), time.perf_counter() - started, _as_float32(latents)

@@ -40,8 +40,9 @@ from sparse_context.reference.engine_benchmark import (
     time_select_and_pack,
 )
 from sparse_context.reference.gpu_plan import (
-    ACCEPTANCE_KEEP, BUILD_SECONDS_PER_GB, ORT_OVER_TORCH_GUESS, RAM_PER_EXPORT_BYTES_PER_PARAM, SESSION_SECONDS,
-    Geometry, GpuCheckOptions, check_rows, depth_units, estimate_plan, variant_export,
+    ACCEPTANCE_KEEP, BUILD_SECONDS_PER_GB, CACHE_HIT_REPEAT_FACTOR, ORT_OVER_TORCH_GUESS,
+    RAM_PER_EXPORT_BYTES_PER_PARAM, SESSION_SECONDS, Geometry, GpuCheckOptions, check_rows, depth_units,
+    estimate_plan, variant_export,
 )
 from sparse_context.reference.gpu_report import CheckReport
 from sparse_context.runtime.errors import InputError, bad_value
@@ -329,7 +330,8 @@ class _Check:
                     measured = flops / seconds
                     self.rate = measured if self.rate is None else min(self.rate, measured)
                 self.report.row(name, row, seconds=seconds, wall_s=wall, ref_tokens=self.inputs.ref_tokens(row),
-                                tflops=flops / seconds / 1e12, finite=bool(np.isfinite(latents).all()))
+                                tflops=flops / seconds / 1e12, finite=bool(np.isfinite(latents).all()),
+                                samples_s=runner.samples)
             if depth == options.ladder[0] and not tag:
                 phase["kernels"] = self._kernel_profiles(runner, sync)
             runner.release()
@@ -341,10 +343,20 @@ class _Check:
         cost of later rows is estimated from the ones before (the densest runs first)."""
         cost = CostModel()
         for row in self.rows:
-            outcome = self._row(phase, row, runner, cost.estimate(self.inputs.token_steps(row)))
+            estimate = cost.estimate(self.inputs.token_steps(row))  # at the default repeats: scaled to this row's
+            if estimate is not None:
+                estimate *= (self.repeats_for(row) + 1) / (self.options.repeats + 1)
+            outcome = self._row(phase, row, runner, estimate)
             if outcome is not None:
-                cost.observe(self.inputs.token_steps(row), outcome[1])
+                cost.observe(self.inputs.token_steps(row) * (self.repeats_for(row) + 1) // (self.options.repeats + 1),
+                             outcome[1])
                 yield (row, *outcome)
+
+    def repeats_for(self, row: RowKey) -> int:
+        """Timed calls of a row. The persistent-cache row gets three times as many: the whole criterion it decides
+        rests on the small d8 - d4 difference of a ~0.1 s call, which the extrapolation multiplies, and its calls
+        are the cheapest of the check."""
+        return self.options.repeats * (CACHE_HIT_REPEAT_FACTOR if row.cache_hit else 1)
 
     def _row(self, phase: str, row: RowKey, runner: LoopRunner, estimate: float | None) -> Any:
         if row.cache_hit and not runner.has_state_for(row):
@@ -355,7 +367,7 @@ class _Check:
             self.report.skip(f"{phase}: {row.label}", "row", f"{guess}, {max(self.budget.left(), 0):.1f}s left")
             return None
         try:
-            outcome = runner.run(row)
+            outcome = runner.run(row, repeats=self.repeats_for(row))
         except Exception as error:  # out of memory, a provider's kernel error: report it, keep the other rows
             self.report.skip(f"{phase}: {row.label}", "row", f"failed: {type(error).__name__}: {str(error)[:300]}")
             self._free()
@@ -404,7 +416,7 @@ class _Check:
                 if reference is not None:  # PyTorch at the same depth, same weights and inputs
                     compared.update(compare_latents(reference, latents), finite=compared["finite"])
                 self.report.row(name, row, seconds=seconds, wall_s=wall, ref_tokens=self.inputs.ref_tokens(row),
-                                in_session_s=runner.session_seconds, **compared)
+                                in_session_s=runner.session_seconds, samples_s=runner.samples, **compared)
             phase["host_steps"] = self._host_steps(backend, runner, timed)
             if depth == self.options.ladder[0]:
                 phase["kernels"] = self._kernel_profiles(runner, lambda: None)

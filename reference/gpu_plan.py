@@ -24,6 +24,7 @@ from sparse_context.runtime.errors import InputError, bad_value
 from sparse_context.runtime.tokens import MAX_REFERENCES, kept_token_count, token_grid
 
 ACCEPTANCE_KEEP = 0.10
+CACHE_HIT_REPEAT_FACTOR = 3  # the persistent-cache row is timed 3x as often (gpu_check.GpuCheck.repeats_for)
 # onnxruntime graph variants: contrib MultiHeadAttention, ONNX Attention (opset 23), and contrib MultiHeadAttention
 # with the fused projections split into one product per slice (export.graphs.projection_form). The default pair is
 # the engines' form and the candidate that removes its Split copies; "fused" was 1.2-1.3x slower on an H200.
@@ -239,8 +240,8 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
     plan = Plan(budget_s=options.budget_s)
 
     def rows_seconds(config: dict[str, Any]) -> float:
-        calls = options.repeats + 1
-        return sum(calls * scale * geometry.call_flops(row, config, options.steps) for row in rows) / rate
+        calls = lambda row: options.repeats * (CACHE_HIT_REPEAT_FACTOR if row.cache_hit else 1) + 1  # noqa: E731
+        return sum(calls(row) * scale * geometry.call_flops(row, config, options.steps) for row in rows) / rate
 
     clock = 2.0
     plan.phases.append(PlannedPhase("environment + imports", 2.0))

@@ -17,6 +17,10 @@ from sparse_context.runtime.files import atomic_write_bytes
 
 JSON_NAME, PNG_NAME = "gpu_check.json", "gpu_check.png"
 TARGETS = {"speedup_kv": 8.0, "speedup_cached": 9.5, "ort_over_torch": 1.0, "selection_share": 0.02}
+# Speedups come with the 5th-95th percentile of the same figure over bootstrap resamples of each row's timed calls:
+# how far the run's own timing noise moves it (the extrapolation multiplies the d8 - d4 difference).
+INTERVAL_PERCENTILES = (5.0, 95.0)
+BOOTSTRAP_DRAWS = 2000
 
 
 class CheckReport:
@@ -106,6 +110,38 @@ def speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
     return result
 
 
+def bootstrap_interval(sample_sets: list[list[float] | None], statistic: Callable[..., Any]) -> list[float] | None:
+    """The 5th and 95th percentile of ``statistic(median_1, median_2, ...)`` when each row's median is recomputed
+    on resamples (with replacement) of its timed calls; None unless every row has two or more calls."""
+    import numpy as np
+
+    if any(not samples or len(samples) < 2 for samples in sample_sets):
+        return None
+    rng = np.random.default_rng(0)
+    medians = []
+    for samples in sample_sets:
+        values = np.asarray(samples, dtype=np.float64)
+        medians.append(np.median(values[rng.integers(0, len(values), (BOOTSTRAP_DRAWS, len(values)))], axis=1))
+    spread = np.asarray(statistic(*medians), dtype=np.float64)
+    return [float(np.percentile(spread, q)) for q in INTERVAL_PERCENTILES]
+
+
+def _speedup_intervals(tables: list[dict[str, dict[str, Any]]], rows: list[dict[str, Any]],
+                       statistic: Callable[..., Any]) -> dict[str, list[float]]:
+    """Per row with references: the interval of dense / row, both taken from ``tables`` (one per depth) through
+    ``statistic(dense per table..., row per table...)``."""
+    result = {}
+    for row in rows:
+        if not row["refs"] or row["label"] == _dense_label(row):
+            continue
+        sets = [t.get(_dense_label(row), {}).get("samples_s") for t in tables]
+        sets += [t.get(row["label"], {}).get("samples_s") for t in tables]
+        interval = bootstrap_interval(sets, statistic)
+        if interval is not None:
+            result[row["label"]] = interval
+    return result
+
+
 def derive(data: dict[str, Any]) -> dict[str, Any]:
     """Speedups per phase, onnxruntime / PyTorch per row and depth, and the full-depth extrapolation."""
     rows = data["rows"]
@@ -129,6 +165,12 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
             check[label] = {"measured_s": row["seconds"], "predicted_s": guess,
                             "error": guess / row["seconds"] - 1.0}
     derived["torch_extrapolation_check"] = check
+    derived["torch_full_speedup_intervals"] = _speedup_intervals([torch_full], list(torch_full.values()),
+                                                                 lambda dense, row: dense / row)
+    a, b, full = units[depths[0]], units[depths[1]], units["full"]
+
+    def line(dense_a: Any, dense_b: Any, row_a: Any, row_b: Any) -> Any:  # extrapolated dense / extrapolated row
+        return extrapolate(dense_a, a, dense_b, b, full) / extrapolate(row_a, a, row_b, b, full)
     variants = {}
     for variant in data["variants"]:
         ort_at = {d: _by_label(rows.get(f"ort_{d}_{variant}", [])) for d in depths}
@@ -154,7 +196,10 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
         predicted_rows = [{"label": label, "refs": row["refs"], "seconds": per_row[label]["predicted_full_s"]}
                           for label, row in (torch_full or torch_at[depths[0]]).items()
                           if "predicted_full_s" in per_row.get(label, {})]
-        variants[variant] = {"rows": per_row, "predicted_full_speedups": speedups(predicted_rows)}
+        variants[variant] = {"rows": per_row, "predicted_full_speedups": speedups(predicted_rows),
+                             "predicted_full_speedup_intervals": _speedup_intervals(
+                                 [ort_at[d] for d in depths], list((torch_full or torch_at[depths[0]]).values()),
+                                 line)}
     derived["ort"] = variants
     bf16 = _by_label(rows.get(f"torch_bf16_{depths[0]}", []))
     derived["bf16_over_fp16"] = {label: bf16[label]["seconds"] / row["seconds"]
@@ -177,14 +222,22 @@ def acceptance(data: dict[str, Any]) -> dict[str, Any]:
         passed = None if value is None else (value >= target if op == ">=" else value <= target)
         criteria[name] = {"value": value, "target": f"{op} {target:g}", "passed": passed, **extra}
 
-    criterion("torch: speedup 6 refs keep 0.10 + KV", torch_speedups.get(kv_label), ">=", TARGETS["speedup_kv"])
-    criterion("torch: speedup persistent cache", torch_speedups.get(hit_label), ">=", TARGETS["speedup_cached"])
+    def speedup(name: str, values: dict[str, float], intervals: dict[str, list[float]], label: str,
+                target: float) -> None:
+        interval = intervals.get(label)
+        # Whether the target holds across the run's own timing noise, not only at the medians.
+        clears = None if interval is None else interval[0] >= target
+        criterion(name, values.get(label), ">=", target, interval_90=interval, clears_within_noise=clears)
+
+    torch_intervals = derived.get("torch_full_speedup_intervals", {})
+    speedup("torch: speedup 6 refs keep 0.10 + KV", torch_speedups, torch_intervals, kv_label, TARGETS["speedup_kv"])
+    speedup("torch: speedup persistent cache", torch_speedups, torch_intervals, hit_label, TARGETS["speedup_cached"])
     for variant, entry in derived["ort"].items():
-        predicted = entry["predicted_full_speedups"]
-        criterion(f"ort {variant}: speedup 6 refs keep 0.10 + KV (extrapolated)", predicted.get(kv_label), ">=",
-                  TARGETS["speedup_kv"])
-        criterion(f"ort {variant}: speedup persistent cache (extrapolated)", predicted.get(hit_label), ">=",
-                  TARGETS["speedup_cached"])
+        predicted, intervals = entry["predicted_full_speedups"], entry.get("predicted_full_speedup_intervals", {})
+        speedup(f"ort {variant}: speedup 6 refs keep 0.10 + KV (extrapolated)", predicted, intervals, kv_label,
+                TARGETS["speedup_kv"])
+        speedup(f"ort {variant}: speedup persistent cache (extrapolated)", predicted, intervals, hit_label,
+                TARGETS["speedup_cached"])
         for key in [f"ratio_{d}" for d in data["depths"]] + ["ratio_full"]:
             ratios = {label: r[key] for label, r in entry["rows"].items() if key in r}
             worst = max(ratios.items(), key=lambda item: item[1]) if ratios else (None, None)
@@ -227,7 +280,14 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     for name, entry in data["acceptance"].items():
         value = "not measured" if entry["value"] is None else f"{entry['value']:.4g}"
         verdict = {True: "PASS", False: "FAIL", None: "-"}[entry["passed"]]
-        lines.append(f"{verdict:4s} {name}: {value} (target {entry['target']})")
+        noise = ""
+        if entry.get("interval_90"):
+            low, high = entry["interval_90"]
+            where = "" if entry["clears_within_noise"] else (
+                ": straddles the target" if entry["passed"] or high >= float(entry["target"].split()[1])
+                else ": below the target")
+            noise = f", 90 % of resamples {low:.4g}-{high:.4g}{where}"
+        lines.append(f"{verdict:4s} {name}: {value} (target {entry['target']}{noise})")
     for skipped in data["skipped"]:
         lines.append(f"skipped {skipped['what']}: {skipped['reason']}")
     return lines

@@ -22,7 +22,7 @@ from sparse_context.reference.benchmark_configs import CONFIGS
 from sparse_context.reference.gpu_plan import (
     GpuCheckOptions, Geometry, check_rows, depth_units, estimate_plan, extrapolate,
 )
-from sparse_context.reference.gpu_report import acceptance, derive, speedups
+from sparse_context.reference.gpu_report import acceptance, derive, speedups, summary_lines
 
 TINY = ["bench", "gpu", "--config", "tiny", "--device", "cpu", "--target-px", "64", "--ref-px", "64",
         "--text-tokens", "16", "--dtype", "fp32", "--repeats", "1", "--steps", "2", "--no-bf16"]
@@ -156,6 +156,42 @@ def test_no_full_run_still_extrapolates_onnxruntime_speedups():
     assert measured["value"] == pytest.approx(dense / kv) and measured["passed"] is (dense / kv >= 8)
     assert criteria["ort mha: onnxruntime / PyTorch, worst row, full"]["passed"] is None
     assert criteria["torch: speedup 6 refs keep 0.10 + KV"]["passed"] is None
+
+
+def test_speedups_carry_the_interval_of_their_timing_noise():
+    """Each row's timed calls give a bootstrap interval of its speedup: identical calls give a zero-width one at the
+    median, noisy calls a wider one around it, and the acceptance says whether the target clears the whole of it."""
+    data = _data(ort_factor=0.9)
+    for rows in data["rows"].values():
+        for row in rows:
+            row["samples_s"] = [row["seconds"]] * 5
+    data["derived"] = derive(data)
+    derived = data["derived"]
+    kv, hit = "refs 6 keep 0.1 kv on", "refs 6 keep 0.1 kv cached"
+    measured = derived["speedups"]["torch_full"][kv]
+    assert derived["torch_full_speedup_intervals"][kv] == pytest.approx([measured, measured])
+    extrapolated = derived["ort"]["mha"]["predicted_full_speedups"][hit]
+    assert derived["ort"]["mha"]["predicted_full_speedup_intervals"][hit] == pytest.approx([extrapolated] * 2)
+    assert "refs 6 keep 1 kv off" not in derived["torch_full_speedup_intervals"]  # dense over itself: no interval
+
+    rng = np.random.default_rng(1)
+    for name in ("ort_d4_mha", "ort_d8_mha"):  # 2 % noise on every call at the reduced depths
+        for row in data["rows"][name]:
+            row["samples_s"] = list(row["seconds"] * (1 + 0.02 * rng.standard_normal(15)))
+    data["derived"] = derive(data)
+    low, high = data["derived"]["ort"]["mha"]["predicted_full_speedup_intervals"][hit]
+    assert low < extrapolated < high and high - low > 0.05 * extrapolated  # the extrapolation amplifies the noise
+    for row in data["rows"]["torch_full"]:
+        row["samples_s"] = row["samples_s"][:1]  # one timed call is not a spread
+    data["derived"] = derive(data)
+    criteria = acceptance(data)
+    entry = criteria["ort mha: speedup persistent cache (extrapolated)"]
+    assert entry["interval_90"] == [low, high] and entry["clears_within_noise"] is (low >= 9.5)
+    assert criteria["torch: speedup persistent cache"]["interval_90"] is None
+    text = "\n".join(summary_lines({**data, "acceptance": criteria, "skipped": [], "precision": "fp16",
+                                     "device": "cuda", "setup": {"refs": 6, "target_px": 1024, "ref_px": 1024,
+                                                                 "text_tokens": 512, "steps": 4}}))
+    assert f"90 % of resamples {low:.4g}-{high:.4g}" in text
 
 
 def test_speedups_need_the_dense_row_of_the_same_reference_count():
