@@ -57,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sparse_context.engines.build import (
         FLAG_PRECISION, BuildRequest, build_engines, check_backend_precision, check_out_folder, check_weight_files,
     )
-    from sparse_context.runtime.limits import check_lora_scale
     from sparse_context.runtime.errors import SparseContextError, bad_value
+    from sparse_context.runtime.limits import check_lora_scale
+    from sparse_context.runtime.progress import stderr_warnings
 
     args = build_parser().parse_args(argv)
     # SIGTERM (a service stop, a scheduler's timeout) unwinds like an exception, so the export's staging folder and
@@ -93,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         def progress(stage: str, done: int, total: int) -> None:
             print(f"[build] {stage} {done}/{total}", file=sys.stderr, flush=True)
 
-        index = build_engines(request, progress)
+        with stderr_warnings():  # a calibration prompt cut to the text tokens: one line
+            index = build_engines(request, progress)
     except SparseContextError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

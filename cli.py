@@ -14,7 +14,7 @@ from sparse_context.runtime.errors import InputError, SparseContextError, bad_va
 from sparse_context.runtime.limits import (
     FLAG_GUIDANCE, FLAG_HEIGHT, FLAG_PROMPT, FLAG_SEED, FLAG_STEPS, FLAG_WIDTH,
 )
-from sparse_context.runtime.progress import stderr_progress
+from sparse_context.runtime.progress import stderr_progress, stderr_warnings
 from sparse_context.runtime.selection import ALLOCATION_CHOICES, STRATEGY_CHOICES
 
 SPEED_REFS = [1, 2, 3, 4, 5, 6]  # `bench speed`; `bench engines` defaults to engine_benchmark.DEFAULT_REFS
@@ -518,11 +518,12 @@ def _add_optional_commands(commands, with_export: bool = True) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(with_export="export" in argv).parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except SparseContextError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with stderr_warnings():
+        try:
+            return int(args.func(args) or 0)
+        except SparseContextError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

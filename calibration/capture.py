@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 from sparse_context.calibration.dataset import CalibrationSet, SampleSpec, draw_samples
 from sparse_context.calibration.errors import CalibrationConfigError, CalibrationError
 from sparse_context.export.rope import rope_cos_sin
-from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.errors import PromptTruncatedWarning, bad_value
 
 CAPTURE_MANIFEST = "capture.json"
 CAPTURE_FORMAT = 1
@@ -239,12 +240,20 @@ def capture(make_generator: Callable[[], Any], backend: Any, plan: Any, calibrat
     generator = replace_backend(make_generator(), recorder)
     records, shards = [], {}
     total = len(samples) * len(graphs)
+    cut: set[str] = set()
     try:
         for done, (spec, graph) in enumerate(((s, g) for s in samples for g in graphs), start=1):
             split = "calibration" if spec.index < options.samples else "holdout"
             recorder.restart()
             pending.clear()
-            result = run_sample(generator, spec, graph, ref_size, options.num_steps)
+            with warnings.catch_warnings(record=True) as caught:  # one line for all cut prompts, after the loop
+                warnings.simplefilter("always", PromptTruncatedWarning)
+                result = run_sample(generator, spec, graph, ref_size, options.num_steps)
+            for warning in caught:
+                if issubclass(warning.category, PromptTruncatedWarning):
+                    cut.add(spec.prompt)
+                else:
+                    warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
             shard = f"{graph}-{spec.index:04d}.npz"
             arrays = {}
             for number, (recorded_graph, kind, step, feeds) in enumerate(pending):
@@ -258,6 +267,10 @@ def capture(make_generator: Callable[[], Any], backend: Any, plan: Any, calibrat
             shards[shard] = (staging / shard).stat().st_size
             if progress is not None:
                 progress("calibration capture", done, total)
+        if cut:
+            prompts = len({s.prompt for s in samples})
+            warnings.warn(f"calibration prompts cut: {len(cut)} of {prompts} have more tokens than the text encoder "
+                          "reads and were captured cut, as generation cuts them", PromptTruncatedWarning, stacklevel=2)
         manifest = {
             "format": CAPTURE_FORMAT, "key": key, "model_fingerprint": fingerprint, "graphs": list(graphs),
             "sample_count": options.samples, "holdout_count": options.holdout, "seed": options.seed,
@@ -270,7 +283,7 @@ def capture(make_generator: Callable[[], Any], backend: Any, plan: Any, calibrat
             "samples": [{**s.to_json(), "split": "calibration" if s.index < options.samples else "holdout",
                          **({"local_references": _keep_references(s, staging)} if s.index >= options.samples
                             else {})} for s in samples],
-            "records": records, "shards": shards,
+            "records": records, "shards": shards, "cut_prompts": sorted(cut),
         }
         (staging / CAPTURE_MANIFEST).write_text(json.dumps(manifest, indent=1))
         if final.exists():

@@ -22,7 +22,9 @@ from sparse_context.runtime.errors import InputError, bad_value
 from sparse_context.runtime.fingerprints import array_digest, weights_fingerprint
 from sparse_context.runtime.images import load_image, prepare_reference
 from sparse_context.runtime.kv_cache import ReferenceKVCache
-from sparse_context.runtime.limits import check_guidance, check_output_size, check_prompt, check_seed, check_steps
+from sparse_context.runtime.limits import (
+    check_guidance, check_output_size, check_prompt, check_seed, check_steps, warn_if_prompt_cut,
+)
 from sparse_context.runtime.packing import pack_grid, unpack_grid
 from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
 from sparse_context.runtime.sampler import Conditioning
@@ -185,6 +187,10 @@ class SparseContextGenerator:
                 hidden_states_layers=self.text_encoder_out_layers,
             )
 
+        # Counted as diffusers renders it, so a cut prompt is said even when its embeddings come from the cache.
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False)
+        warn_if_prompt_cut(len(self.tokenizer(text, truncation=False)["input_ids"]), self.max_sequence_length)
         settings = {"max_sequence_length": self.max_sequence_length, "layers": self.text_encoder_out_layers,
                     "dtype": str(self.dtype), "device": str(self.device)}
         encoder = self._text_fingerprint() if self.prompt_cache is not None else ""

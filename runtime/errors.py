@@ -27,6 +27,12 @@ class LoraError(ModelLoadError):
     """A LoRA file does not fit the model it is applied to."""
 
 
+class PromptTruncatedWarning(UserWarning):
+    """The prompt has more tokens than the text encoder reads; the rest was dropped, as diffusers drops it. An app
+    that must not generate from a cut prompt turns this into an error with
+    ``warnings.simplefilter("error", PromptTruncatedWarning)``."""
+
+
 def bad_value(what: str, given: object, allowed: str, flag: str | None = None) -> str:
     """Format the standard message: ``<what>: got <given>; allowed: <allowed> (change it with <flag>)``."""
     message = f"{what}: got {given!r}; allowed: {allowed}"

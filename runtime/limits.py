@@ -7,9 +7,10 @@ the flag to change instead of allocating 22 GB, hanging, or quietly producing a 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
-from sparse_context.runtime.errors import InputError, bad_value
+from sparse_context.runtime.errors import InputError, PromptTruncatedWarning, bad_value
 from sparse_context.runtime.tokens import TOKEN_PIXELS
 
 # FLUX.2 generates up to 4 megapixels; its positions and our buffers are sized for that.
@@ -20,8 +21,8 @@ MAX_STEPS = 200  # the flow-match schedule is well defined beyond; 200 steps of 
 MAX_GUIDANCE = 100.0
 MAX_LORA_SCALE = 16.0  # in absolute value; a merged delta beyond this swamps the base weights
 MAX_SEED = 2**63 - 1  # torch and numpy generators both take it
-# The Klein text encoder reads at most 512 tokens (a token is 3 to 4 characters of English); the rest of a longer
-# prompt would be silently cut off, so it is refused instead.
+# The Klein text encoder reads at most 512 tokens (a token is 3 to 4 characters of English): a prompt over 2048
+# characters is refused; a shorter one that still has more tokens is cut with a PromptTruncatedWarning.
 MAX_PROMPT_CHARS = 2048
 
 FLAG_WIDTH = "--width"
@@ -81,6 +82,15 @@ def check_seed(seed: Any) -> int:
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise InputError(bad_value("seed", seed, "an integer from 0 to 2**63 - 1", FLAG_SEED))
     return int(seed)
+
+
+def warn_if_prompt_cut(tokens: int, limit: int) -> None:
+    """Warn (:class:`PromptTruncatedWarning`) when a prompt of ``tokens`` tokens, chat template included, is cut to
+    the ``limit`` the text encoder reads."""
+    if tokens > limit:
+        warnings.warn(f"prompt cut: {tokens} tokens with the chat template, the text encoder reads {limit} "
+                      f"(max_sequence_length) and drops the last {tokens - limit}, as diffusers does: shorten "
+                      f"{FLAG_PROMPT}", PromptTruncatedWarning, stacklevel=3)
 
 
 def check_prompt(prompt: Any) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Callable, TextIO
+import warnings
+from typing import Callable, Iterator, TextIO
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -28,3 +30,23 @@ def stderr_progress(label: str, stream: TextIO | None = None) -> ProgressCallbac
         out.flush()
 
     return report
+
+
+@contextlib.contextmanager
+def stderr_warnings(stream: TextIO | None = None) -> Iterator[None]:
+    """Inside: this package's warnings (a cut prompt) as one ``warning: ...`` line each on stderr, like its errors,
+    every time they occur; other warnings as Python shows them."""
+    from sparse_context.runtime.errors import PromptTruncatedWarning
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, PromptTruncatedWarning):
+                print(f"warning: {message}", file=stream or sys.stderr, flush=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        warnings.showwarning = show
+        yield

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from sparse_context.runtime.errors import InputError, ModelLoadError, bad_value
+from sparse_context.runtime.limits import warn_if_prompt_cut
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -122,6 +123,7 @@ class TokenizedPrompt:
     input_ids: np.ndarray  # (1, max_length) int64
     attention_mask: np.ndarray  # (1, max_length) int64: 1 for prompt tokens, 0 for padding
     text: str  # the prompt after the chat template
+    length: int = 0  # tokens of ``text`` before the cut to max_length
 
 
 class PromptTokenizer:
@@ -148,6 +150,10 @@ class PromptTokenizer:
         tokenizer.enable_truncation(self.max_length, stride=0, strategy="longest_first", direction=truncation_side)
         tokenizer.enable_padding(direction=padding_side, pad_id=pad_id, pad_type_id=0, pad_token=pad,
                                  length=self.max_length)
+        # A copy without truncation or padding counts a prompt's tokens, to say when the cut drops some.
+        self._counter = type(tokenizer).from_str(tokenizer.to_str())
+        self._counter.no_truncation()
+        self._counter.no_padding()
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, max_length: int | None = None) -> "PromptTokenizer":
@@ -185,8 +191,12 @@ class PromptTokenizer:
         return render_with_jinja(self.chat_template, prompt, self.special_tokens)
 
     def __call__(self, prompt: str) -> TokenizedPrompt:
+        """Ids and mask at max_length; a prompt with more tokens is cut there (as diffusers cuts it), with a
+        :class:`~sparse_context.runtime.errors.PromptTruncatedWarning`."""
         text = self.render(prompt)
         encoding = self.tokenizer.encode(text, add_special_tokens=True)
         ids = np.asarray(encoding.ids, dtype=np.int64)[None]  # (1, max_length)
         mask = np.asarray(encoding.attention_mask, dtype=np.int64)[None]  # (1, max_length)
-        return TokenizedPrompt(ids, mask, text)
+        length = len(self._counter.encode(text, add_special_tokens=True).ids)
+        warn_if_prompt_cut(length, self.max_length)
+        return TokenizedPrompt(ids, mask, text, length)

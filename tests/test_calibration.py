@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from sparse_context.runtime.errors import PromptTruncatedWarning
 
 pytest.importorskip("onnxruntime", reason="calibration runs the exported graphs with onnxruntime (pip install .[onnx])")
 
@@ -174,8 +177,16 @@ def test_capture_is_deterministic_and_reused(captured, generator, reference_back
     from sparse_context.calibration.capture import CaptureOptions, capture
     from sparse_context.calibration.dataset import bundled_set
 
-    again = capture(lambda: generator, reference_backend, small_plan(), bundled_set(3),
-                    CaptureOptions(samples=3, holdout=1), tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = capture(lambda: generator, reference_backend, small_plan(), bundled_set(3),
+                        CaptureOptions(samples=3, holdout=1), tmp_path)
+    # The tiny tokenizer spells bytes: every bundled prompt is over its 64 tokens. One line says so for all.
+    cut = [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+    prompts = {s["prompt"] for s in again.manifest["samples"]}
+    assert cut == [f"calibration prompts cut: {len(prompts)} of {len(prompts)} have more tokens than the text "
+                   "encoder reads and were captured cut, as generation cuts them"]
+    assert again.manifest["cut_prompts"] == sorted(prompts)
     assert again.key == captured.key
     for graph in ("full", "kv"):
         for first, second in zip(captured.iter_feeds(graph), again.iter_feeds(graph)):

@@ -431,6 +431,26 @@ def test_outputs_follow_the_umask(tmp_path, monkeypatch):
     assert folder.stat().st_mode & 0o777 == 0o755 and (folder / "f").stat().st_mode & 0o777 == 0o644
 
 
+def test_a_cut_prompt_is_said_on_both_paths_and_the_image_is_still_written(tiny_generator, tmp_path, capsys):
+    """Prompts over the text encoder's tokens are cut as diffusers cuts them (parity), never silently: the PyTorch
+    generator warns (counted as diffusers renders the prompt, even from the prompt cache), and the CLI prints one
+    warning line and still writes the image."""
+    from sparse_context.cli import main
+    from sparse_context.runtime.errors import PromptTruncatedWarning
+
+    long = "a cat " * 20  # the tiny tokenizer spells bytes: 145 tokens with the template, it reads 64
+    for _ in range(2):  # the second call comes from the prompt cache
+        with pytest.warns(PromptTruncatedWarning, match=r"prompt cut: 145 tokens .* reads 64 .* drops the last 81"):
+            tiny_generator.encode_prompt(long)
+    out = tmp_path / "cut.png"
+    assert main(["generate", "--prompt", long, "--steps", "1", "--width", "32", "--height", "32",
+                 "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "prompt cut" in line]
+    assert lines == ["warning: prompt cut: 145 tokens with the chat template, the text encoder reads 64 "
+                     "(max_sequence_length) and drops the last 81, as diffusers does: shorten --prompt"]
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_out_jpg_is_written_as_jpeg(tmp_path, capsys):
     from sparse_context.cli import main
 

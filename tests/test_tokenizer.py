@@ -8,16 +8,20 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
-from sparse_context.runtime.errors import InputError, ModelLoadError
+from sparse_context.runtime.errors import InputError, ModelLoadError, PromptTruncatedWarning
 from sparse_context.runtime.tokenizer import (
     KLEIN_PROMPT_FORMAT, PromptTokenizer, render_with_jinja, template_sha256,
 )
 
 pytest.importorskip("tokenizers", reason="runtime tokenization needs the tokenizers package")
+
+# The corpus holds over-long prompts on purpose: their cut is what is compared, not what is warned about.
+CUTS_ON_PURPOSE = pytest.mark.filterwarnings("ignore::sparse_context.runtime.errors.PromptTruncatedWarning")
 
 CORPUS = [
     "a photo of a cat",
@@ -85,6 +89,7 @@ def tokenizer_copy(tiny_model_dir, tmp_path):
     return folder
 
 
+@CUTS_ON_PURPOSE
 def test_equals_transformers_on_corpus(tiny_model_dir):
     pytest.importorskip("transformers", reason="the comparison needs transformers")
     ours = PromptTokenizer.from_model_dir(tiny_model_dir)
@@ -96,6 +101,25 @@ def test_equals_transformers_on_corpus(tiny_model_dir):
     assert not ours(CORPUS[0]).attention_mask[0, -1]
 
 
+def test_a_cut_prompt_is_said_with_its_token_counts(tiny_model_dir):
+    """Cutting is diffusers' behaviour and stays; the warning says how many tokens were dropped and which flag."""
+    ours = PromptTokenizer.from_model_dir(tiny_model_dir)
+    fits = "a" * (ours.max_length - ours(CORPUS[0]).length + len(CORPUS[0]))  # bytes are tokens here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptTruncatedWarning)
+        assert ours(fits).length == ours.max_length and ours(fits).attention_mask.all()
+    with pytest.warns(PromptTruncatedWarning) as caught:
+        long = ours(fits + "bcd")
+    assert long.length == ours.max_length + 3
+    assert str(caught[0].message) == (f"prompt cut: {ours.max_length + 3} tokens with the chat template, the text "
+                                      f"encoder reads {ours.max_length} (max_sequence_length) and drops the last "
+                                      "3, as diffusers does: shorten --prompt")
+    assert caught[0].filename == __file__  # pointed at the caller's line
+    whole = PromptTokenizer.from_model_dir(tiny_model_dir, ours.max_length + 3)(fits + "bcd")
+    assert np.array_equal(long.input_ids[0], whole.input_ids[0, :ours.max_length])  # the end is what goes
+
+
+@CUTS_ON_PURPOSE
 @pytest.mark.parametrize("max_length", [1, 16, 512])
 def test_equals_transformers_at_other_lengths(tiny_model_dir, max_length):
     """Truncation inside the chat template itself (1, 16) and Klein's real 512."""
@@ -111,6 +135,7 @@ def test_known_template_renders_as_jinja(tiny_model_dir):
         assert ours.render(prompt) == KLEIN_PROMPT_FORMAT.format(prompt=prompt)
 
 
+@CUTS_ON_PURPOSE
 @pytest.mark.parametrize("where", ["jinja_file", "config_string", "config_list"])
 def test_unknown_template_rendered_with_jinja(tokenizer_copy, where):
     """A template we do not know, stored where transformers looks for it, renders with jinja2 like transformers."""
@@ -130,6 +155,7 @@ def test_unknown_template_rendered_with_jinja(tokenizer_copy, where):
     _assert_equal_on_corpus(tokenizer_copy, ours, ours.max_length)
 
 
+@CUTS_ON_PURPOSE
 def test_left_padding_and_truncation_sides(tokenizer_copy):
     """The sides come from tokenizer_config.json, as transformers reads them."""
     pytest.importorskip("transformers", reason="the comparison needs transformers")
