@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     from sparse_context.calibration.build import add_calibration_arguments
     from sparse_context.engines.buckets import add_bucket_arguments
     from sparse_context.engines.build import (
-        FLAG_BACKEND, FLAG_GRAPHS, FLAG_LORA, FLAG_LORA_SCALE, FLAG_MODEL, FLAG_OUT, FLAG_PRECISION, FLAG_TRANSFORMER,
+        FLAG_BACKEND, FLAG_GRAPHS, FLAG_LORA, FLAG_LORA_SCALE, FLAG_MODEL, FLAG_OUT, FLAG_PRECISION, FLAG_PROJECTIONS,
+        FLAG_TRANSFORMER, PROJECTIONS,
     )
     from sparse_context.engines.index import BACKENDS
 
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(FLAG_PRECISION, choices=("fp32", "fp16", "bf16", "int8", "fp8"), default=None,
                         help="default: fp16 (fp32 with --demo); int8/fp8 calibrate and quantize (see below)")
     parser.add_argument(FLAG_GRAPHS, nargs="+", choices=("full", "kv"), default=["full", "kv"])
+    parser.add_argument(FLAG_PROJECTIONS, choices=PROJECTIONS, default="fused",
+                        help="fused QKV/MLP projections as diffusers writes them, or split: one product per slice "
+                        "(no Split copies in onnxruntime; same numbers up to summation order; not with int8/fp8)")
     parser.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder memory limit")
     parser.add_argument(FLAG_OUT, type=Path, default=Path("engines_out"), help="engines folder (default engines_out)")
     add_bucket_arguments(parser)
@@ -86,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lora=args.lora, lora_scale=args.lora_scale, transformer_file=args.transformer, graphs=tuple(args.graphs),
             workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None,
             calibration=options_from_args(args, args.demo, reference_generator) if precision in QUANTIZED_PRECISIONS
-            else None).validate()
+            else None, projections=args.projections).validate()
         default = "the --demo default" if args.demo else "the default for a model folder"
         chosen = "given" if args.precision else default
         print(f"[build] precision {precision} ({chosen}; change it with {FLAG_PRECISION})", file=sys.stderr, flush=True)

@@ -37,6 +37,10 @@ LOCK_FILE = ".build.lock"
 # 0.94-1.05x PyTorch eager per row at full depth (extrapolated from 2 depths), the ONNX Attention op 1.19-1.34x
 # (`sparse-context bench gpu`, reference/measured/). TensorRT parses neither: MatMul-Softmax-MatMul, which it fuses.
 ATTENTION_BY_BACKEND = {"trt": "matmul", "ort-trt": "matmul", "ort-cuda": "mha", "ort-cpu": "matmul"}
+# How the fused QKV/MLP projections are written (export.graphs.projection_form): "split" removes onnxruntime's
+# Split copies (5.9 of 83.6 ms GPU time at klein-9b d4); opt-in until `bench gpu` has timed it on a GPU.
+PROJECTIONS = ("fused", "split")
+FLAG_PROJECTIONS = "--projections"
 PARTS = ("text_encoder", "vae_encoder", "vae_decoder")
 PART_PROFILE = "parts"  # the bucket name of a part engine's one profile (its step is the part's name)
 
@@ -54,9 +58,17 @@ class BuildRequest:
     graphs: tuple[str, ...] = ("full", "kv")
     workspace_bytes: int | None = None
     calibration: Any = None  # calibration.build.CalibrationOptions for precision int8/fp8 (None: defaults)
+    projections: str = "fused"
 
     def validate(self) -> "BuildRequest":
         check_backend_precision(self.backend, self.precision)
+        if self.projections not in PROJECTIONS:
+            raise BuildOptionError(bad_value("projection form", self.projections, " or ".join(PROJECTIONS),
+                                             FLAG_PROJECTIONS))
+        if self.projections != "fused" and self.precision in ("int8", "fp8"):
+            raise BuildOptionError(bad_value(f"projection form for {self.precision}", self.projections, "fused (the "
+                                             "quantization recipe names the fused projections' layers)",
+                                             FLAG_PROJECTIONS))
         if self.precision in ("int8", "fp8"):
             from sparse_context.calibration.build import check_backend
 
@@ -196,8 +208,8 @@ def _build_locked(request: BuildRequest, out_dir: Path,
     # 1. Export (reused when the same weights, LoRA and options were exported before)
     options = ExportOptions(
         model_dir=Path(request.model_dir), precision=export_precision(request.precision),
-        attention=ATTENTION_BY_BACKEND[request.backend], lora=request.lora, lora_scale=request.lora_scale,
-        transformer_file=request.transformer_file, max_ref_tokens=plan.max_ref_tokens,
+        attention=ATTENTION_BY_BACKEND[request.backend], projections=request.projections, lora=request.lora,
+        lora_scale=request.lora_scale, transformer_file=request.transformer_file, max_ref_tokens=plan.max_ref_tokens,
         target_sizes=tuple((r.width_px, r.height_px) for r in plan.target_resolutions), text_tokens=plan.text_tokens,
         out_dir=out_dir / "onnx")
     exports = export_graphs(options, request.graphs, progress)
@@ -230,7 +242,7 @@ def _build_locked(request: BuildRequest, out_dir: Path,
         transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None,
         parts=parts, files=files, calibration=calibration,
         graph_optimization_level="basic" if calibration is not None else None,
-        scheduler_config=scheduler, is_distilled=is_distilled)
+        scheduler_config=scheduler, is_distilled=is_distilled, projections=options.projections)
     index.write(out_dir)
     return replace(index, folder=str(out_dir.resolve()))
 
@@ -259,6 +271,8 @@ def build_command(index: EnginesIndex, out_dir: str | Path, **changes: Any) -> s
     graphs = sorted(index.graphs)
     if graphs != ["full", "kv"]:
         words += [FLAG_GRAPHS, *graphs]
+    if index.projections != "fused":
+        words += [FLAG_PROJECTIONS, index.projections]
     words += [*index.plan.build_args(), FLAG_OUT, str(out_dir)]
     return " ".join(words)
 

@@ -86,6 +86,7 @@ class EnginesIndex:
     graph_optimization_level: str | None = None  # "basic" for Q/DQ graphs (see calibration.quantize)
     scheduler_config: Mapping[str, Any] | None = None  # the model folder's, so the engines run without it
     is_distilled: bool = True
+    projections: str = "fused"  # export.graphs.projection_form of the transformer graphs (absent before: fused)
     format: int = field(default=FORMAT_VERSION)
     folder: str = field(default="", compare=False)  # where engines.json was read; not written
 
@@ -141,7 +142,7 @@ class EnginesIndex:
                    parts={p: GraphEntry.from_json(p, e) for p, e in (data.get("parts") or {}).items()},
                    files={str(k): str(v) for k, v in (data.get("files") or {}).items()},
                    calibration=data.get("calibration"), graph_optimization_level=data.get("graph_optimization_level"),
-                   format=int(version))
+                   projections=str(data.get("projections", "fused")), format=int(version))
 
     @classmethod
     def read(cls, engines_dir: str | Path) -> EnginesIndex:

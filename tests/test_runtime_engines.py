@@ -53,6 +53,48 @@ def test_persistent_cache_second_call(engines_dir, tiny_generator, reference_pho
     np.testing.assert_allclose(second.image.numpy(), reference.image.numpy(), atol=ATOL, rtol=0)
 
 
+def test_split_projection_engines_generate_what_pytorch_does(tiny_model_dir, tiny_generator, reference_photos,
+                                                            tmp_path):
+    """build_engines.py --projections split (one product per slice of each fused projection): the engines folder
+    records it, its rebuild command repeats it, and sparse + KV generation equals the PyTorch reference."""
+    from sparse_context.engines.build import BuildRequest, build_command, build_engines
+    from sparse_context.engines.buckets import BucketPlan, Resolution
+    from sparse_context.engines.index import EnginesIndex
+    from sparse_context.reference.generator import SparseContextGenerator
+
+    plan = BucketPlan(keep_fractions=(0.1, 1.0), max_refs=3, ref_resolution=Resolution(256, 256),
+                      target_resolutions=(Resolution(64, 64),), text_tokens=64).validate()
+    out = tmp_path / "engines"
+    build_engines(BuildRequest(model_dir=tiny_model_dir, backend="ort-cpu", plan=plan, out_dir=out,
+                               precision="fp32", projections="split"))
+    index = EnginesIndex.read(out)
+    assert index.projections == "split"
+    assert all(json.loads(index.path(e.onnx).with_name("manifest.json").read_text())["projections"] == "split"
+               for e in index.graphs.values())
+    assert "--projections split" in build_command(index, "/o")
+    runtime = SparseContextGenerator.from_engines(out)
+    kwargs = dict(keep_fraction=0.1, strategy="saliency", use_kv=True, num_steps=3, seed=4, output_type="latent",
+                  height=64, width=64)
+    ours = runtime.generate("a red bicycle", reference_photos, **kwargs)
+    reference = tiny_generator.generate("a red bicycle", reference_photos, **kwargs)
+    np.testing.assert_allclose(ours.image.numpy(), reference.image.numpy(), atol=ATOL, rtol=0)
+
+
+def test_projection_flag_errors(tiny_model_dir, tmp_path, capsys):
+    from sparse_context.build_engines import main
+    from sparse_context.engines.build import PROJECTIONS
+    from sparse_context.export.graphs import PROJECTION_FORMS
+
+    assert PROJECTIONS == PROJECTION_FORMS  # the build's choices are the exporter's forms
+    assert main(["--model", str(tiny_model_dir), "--backend", "ort-cpu", "--precision", "int8", "--projections",
+                 "split", "--out", str(tmp_path / "e")]) == 2
+    error = capsys.readouterr().err
+    assert "projection form for int8: got 'split'" in error and "--projections" in error
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(SystemExit):
+        main(["--demo", "--projections", "diagonal"])
+
+
 def test_build_engines_cli_demo_and_errors(tmp_path, capsys, monkeypatch):
     from sparse_context.build_engines import main
 
