@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
     if index.calibration is not None:
         print("\n".join(summary_lines(index.calibration)))
-    for graph, entry in {**index.graphs, **index.parts}.items():
+    for graph, entry in {**index.graphs, **index.parts, **index.steps}.items():
         print(f"{graph}: {len(entry.profiles)} profiles, {'reused' if entry.reused_export else 'new'} export, "
               f"{entry.engine or entry.onnx}")
     print(f"model files (tokenizer, scheduler): {len(index.files)} copied into {args.out}")

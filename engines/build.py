@@ -226,6 +226,7 @@ def _build_locked(request: BuildRequest, out_dir: Path,
 
     # 4. The parts around the transformer: export, one profile each, the same backend build
     parts = _build_parts(request, out_dir, progress)
+    steps = _build_steps(request, out_dir, progress)
 
     # 5. The index the runtime reads (paths relative to the folder, so it can be moved), with the model files it
     #    needs copied beside it
@@ -240,7 +241,7 @@ def _build_locked(request: BuildRequest, out_dir: Path,
         lora_sha256=file_sha256(request.lora) if request.lora else None,
         lora_scale=float(request.lora_scale) if request.lora else 1.0,
         transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None,
-        parts=parts, files=files, calibration=calibration,
+        parts=parts, steps=steps, files=files, calibration=calibration,
         graph_optimization_level="basic" if calibration is not None else None,
         scheduler_config=scheduler, is_distilled=is_distilled, projections=options.projections)
     index.write(out_dir)
@@ -290,6 +291,56 @@ def _build_parts(request: BuildRequest, out_dir: Path,
                            parts=PARTS, progress=progress)
     return {part: _graph_entry(request, part, exported, (part_profile(exported.spec),), out_dir, progress)
             for part, exported in exports.items()}
+
+
+STEP_BUCKET = "steps"  # the bucket name of a step engine's one profile (its step is the graph's name)
+
+
+@dataclass(frozen=True)
+class StepExport:
+    """A step graph written into the engines folder, shaped like an export result for the engine build."""
+
+    path: Path
+    manifest: Mapping[str, Any]
+    reused: bool
+
+
+def _build_steps(request: BuildRequest, out_dir: Path,
+                 progress: Callable[[str, int, int], None] | None) -> dict[str, GraphEntry]:
+    """TensorRT engines of the sampler's step graphs (``engines.step_graphs``: the Euler step on float32 noise and
+    on latents, the guidance mix) for the transformer's velocity dtype, one profile over every target size of the
+    plan: the TensorRT backend then keeps latents on the GPU through a generation. Only for ``--backend trt`` and
+    fp32/fp16 velocities (bf16 has no numpy dtype for the host step these graphs equal)."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from sparse_context.calibration.build import export_precision
+    from sparse_context.engines.step_graphs import step_models, step_shapes
+    from sparse_context.export.spec import NUMPY_DTYPES
+    from sparse_context.runtime.files import atomic_write_bytes
+
+    dtype = NUMPY_DTYPES.get(export_precision(request.precision))
+    if request.backend != "trt" or dtype is None:
+        return {}
+    config = json.loads((Path(request.model_dir) / "transformer" / "config.json").read_text())
+    max_tokens = max((r.width_px // TOKEN_PIXELS) * (r.height_px // TOKEN_PIXELS)
+                     for r in request.plan.target_resolutions)
+    folder = out_dir / "onnx" / "steps"
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for name, model in step_models(dtype).items():
+        path = folder / f"{name}-{np.dtype(dtype).name}.onnx"
+        digest = hashlib.sha256(model).hexdigest()
+        reused = path.is_file() and file_sha256(path) == digest
+        if not reused:
+            atomic_write_bytes(path, model)
+        shapes = step_shapes(name, max_tokens, int(config["in_channels"]))
+        profile = Profile(STEP_BUCKET, name, tuple(shapes.items()))
+        entries[name] = _graph_entry(request, name, StepExport(path, {"onnx_sha256": digest}, reused), (profile,),
+                                     out_dir, progress)
+    return entries
 
 
 def _graph_entry(request: BuildRequest, graph: str, exported: Any, profiles: Sequence[Profile], out_dir: Path,

@@ -81,6 +81,7 @@ class EnginesIndex:
     lora_scale: float = 1.0
     transformer_file: str | None = None
     parts: Mapping[str, GraphEntry] = field(default_factory=dict)  # text_encoder, vae_encoder, vae_decoder
+    steps: Mapping[str, GraphEntry] = field(default_factory=dict)  # trt: euler, euler_noise, guidance engines
     files: Mapping[str, str] = field(default_factory=dict)  # model files copied in: relative path -> sha256
     calibration: Mapping[str, Any] | None = None  # int8/fp8: the accuracy gate's report (calibration.build)
     graph_optimization_level: str | None = None  # "basic" for Q/DQ graphs (see calibration.quantize)
@@ -103,7 +104,8 @@ class EnginesIndex:
         data = asdict(self)
         data.pop("folder")
         data.update(plan=self.plan.to_json(), graphs={g: e.to_json() for g, e in self.graphs.items()},
-                    parts={p: e.to_json() for p, e in self.parts.items()}, files=dict(self.files),
+                    parts={p: e.to_json() for p, e in self.parts.items()},
+                    steps={p: e.to_json() for p, e in self.steps.items()}, files=dict(self.files),
                     providers=list(self.providers), build_args=list(self.plan.build_args()))
         return data
 
@@ -140,6 +142,7 @@ class EnginesIndex:
                    transformer_file=data.get("transformer_file"), scheduler_config=scheduler,
                    is_distilled=bool(data.get("is_distilled", True)),
                    parts={p: GraphEntry.from_json(p, e) for p, e in (data.get("parts") or {}).items()},
+                   steps={p: GraphEntry.from_json(p, e) for p, e in (data.get("steps") or {}).items()},
                    files={str(k): str(v) for k, v in (data.get("files") or {}).items()},
                    calibration=data.get("calibration"), graph_optimization_level=data.get("graph_optimization_level"),
                    projections=str(data.get("projections", "fused")), format=int(version))

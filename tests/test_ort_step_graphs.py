@@ -7,7 +7,7 @@ import pytest
 
 ort = pytest.importorskip("onnxruntime")
 
-from sparse_context.engines.ort.step_graphs import euler_graph, guidance_graph, rounded_scalar  # noqa: E402
+from sparse_context.engines.step_graphs import euler_graph, guidance_graph, rounded_scalar  # noqa: E402
 from sparse_context.runtime.schedule import euler_step  # noqa: E402
 
 CASES = [(np.float32, np.float16), (np.float16, np.float16), (np.float32, np.float32)]

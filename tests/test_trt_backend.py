@@ -69,6 +69,64 @@ def test_engines_json_records_engines_and_plan(trt_engines_dir):
         assert len(manifest.profiles) == len(steps) * 2  # two buckets: keep 0.10 and keep 1.0
 
 
+def test_step_engines_are_built_beside_the_transformer(trt_engines_dir):
+    """fp32 engines: the Euler step (also on the float32 noise) and the guidance mix, one profile over the plan's
+    target sizes (1 to 36 tokens of 128 channels)."""
+    from sparse_context.engines.manifest import read_manifest
+
+    steps = json.loads((trt_engines_dir / "engines.json").read_text())["steps"]
+    assert set(steps) == {"euler", "guidance"}
+    for name, entry in steps.items():
+        (profile,) = read_manifest(trt_engines_dir / entry["engine"]).profiles
+        assert profile.name == f"steps/{name}"
+        assert set(profile.shape_dict().values()) == {((1, 1, 128), (1, 36, 128), (1, 36, 128))}
+
+
+@pytest.mark.parametrize("settings", [dict(keep_fraction=1.0), dict(keep_fraction=0.1, use_kv=True)],
+                         ids=["dense", "sparse_kv"])
+def test_device_steps_equal_host_steps_and_download_only_the_result(standin, trt_engines_dir, reference_photos,
+                                                                    settings):
+    """With its step engines the loop queues every call on one stream and downloads only the final latents; the
+    latents are the host step's, bit for bit."""
+    ours = runtime(trt_engines_dir, standin)
+    backend = ours.backend
+    assert backend.device_steps
+    kwargs = dict(num_steps=3, seed=5, output_type="latent", height=64, width=64, **settings)
+    standin.downloads.clear()
+    device = ours.generate("a lighthouse", reference_photos, **kwargs)
+    assert standin.downloads == [16 * backend.dims.in_channels * 4]  # 4x4 tokens of float32: the result only
+    assert len(backend.step_runners["euler"].context.executions) == 3
+    backend.device_steps = False
+    standin.downloads.clear()
+    host = ours.generate("a lighthouse", reference_photos, **kwargs)
+    assert len(standin.downloads) == 3  # a velocity per step
+    np.testing.assert_array_equal(device.image.numpy(), host.image.numpy())
+    assert len(backend.step_runners["euler"].context.executions) == 3  # host steps ran none
+
+
+def test_loop_tensors_are_refused_once_their_buffer_is_reused(standin, trt_engines_dir):
+    from sparse_context.engines.errors import RunnerError
+    from sparse_context.engines.trt.backend import TrtTransformerBackend
+
+    backend = TrtTransformerBackend(_kv_only(trt_engines_dir), memory=standin)
+    other = TrtTransformerBackend(_kv_only(trt_engines_dir), memory=standin)
+    dims = backend.dims
+    target, text = np.ones((1, 16, dims.in_channels), np.float32), np.ones((1, 64, dims.text_dim), np.float32)
+    args = (np.zeros((16, 4), np.int64), None, None, text, np.zeros((64, 4), np.int64), np.float32(0.5))
+    with backend.device_loop():
+        first = backend.full(target, *args)
+        second = backend.full(target, *args)
+        assert np.array_equal(np.asarray(first), np.asarray(second))  # read before the ring comes round
+        backend.full(target, *args)  # writes the first one's buffer again
+        with pytest.raises(RunnerError, match="an earlier call was passed in"):
+            np.asarray(first)
+        with pytest.raises(RunnerError, match="another backend"):
+            other.euler_step(target, second, np.float32(-0.5))
+    assert isinstance(backend.full(target, *args), np.ndarray)  # outside the loop: host arrays
+    backend.close()
+    other.close()
+
+
 @pytest.mark.parametrize("settings", [dict(keep_fraction=1.0), dict(keep_fraction=0.1, strategy="edge"),
                                       dict(keep_fraction=0.1, strategy="saliency", use_kv=True),
                                       dict(keep_fraction=1.0, use_kv=True)],
@@ -202,6 +260,12 @@ def test_real_tensorrt_generation_equals_pytorch(tiny_model_dir, tiny_generator,
         reference = tiny_generator.generate("a red bicycle", reference_photos, **kwargs)
         # TF32 may be used by TensorRT's fp32 kernels: a looser bound than onnxruntime CPU's 1e-4
         np.testing.assert_allclose(result.image.numpy(), reference.image.numpy(), atol=2e-3, rtol=0)
+        # The step engines against the host step: the same arithmetic, up to a fused float32 multiply-add.
+        assert ours.backend.device_steps
+        ours.backend.device_steps = False
+        host = ours.generate("a red bicycle", reference_photos, **kwargs)
+        ours.backend.device_steps = True
+        np.testing.assert_allclose(result.image.numpy(), host.image.numpy(), atol=1e-5, rtol=0)
 
 
 def _kv_only(engines_dir):
@@ -282,12 +346,21 @@ def test_fp16_engines_give_the_same_latents_on_both_backends(standin, tiny_model
     rng = np.random.default_rng(3)
     embeds = rng.standard_normal((1, 64, trt.dims.text_dim)).astype(np.float32)
     grids = [rng.standard_normal((trt.dims.in_channels, 8, 8)).astype(np.float32) for _ in range(2)]
-    for settings in (dict(keep_fraction=1.0), dict(keep_fraction=0.25), dict(keep_fraction=0.25, use_kv=True)):
+    negative = rng.standard_normal((1, 64, trt.dims.text_dim)).astype(np.float32)
+    assert trt.device_steps and set(trt.step_runners) == {"euler", "euler_noise", "guidance"}
+    for settings in (dict(keep_fraction=1.0), dict(keep_fraction=0.25), dict(keep_fraction=0.25, use_kv=True),
+                     dict(keep_fraction=0.25, use_kv=True, negative_prompt_embeds=negative, guidance_scale=3.5)):
         kwargs = dict(height=64, width=64, num_steps=3, seed=1, strategy="uniform", **settings)
         results = [EngineRuntime(backend, scheduler).generate_latents(embeds, grids, **kwargs)
                    for backend in (trt, ort)]
+        trt.device_steps = False  # the host step, as before the step engines
+        results.append(EngineRuntime(trt, scheduler).generate_latents(embeds, grids, **kwargs))
+        trt.device_steps = True
         assert results[0].ref_tokens == results[1].ref_tokens > 0
         np.testing.assert_array_equal(results[0].latents, results[1].latents)
+        np.testing.assert_array_equal(results[0].latents, results[2].latents)
+    runs = {name: len(r.context.executions) for name, r in trt.step_runners.items()}
+    assert runs == {"euler_noise": 4, "euler": 8, "guidance": 3}  # noise on the first of 3 steps, 4 generations
     target, target_ids = np.zeros((1, 16, trt.dims.in_channels), np.float32), np.zeros((16, 4), np.int64)
     text_ids = np.zeros((64, 4), np.int64)
     velocities = [b.full(target, target_ids, None, None, embeds, text_ids, np.float32(0.5)) for b in (trt, ort)]

@@ -22,7 +22,7 @@ from sparse_context.engines.ort.loader import (
     check_providers_available, graph_exports, import_onnxruntime, providers_device, session_from_onnx,
     with_default_options,
 )
-from sparse_context.engines.ort.step_graphs import euler_graph, guidance_graph, rounded_scalar
+from sparse_context.engines.step_graphs import euler_graph, guidance_graph, rounded_scalar
 from sparse_context.export.spec import NUMPY_DTYPES, ModelDims
 from sparse_context.runtime.errors import bad_value
 from sparse_context.runtime.fingerprints import engines_fingerprint

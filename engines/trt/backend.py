@@ -7,13 +7,19 @@ device buffers sized at the bucket maximum, and cached steps bind the same addre
 packed references and RoPE tables are uploaded once per generation. The inputs of each call come from
 :class:`~sparse_context.engines.feeds.FeedBuilder` and the Euler step is
 :func:`~sparse_context.runtime.schedule.euler_step`, shared with the onnxruntime backend so the two cannot drift.
-``tensorrt`` is imported lazily (by the runner).
+
+Engines built with their step engines (``engines.json`` ``steps``: the Euler step and the guidance mix of
+:mod:`~sparse_context.engines.step_graphs`, bit-equal to the host arithmetic) keep latents on the GPU inside the
+denoising loop (:meth:`TrtTransformerBackend.device_loop`): every engine of the generation is queued on the one
+stream of the backend's memory, velocities and latents stay in kept device buffers, and only the final latents
+are downloaded, with the generation's one synchronisation. ``tensorrt`` is imported lazily (by the runner).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Mapping
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -21,6 +27,7 @@ from sparse_context.engines.errors import RunnerError
 from sparse_context.engines.feeds import KV_INPUTS, KV_OUTPUTS, CallFeed, Empty, FeedBuilder
 from sparse_context.engines.index import EnginesIndex
 from sparse_context.engines.profiles import ProfileSelector
+from sparse_context.engines.step_graphs import rounded_scalar
 from sparse_context.engines.trt.memory import default_memory
 from sparse_context.engines.trt.runner import DeviceTensor, TrtRunner, _itemsize
 from sparse_context.export.manifest import read_export_manifest
@@ -31,6 +38,32 @@ from sparse_context.runtime.kv_buffers import EngineKVState, KVBufferPool
 from sparse_context.runtime.schedule import euler_step
 
 KV_TENSORS = KV_INPUTS + KV_OUTPUTS
+STEP_OUTPUTS = {"euler": "next", "euler_noise": "next", "guidance": "guided"}
+HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16}  # velocities the step engines take (not BF16)
+
+
+@dataclass(frozen=True)
+class TrtTensor:
+    """Latents or a velocity (1, N, C) in one of the backend's kept device buffers, inside the denoising loop.
+
+    The loop passes these back to the backend without looking inside; ``np.asarray`` downloads one (and waits for
+    the stream). The buffer is rewritten two calls later, so reading an older tensor raises instead of returning
+    other values."""
+
+    buffer: Any
+    shape: tuple[int, ...]
+    dtype_name: str  # TensorRT DataType name: FLOAT or HALF
+    owner: Any
+    version: int
+    on_device = True  # FeedBuilder binds it as it is
+
+    def numpy(self) -> np.ndarray:
+        return self.owner.download(self)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype)
+
 STATIC_INPUTS = ("text", "refs", "rope_cos", "rope_sin", "ref_rope_cos", "ref_rope_sin")
 # TensorRT DataType names of the K/V outputs -> the host dtype their values are read back in (bf16 via float32).
 KV_HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.float32}
@@ -41,19 +74,24 @@ class TrtTransformerBackend:
 
     name = "tensorrt"
 
-    def __init__(self, index: EnginesIndex, memory: Any = None, device: int = 0):
+    def __init__(self, index: EnginesIndex, memory: Any = None, device: int = 0, device_steps: bool = True):
         graphs = {graph: entry for graph, entry in index.graphs.items() if entry.engine}
         if not graphs:
             raise RunnerError(bad_value("TensorRT engines", "none in engines.json", "a full and/or kv engine",
                                         "--engines"))
         self.memory = memory if memory is not None else default_memory(device)
         self.runners: dict[str, TrtRunner] = {}
+        self.step_runners: dict[str, TrtRunner] = {}
         try:
             for graph, entry in graphs.items():
                 external = KV_TENSORS if graph == "kv" else ()
                 runner = TrtRunner(index.path(entry.engine), memory=self.memory, device=device, external=external,
                                    static=STATIC_INPUTS)
                 self.runners[graph] = runner.activate()
+            for name, entry in index.steps.items():
+                if entry.engine:
+                    self.step_runners[name] = TrtRunner(index.path(entry.engine), memory=self.memory,
+                                                        device=device).activate()
         except BaseException:
             self.close()
             raise
@@ -74,11 +112,25 @@ class TrtTransformerBackend:
         self.kv_pool = KVBufferPool(self.memory.alloc, d.num_layers * d.heads * d.head_dim * kv_itemsize,
                                     free=self.memory.free)
         self._scratch = self.memory.alloc(64)  # the address of zero-token tensors
+        # Device steps need the Euler and guidance engines of the transformer's velocity dtype.
+        velocity = next(iter(self.runners.values())).dtypes["velocity"]
+        usable = {"euler", "guidance"} <= set(self.step_runners) and velocity in HOST_DTYPES and all(
+            r.dtypes[r.outputs[0]] == velocity for r in self.step_runners.values())
+        self.velocity_dtype = velocity
+        self.device_steps = bool(device_steps) and usable
+        self._looping = False
+        self._kept: dict[tuple[str, int], tuple[Any, int]] = {}  # (name, slot) -> (buffer, bytes)
+        self._turns: dict[str, int] = {}
+        self._versions: dict[int, int] = {}  # writes per kept buffer (by address), to refuse stale TrtTensors
 
     def close(self) -> None:
-        for runner in self.runners.values():
+        for runner in (*self.runners.values(), *self.step_runners.values()):
             runner.deactivate()
         self.runners.clear()
+        self.step_runners.clear()
+        for buffer, _ in getattr(self, "_kept", {}).values():
+            self.memory.free(buffer)
+        getattr(self, "_kept", {}).clear()
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -92,9 +144,10 @@ class TrtTransformerBackend:
         return DeviceTensor(self.memory.pointer(self._scratch), tuple(shape), 0)
 
     def _bindable(self, feed: CallFeed) -> dict[str, Any]:
-        """Host arrays as they are (the runner uploads each static one once), zero-token inputs at the scratch."""
-        return {name: self._empty(value.shape) if isinstance(value, Empty) else value
-                for name, value in feed.inputs.items()}
+        """Host arrays as they are (the runner uploads each static one once), zero-token inputs at the scratch,
+        the loop's device latents at their buffer."""
+        return {name: self._empty(value.shape) if isinstance(value, Empty) else self._device(value)
+                if isinstance(value, TrtTensor) else value for name, value in feed.inputs.items()}
 
     def _velocity(self, results: Mapping[str, Any]) -> np.ndarray:
         """The velocity on the host in the engine's precision (bf16 engines: float32)."""
@@ -102,6 +155,73 @@ class TrtTransformerBackend:
         if hasattr(velocity, "cpu"):  # the torch memory path returns CUDA tensors
             velocity = velocity.float().cpu().numpy()
         return np.asarray(velocity, dtype=self.dtype)
+
+    def _infer(self, runner: TrtRunner, inputs: dict[str, Any], profile: int,
+               into: dict[str, DeviceTensor] | None = None) -> Any:
+        """One transformer call: a host velocity, or inside the loop with device steps a TrtTensor in a kept
+        buffer, the call left queued on the stream."""
+        if not self._looping:
+            return self._velocity(runner.infer(inputs, profile, into=into))
+        shape = tuple(int(d) for d in inputs["target"].shape)  # a host array, or the loop's DeviceTensor
+        buffer = self._ring("velocity", shape)
+        outputs = {**(into or {}), "velocity": DeviceTensor(self.memory.pointer(buffer), shape)}
+        runner.infer(inputs, profile, into=outputs, synchronize=False)
+        return self._wrap(buffer, shape)
+
+    # -- device steps ----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def device_loop(self) -> Iterator[None]:
+        """The denoising loop runs inside this: with device steps its velocities and latents stay on the GPU (each
+        is read before its buffer comes round again, two calls later)."""
+        looping, self._looping = self._looping, self.device_steps
+        try:
+            yield
+        finally:
+            self._looping = looping
+
+    def _ring(self, name: str, shape: tuple[int, ...]) -> Any:
+        """The next of two kept buffers for ``name``, large enough for ``shape`` in the velocity dtype: an output
+        is written while the previous one is still to be read (Euler reads the last latents while writing the
+        next; guidance reads two velocities)."""
+        turn = self._turns.get(name, 0)
+        self._turns[name] = 1 - turn
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _itemsize(self.velocity_dtype)
+        held = self._kept.get((name, turn))
+        if held is None or held[1] < nbytes:
+            if held is not None:
+                self.memory.synchronize()  # queued work may still read the old buffer
+                self.memory.free(held[0])
+            held = self._kept[(name, turn)] = (self.memory.alloc(nbytes), nbytes)
+        return held[0]
+
+    def _wrap(self, buffer: Any, shape: tuple[int, ...]) -> TrtTensor:
+        """``buffer`` just written: its version moves on, so older tensors on it read as stale."""
+        key = self.memory.pointer(buffer)
+        self._versions[key] = self._versions.get(key, 0) + 1
+        return TrtTensor(buffer, tuple(shape), self.velocity_dtype, self, self._versions[key])
+
+    def _device(self, tensor: TrtTensor) -> DeviceTensor:
+        if tensor.owner is not self or self._versions.get(self.memory.pointer(tensor.buffer)) != tensor.version:
+            raise RunnerError("a TensorRT tensor from another backend or an earlier call was passed in; pass host "
+                              "arrays (np.asarray) or this backend's latest outputs")
+        return DeviceTensor(self.memory.pointer(tensor.buffer), tensor.shape)
+
+    def download(self, tensor: TrtTensor) -> np.ndarray:
+        """A host copy of a loop tensor, after everything queued before it has run."""
+        source = self._device(tensor)
+        array = self.memory.download(tensor.buffer, source.shape, tensor.dtype_name)
+        self.memory.synchronize()
+        array = array.float().cpu().numpy() if hasattr(array, "cpu") else np.array(array, copy=True)
+        return array.astype(HOST_DTYPES[tensor.dtype_name], copy=False)
+
+    def _step(self, name: str, tensors: dict[str, Any], scalars: dict[str, np.ndarray],
+              shape: tuple[int, ...]) -> TrtTensor:
+        runner = self.step_runners[name]
+        buffer = self._ring(STEP_OUTPUTS[name], shape)
+        output = DeviceTensor(self.memory.pointer(buffer), shape)
+        runner.infer({**tensors, **scalars}, 0, into={STEP_OUTPUTS[name]: output}, synchronize=False)
+        return self._wrap(buffer, shape)
 
     def _run_kv(self, target, target_ids, refs, ref_ids, text, text_ids, timestep, step: str,
                 cached: EngineKVState | None = None, into: Any = None, choice: Any = None) -> np.ndarray:
@@ -123,7 +243,7 @@ class TrtTransformerBackend:
             shape = self.feeds.kv_shape(feed.ref_tokens)
             outputs = {"ref_keys": DeviceTensor(self.memory.pointer(into.keys), shape, capacity),
                        "ref_values": DeviceTensor(self.memory.pointer(into.values), shape, capacity)}
-        return self._velocity(runner.infer(inputs, choice.index, into=outputs))
+        return self._infer(runner, inputs, choice.index, into=outputs)
 
     def _read(self, buffer: Any, shape: tuple[int, ...]) -> np.ndarray:
         array = self.memory.download(buffer, shape, self.runners["kv"].dtypes["ref_keys"])
@@ -139,7 +259,7 @@ class TrtTransformerBackend:
         runner = self._runner("full")
         choice = self.selector.choose("full", "full", num_refs, np.shape(target)[1], np.shape(text)[1])
         feed = self.feeds.full(target, target_ids, refs, ref_ids, text, text_ids, timestep)
-        return self._velocity(runner.infer(self._bindable(feed), choice.index))
+        return self._infer(runner, self._bindable(feed), choice.index)
 
     def kv_extract(self, target, target_ids, refs, ref_ids, text, text_ids, timestep):
         num_refs = int(ref_ids.shape[0])
@@ -158,7 +278,29 @@ class TrtTransformerBackend:
         return self._run_kv(target, target_ids, None, None, text, text_ids, timestep, "cached", cached=kv_state)
 
     def euler_step(self, latents, velocity, delta):
-        return euler_step(latents, velocity, delta)
+        if not isinstance(velocity, TrtTensor):
+            return euler_step(latents, velocity, delta)
+        dtype = HOST_DTYPES[velocity.dtype_name]
+        if isinstance(latents, TrtTensor):
+            name, value = "euler", self._device(latents)
+        else:  # the initial noise, as the host step reads it: float32 unless already in the velocity's dtype
+            host = np.asarray(latents)
+            name = "euler" if host.dtype == dtype or "euler_noise" not in self.step_runners else "euler_noise"
+            value = host.astype(dtype if name == "euler" else np.float32, copy=False)
+        return self._step(name, {"latents": value, "velocity": self._device(velocity)},
+                          {"delta": rounded_scalar(delta, dtype)}, velocity.shape)
+
+    def guide(self, positive, negative, scale):
+        """Classifier-free guidance ``negative + scale * (positive - negative)``, on the GPU with device steps."""
+        if not isinstance(positive, TrtTensor):
+            return negative + scale * (positive - negative)
+        dtype = HOST_DTYPES[positive.dtype_name]
+        return self._step("guidance", {"positive": self._device(positive), "negative": self._device(negative)},
+                          {"scale": rounded_scalar(scale, dtype)}, positive.shape)
+
+    def finish_latents(self, latents):
+        """The final latents as a host array (the loop's last call, and its one wait for the GPU)."""
+        return latents.numpy() if isinstance(latents, TrtTensor) else latents
 
     def release_static(self) -> None:
         self.feeds.clear()

@@ -134,12 +134,14 @@ class TrtRunner:
         raise ProfileError(bad_value("engine profile", profile, ", ".join(p.name for p in profiles)))
 
     def infer(self, feed: Mapping[str, Any], profile: str | int,
-              into: Mapping[str, DeviceTensor] | None = None) -> dict[str, Any]:
+              into: Mapping[str, DeviceTensor] | None = None, synchronize: bool = True) -> dict[str, Any]:
         """Run one call in ``profile``; returns {output: array} (numpy, or torch CUDA tensors on the torch path).
 
         ``feed`` values are host/torch arrays (copied into the runner's buffers) or :class:`DeviceTensor` (bound in
         place). Outputs named in ``into`` are written to those addresses and returned as DeviceTensors of their
-        real shape; the others are downloaded.
+        real shape; the others are downloaded. ``synchronize=False`` returns with the call still queued on the
+        memory's stream (every runner of one memory object shares it, so later calls run after it): downloaded
+        outputs are valid only after the memory's ``synchronize()``.
         """
         manifest = self._require_active()
         index = self.profile_index(profile)
@@ -182,7 +184,8 @@ class TrtRunner:
             if name not in into:
                 results[name] = self.memory.download(self._buffers[name], tuple(self.context.get_tensor_shape(name)),
                                                       self.dtypes[name])
-        self.memory.synchronize()
+        if synchronize:
+            self.memory.synchronize()
         return results
 
     def _input_address(self, name: str, value: Any) -> int:

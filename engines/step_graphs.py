@@ -1,9 +1,10 @@
-"""Tiny ONNX graphs for the sampler's elementwise arithmetic, so latents can stay on the session's device.
+"""Tiny ONNX graphs for the sampler's elementwise arithmetic, so latents can stay on the engines' device.
 
 The Euler step and the guidance mix are a few elementwise operations on (1, N, C) tensors. Done on the host, each
 step copies the velocity out and the latents back in, and numpy's float16 arithmetic is slow (about 5 ms per step
-for a 1024^2 target on one core: numpy converts float16 element by element). As onnxruntime graphs they run where
-the transformer runs, on its buffers.
+for a 1024^2 target on one core: numpy converts float16 element by element). As onnxruntime graphs, or TensorRT
+engines built from them next to the transformer's (:func:`step_models`), they run where the transformer runs, on
+its buffers.
 
 Both graphs reproduce :func:`~sparse_context.runtime.schedule.euler_step` and numpy's float16 rounding bit for bit:
 numpy computes every float16 operation in float32 and rounds the result, which is what a float32 operation
@@ -147,3 +148,24 @@ def guidance_graph(dtype: np.dtype) -> bytes:
 def rounded_scalar(value: float, dtype: np.dtype) -> np.ndarray:
     """``value`` as numpy would use it with a ``dtype`` array: rounded to ``dtype``, fed as a float32 (1,) array."""
     return np.array([np.dtype(dtype).type(np.float32(value))], np.float32)
+
+
+def step_models(dtype: np.dtype) -> dict[str, bytes]:
+    """The step graphs of engines whose velocity is ``dtype`` (float32 or float16), by name: ``euler`` (latents in
+    ``dtype``), ``euler_noise`` (the first step, on float32 noise; float32 engines use ``euler`` for it) and
+    ``guidance``."""
+    dtype = _check_dtype(dtype)
+    models = {"euler": euler_graph(dtype, dtype), "guidance": guidance_graph(dtype)}
+    if dtype != np.float32:
+        models["euler_noise"] = euler_graph(np.dtype(np.float32), dtype)
+    return models
+
+
+STEP_INPUTS = {"euler": ("latents", "velocity"), "euler_noise": ("latents", "velocity"),
+               "guidance": ("positive", "negative")}  # the (1, N, C) inputs; the scalar is static (1,)
+
+
+def step_shapes(name: str, max_tokens: int, channels: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """``{input: (min, opt, max)}`` of a step graph for targets of 1 to ``max_tokens`` tokens (one profile)."""
+    low, high = (1, 1, int(channels)), (1, int(max_tokens), int(channels))
+    return {tensor: (low, high, high) for tensor in STEP_INPUTS[name]}
