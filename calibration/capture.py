@@ -212,6 +212,26 @@ def run_sample(generator: Any, spec: SampleSpec, graph: str, ref_size: tuple[int
                               num_steps=num_steps, seed=spec.seed, output_type=output_type)
 
 
+def counting_cuts(cut: set[str], prompt: str, run: Callable[[], Any]) -> Any:
+    """``run()`` with a cut prompt's warning noted in ``cut`` instead of shown on every generation (other warnings
+    are shown as usual); :func:`warn_cut_prompts` then says it once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        result = run()
+    for warning in caught:
+        if issubclass(warning.category, PromptTruncatedWarning):
+            cut.add(prompt)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return result
+
+
+def warn_cut_prompts(what: str, cut: set[str], prompts: set[str]) -> None:
+    if cut:
+        warnings.warn(f"{what}: {len(cut)} of {len(prompts)} prompts have more tokens than the text encoder reads "
+                      "and were cut, as generation cuts them", PromptTruncatedWarning, stacklevel=3)
+
+
 def capture(make_generator: Callable[[], Any], backend: Any, plan: Any, calibration_set: CalibrationSet,
             options: CaptureOptions, out_root: str | Path, graphs: Sequence[str] = ("full", "kv"),
             progress: Progress | None = None) -> Capture:
@@ -246,14 +266,8 @@ def capture(make_generator: Callable[[], Any], backend: Any, plan: Any, calibrat
             split = "calibration" if spec.index < options.samples else "holdout"
             recorder.restart()
             pending.clear()
-            with warnings.catch_warnings(record=True) as caught:  # one line for all cut prompts, after the loop
-                warnings.simplefilter("always", PromptTruncatedWarning)
-                result = run_sample(generator, spec, graph, ref_size, options.num_steps)
-            for warning in caught:
-                if issubclass(warning.category, PromptTruncatedWarning):
-                    cut.add(spec.prompt)
-                else:
-                    warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            result = counting_cuts(cut, spec.prompt, lambda: run_sample(generator, spec, graph, ref_size,
+                                                                       options.num_steps))
             shard = f"{graph}-{spec.index:04d}.npz"
             arrays = {}
             for number, (recorded_graph, kind, step, feeds) in enumerate(pending):
@@ -267,10 +281,7 @@ def capture(make_generator: Callable[[], Any], backend: Any, plan: Any, calibrat
             shards[shard] = (staging / shard).stat().st_size
             if progress is not None:
                 progress("calibration capture", done, total)
-        if cut:
-            prompts = len({s.prompt for s in samples})
-            warnings.warn(f"calibration prompts cut: {len(cut)} of {prompts} have more tokens than the text encoder "
-                          "reads and were captured cut, as generation cuts them", PromptTruncatedWarning, stacklevel=2)
+        warn_cut_prompts("calibration capture", cut, {s.prompt for s in samples})
         manifest = {
             "format": CAPTURE_FORMAT, "key": key, "model_fingerprint": fingerprint, "graphs": list(graphs),
             "sample_count": options.samples, "holdout_count": options.holdout, "seed": options.seed,

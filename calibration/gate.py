@@ -17,7 +17,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from sparse_context.calibration.capture import Capture, RecordingBackend, replace_backend, run_sample
+from sparse_context.calibration.capture import (
+    Capture, RecordingBackend, counting_cuts, replace_backend, run_sample, warn_cut_prompts,
+)
 from sparse_context.calibration.errors import CalibrationConfigError, GateFailedError
 from sparse_context.calibration.recipe import FLAG_EXCLUDE, QUANTIZED_OP_TYPES, layer_names
 from sparse_context.runtime.errors import bad_value
@@ -103,13 +105,16 @@ def measure(generator: Any, reference: Any, quantized: Any, samples: Sequence[An
     modes = gate_modes(graphs, plan.keep_fractions)
     report: dict[str, Any] = {}
     total, done = len(modes) * len(samples), 0
+    cut: set[str] = set()
     for mode, (graph, keep) in modes.items():
         cosines_by_step: list[float] = [1.0] * num_steps
         latent_errors, psnrs = [], []
         for spec in samples:
             spec = replace(spec, keep_fraction=keep)
-            ref_v, ref_latents, ref_image = _run(generator, reference, spec, graph, ref_size, num_steps)
-            q_v, q_latents, q_image = _run(generator, quantized, spec, graph, ref_size, num_steps)
+            ref_v, ref_latents, ref_image = counting_cuts(
+                cut, spec.prompt, lambda: _run(generator, reference, spec, graph, ref_size, num_steps))
+            q_v, q_latents, q_image = counting_cuts(
+                cut, spec.prompt, lambda: _run(generator, quantized, spec, graph, ref_size, num_steps))
             calls_per_step = max(1, len(ref_v) // num_steps)  # 2 with classifier-free guidance
             for index, (a, b) in enumerate(zip(q_v, ref_v)):
                 step = min(index // calls_per_step, num_steps - 1)
@@ -123,6 +128,7 @@ def measure(generator: Any, reference: Any, quantized: Any, samples: Sequence[An
                         "velocity_cosine_by_step": [round(c, 6) for c in cosines_by_step],
                         "min_velocity_cosine": round(min(cosines_by_step), 6),
                         "latent_rel_error": round(max(latent_errors), 6), "psnr_db": round(min(psnrs), 3)}
+    warn_cut_prompts("accuracy gate", cut, {spec.prompt for spec in samples})
     return report
 
 

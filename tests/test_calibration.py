@@ -184,8 +184,8 @@ def test_capture_is_deterministic_and_reused(captured, generator, reference_back
     # The tiny tokenizer spells bytes: every bundled prompt is over its 64 tokens. One line says so for all.
     cut = [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
     prompts = {s["prompt"] for s in again.manifest["samples"]}
-    assert cut == [f"calibration prompts cut: {len(prompts)} of {len(prompts)} have more tokens than the text "
-                   "encoder reads and were captured cut, as generation cuts them"]
+    assert cut == [f"calibration capture: {len(prompts)} of {len(prompts)} prompts have more tokens than the text "
+                   "encoder reads and were cut, as generation cuts them"]
     assert again.manifest["cut_prompts"] == sorted(prompts)
     assert again.key == captured.key
     for graph in ("full", "kv"):
@@ -210,6 +210,26 @@ def test_capture_is_deterministic_and_reused(captured, generator, reference_back
                                             CaptureOptions(seed=1), small_plan().to_json())
     assert other_seed != capture_module.capture_key(manifest["model_fingerprint"], bundled_set(3), [],
                                                     CaptureOptions(seed=0), small_plan().to_json())
+
+
+def test_cut_prompts_are_said_once_and_other_warnings_pass_through():
+    """The capture and the accuracy gate run each prompt many times: one line for all its cut prompts."""
+    from sparse_context.calibration.capture import counting_cuts, warn_cut_prompts
+
+    def run():
+        warnings.warn("cut", PromptTruncatedWarning)
+        warnings.warn("other", RuntimeWarning)
+        return 3
+
+    cut: set[str] = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert counting_cuts(cut, "a", run) == counting_cuts(cut, "a", run) == 3
+        counting_cuts(cut, "b", lambda: None)
+        warn_cut_prompts("accuracy gate", cut, {"a", "b"})
+        warn_cut_prompts("accuracy gate", set(), {"a", "b"})  # nothing cut: nothing said
+    assert [str(w.message) for w in caught] == ["other", "other", "accuracy gate: 1 of 2 prompts have more tokens "
+                                                "than the text encoder reads and were cut, as generation cuts them"]
 
 
 def test_incomplete_or_foreign_captures_are_refused(captured, tmp_path):
