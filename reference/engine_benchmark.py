@@ -238,6 +238,7 @@ class LoopRunner:
         self.grids = [convert(grid) for grid in inputs.grids]
         self._kv: tuple[RowKey, Any] | None = None
         self.session_seconds: float | None = None  # of the last row run
+        self.step_seconds: float | None = None  # of the last row run: inside the step graphs (device steps)
         self.samples: list[float] = []  # every timed call of the last row run, in order
 
     def has_state_for(self, row: RowKey) -> bool:
@@ -255,11 +256,12 @@ class LoopRunner:
             packed = pack_references(self.grids[:row.refs], self.inputs.kept[(row.refs, row.keep)])
             refs, ref_ids = packed.tokens[None], packed.position_ids  # (1, N_r, C), (N_r, 4)
         repeats = self.inputs.options.repeats if repeats is None else repeats
-        times, in_session, started = [], [], time.perf_counter()
+        times, in_session, in_steps, started = [], [], [], time.perf_counter()
         for attempt in range(repeats + 1):  # the first call warms kernels and allocators
             latents = state = None  # at most one K/V cache alive at a time
             self.sync()
             start, session_start = time.perf_counter(), getattr(self.backend, "session_seconds", None)
+            steps_start = getattr(self.backend, "step_seconds", None)
             latents, state = denoise(self.backend, self.latents, self.inputs.target_ids, self.conditioning,
                                      self.inputs.schedule, refs, ref_ids, use_kv=row.kv, kv_state=kv_state)
             self.sync()
@@ -269,9 +271,12 @@ class LoopRunner:
                 times.append(time.perf_counter() - start)
                 if session_start is not None:
                     in_session.append(self.backend.session_seconds - session_start)
-        # Seconds inside the engine's own runs (onnxruntime backends), median like the row: the rest of the row
-        # is the loop's host work (feeds, steps, copies).
+                if steps_start is not None:
+                    in_steps.append(self.backend.step_seconds - steps_start)
+        # Seconds inside the engine's own runs and inside the step graphs' runs (onnxruntime backends), medians like
+        # the row: the rest of the row is the loop's host work (feeds, uploads, copies, waits between runs).
         self.session_seconds = statistics.median(in_session) if in_session else None
+        self.step_seconds = statistics.median(in_steps) if in_steps else None
         self.samples = list(times)
         if row.kv and row.refs:
             self._kv = (RowKey(row.refs, row.keep, True), state)

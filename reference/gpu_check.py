@@ -416,7 +416,8 @@ class _Check:
                 if reference is not None:  # PyTorch at the same depth, same weights and inputs
                     compared.update(compare_latents(reference, latents), finite=compared["finite"])
                 self.report.row(name, row, seconds=seconds, wall_s=wall, ref_tokens=self.inputs.ref_tokens(row),
-                                in_session_s=runner.session_seconds, samples_s=runner.samples, **compared)
+                                in_session_s=runner.session_seconds, in_steps_s=runner.step_seconds,
+                                samples_s=runner.samples, **compared)
             phase["host_steps"] = self._host_steps(backend, runner, timed)
             if depth == self.options.ladder[0]:
                 phase["kernels"] = self._kernel_profiles(runner, lambda: None)

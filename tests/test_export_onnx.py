@@ -194,6 +194,7 @@ def test_device_steps_equal_host_steps(tiny_model_dir, out_dir, full_export, kv_
         assert isinstance(got, np.ndarray) and got.dtype == expected.dtype == device.dtype, name
         assert got.tobytes() == expected.tobytes(), name
     assert device._step_sessions and not host._step_sessions  # the device loop really ran the step graphs
+    assert device.step_seconds > 0 and host.step_seconds == 0  # and timed them apart from the transformer
 
 
 def test_device_tensors_refuse_stale_or_foreign_use(full_export):

@@ -124,6 +124,7 @@ class OrtTransformerBackend:
         self.device_steps = bool(device_steps)
         self._looping = False
         self.session_seconds = 0.0  # wall time inside transformer runs, summed (benchmarks: the rest is overhead)
+        self.step_seconds = 0.0  # wall time inside the step graphs' runs (Euler, guidance), summed
         self._step_sessions: dict[tuple[Any, ...], Any] = {}
         self._turns: dict[tuple[Any, ...], int] = {}  # next slot of each two-buffer ring
         self._versions: dict[int, int] = {}  # writes per kept buffer (by address), to refuse stale OrtTensors
@@ -359,7 +360,9 @@ class OrtTransformerBackend:
             binding.bind_cpu_input(key, value)
         result = self._ring_value(name, shape, self.dtype)
         binding.bind_ortvalue_output(output, result)
+        start = time.perf_counter()
         session.run_with_iobinding(binding)
+        self.step_seconds += time.perf_counter() - start
         return self._wrap(result, shape)
 
     def _step_session(self, model: bytes) -> Any:
