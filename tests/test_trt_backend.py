@@ -268,6 +268,63 @@ def test_real_tensorrt_generation_equals_pytorch(tiny_model_dir, tiny_generator,
         np.testing.assert_allclose(result.image.numpy(), host.image.numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_real_tensorrt_step_engines_equal_the_host_step(tiny_model_dir, tmp_path):
+    """The step engines alone on real TensorRT, fp16: bit-equal to the numpy step (its float16 roundings are Cast
+    nodes, which a strongly typed network keeps)."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install .[tensorrt])")
+    from sparse_context.engines.buckets import BucketPlan, Resolution
+    from sparse_context.engines.build import BuildRequest, _build_steps
+    from sparse_context.engines.errors import RunnerError, TensorRTUnavailableError
+    from sparse_context.engines.step_graphs import rounded_scalar
+    from sparse_context.engines.trt.memory import default_memory
+    from sparse_context.engines.trt.runner import TrtRunner
+    from sparse_context.runtime.schedule import euler_step
+
+    try:
+        memory = default_memory()
+        memory.device_info()
+    except (TensorRTUnavailableError, RunnerError) as error:
+        pytest.skip(f"no CUDA device: {error}")
+    plan = BucketPlan(keep_fractions=(1.0,), max_refs=1, ref_resolution=Resolution(64, 64),
+                      target_resolutions=(Resolution(96, 96),), text_tokens=64).validate()
+    request = BuildRequest(model_dir=tiny_model_dir, backend="trt", plan=plan, out_dir=tmp_path, precision="fp16")
+    steps = _build_steps(request, tmp_path, None)
+    assert set(steps) == {"euler", "euler_noise", "guidance"}
+    rng = np.random.default_rng(9)
+    noise = rng.standard_normal((1, 36, 128)).astype(np.float32)
+    velocity, negative = (rng.standard_normal((1, 36, 128)).astype(np.float16) for _ in range(2))
+    delta, scale = np.float32(-0.2718), 3.5
+    expected = {"euler_noise": euler_step(noise, velocity, delta),
+                "euler": euler_step(noise.astype(np.float16), velocity, delta),
+                "guidance": negative + scale * (velocity - negative)}
+    feeds = {"euler_noise": {"latents": noise, "velocity": velocity, "delta": rounded_scalar(delta, np.float16)},
+             "euler": {"latents": noise.astype(np.float16), "velocity": velocity,
+                       "delta": rounded_scalar(delta, np.float16)},
+             "guidance": {"positive": velocity, "negative": negative, "scale": rounded_scalar(scale, np.float16)}}
+    for name, entry in steps.items():
+        with TrtRunner(tmp_path / entry.engine, memory=memory) as runner:
+            (result,) = runner.infer(feeds[name], 0).values()
+            result = result.cpu().numpy() if hasattr(result, "cpu") else np.asarray(result)
+            assert result.tobytes() == expected[name].tobytes(), name
+
+
+def test_step_engines_only_for_tensorrt_and_numpy_dtypes(tiny_model_dir, tmp_path):
+    """Other backends run the step graphs as they are (onnxruntime) and bf16 keeps the host step: no step
+    engines, and nothing is written."""
+    from sparse_context.engines.buckets import BucketPlan, Resolution
+    from sparse_context.engines.build import BuildRequest, _build_steps
+
+    plan = BucketPlan(keep_fractions=(1.0,), max_refs=1, ref_resolution=Resolution(64, 64),
+                      target_resolutions=(Resolution(64, 64),), text_tokens=64).validate()
+    for backend, precision in (("ort-cuda", "fp16"), ("ort-cpu", "fp32"), ("trt", "bf16")):
+        request = BuildRequest(model_dir=tiny_model_dir, backend=backend, plan=plan, out_dir=tmp_path,
+                               precision=precision)
+        assert _build_steps(request, tmp_path, None) == {}
+    assert not any(tmp_path.iterdir())
+
+
 def _kv_only(engines_dir):
     from sparse_context.engines.index import EnginesIndex
 
