@@ -4,6 +4,8 @@ for the runtime."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from contextlib import contextmanager
@@ -311,9 +313,6 @@ def _build_steps(request: BuildRequest, out_dir: Path,
     on latents, the guidance mix) for the transformer's velocity dtype, one profile over every target size of the
     plan: the TensorRT backend then keeps latents on the GPU through a generation. Only for ``--backend trt`` and
     fp32/fp16 velocities (bf16 has no numpy dtype for the host step these graphs equal)."""
-    import hashlib
-    import json
-
     import numpy as np
 
     from sparse_context.calibration.build import export_precision

@@ -163,6 +163,7 @@ def step_models(dtype: np.dtype) -> dict[str, bytes]:
 
 STEP_INPUTS = {"euler": ("latents", "velocity"), "euler_noise": ("latents", "velocity"),
                "guidance": ("positive", "negative")}  # the (1, N, C) inputs; the scalar is static (1,)
+STEP_OUTPUTS = {"euler": "next", "euler_noise": "next", "guidance": "guided"}
 
 
 def step_shapes(name: str, max_tokens: int, channels: int) -> dict[str, tuple[tuple[int, ...], ...]]:

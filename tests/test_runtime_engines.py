@@ -93,6 +93,15 @@ def test_projection_flag_errors(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "e").exists()
     with pytest.raises(SystemExit):
         main(["--demo", "--projections", "diagonal"])
+    from sparse_context.engines.buckets import BucketPlan
+    from sparse_context.engines.build import BuildRequest
+    from sparse_context.engines.errors import BuildOptionError
+
+    request = BuildRequest(model_dir=tiny_model_dir, backend="ort-cpu", plan=BucketPlan(), out_dir=tmp_path / "e",
+                           projections="diagonal")
+    with pytest.raises(BuildOptionError, match="projection form: got 'diagonal'; allowed: fused or split.*"
+                                               "--projections"):
+        request.validate()
 
 
 def test_build_engines_cli_demo_and_errors(tmp_path, capsys, monkeypatch):

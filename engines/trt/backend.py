@@ -27,7 +27,7 @@ from sparse_context.engines.errors import RunnerError
 from sparse_context.engines.feeds import KV_INPUTS, KV_OUTPUTS, CallFeed, Empty, FeedBuilder
 from sparse_context.engines.index import EnginesIndex
 from sparse_context.engines.profiles import ProfileSelector
-from sparse_context.engines.step_graphs import rounded_scalar
+from sparse_context.engines.step_graphs import STEP_OUTPUTS, rounded_scalar
 from sparse_context.engines.trt.memory import default_memory
 from sparse_context.engines.trt.runner import DeviceTensor, TrtRunner, _itemsize
 from sparse_context.export.manifest import read_export_manifest
@@ -38,8 +38,10 @@ from sparse_context.runtime.kv_buffers import EngineKVState, KVBufferPool
 from sparse_context.runtime.schedule import euler_step
 
 KV_TENSORS = KV_INPUTS + KV_OUTPUTS
-STEP_OUTPUTS = {"euler": "next", "euler_noise": "next", "guidance": "guided"}
 HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16}  # velocities the step engines take (not BF16)
+STATIC_INPUTS = ("text", "refs", "rope_cos", "rope_sin", "ref_rope_cos", "ref_rope_sin")
+# TensorRT DataType names of the K/V outputs -> the host dtype their values are read back in (bf16 via float32).
+KV_HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.float32}
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,6 @@ class TrtTensor:
         array = self.numpy()
         return array if dtype is None else array.astype(dtype)
 
-STATIC_INPUTS = ("text", "refs", "rope_cos", "rope_sin", "ref_rope_cos", "ref_rope_sin")
-# TensorRT DataType names of the K/V outputs -> the host dtype their values are read back in (bf16 via float32).
-KV_HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.float32}
-
 
 class TrtTransformerBackend:
     """The full and/or KV engine of one ``engines.json`` (``build_engines.py --backend trt``)."""
@@ -82,6 +80,7 @@ class TrtTransformerBackend:
         self.memory = memory if memory is not None else default_memory(device)
         self.runners: dict[str, TrtRunner] = {}
         self.step_runners: dict[str, TrtRunner] = {}
+        self._kept: dict[tuple[str, int], tuple[Any, int]] = {}  # (name, slot) -> (buffer, bytes)
         try:
             for graph, entry in graphs.items():
                 external = KV_TENSORS if graph == "kv" else ()
@@ -119,7 +118,6 @@ class TrtTransformerBackend:
         self.velocity_dtype = velocity
         self.device_steps = bool(device_steps) and usable
         self._looping = False
-        self._kept: dict[tuple[str, int], tuple[Any, int]] = {}  # (name, slot) -> (buffer, bytes)
         self._turns: dict[str, int] = {}
         self._versions: dict[int, int] = {}  # writes per kept buffer (by address), to refuse stale TrtTensors
 
@@ -128,9 +126,9 @@ class TrtTransformerBackend:
             runner.deactivate()
         self.runners.clear()
         self.step_runners.clear()
-        for buffer, _ in getattr(self, "_kept", {}).values():
+        for buffer, _ in self._kept.values():
             self.memory.free(buffer)
-        getattr(self, "_kept", {}).clear()
+        self._kept.clear()
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
