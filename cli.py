@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from sparse_context.engines.streams import SYNC_MODES
 from sparse_context.runtime.benchmark_selection import DEFAULT_GENERATION_S, GENERATION_FLAG
 from sparse_context.runtime.errors import InputError, SparseContextError, bad_value
 from sparse_context.runtime.limits import (
@@ -26,6 +27,7 @@ FLAG_LORA = "--lora"
 FLAG_LORA_SCALE = "--lora-scale"
 FLAG_DTYPE = "--dtype"
 FLAG_DEVICE = "--device"
+FLAG_SYNC = "--sync"
 FLAG_REF = "--ref"
 FLAG_MASK = "--mask"
 FLAG_STRATEGY = "--strategy"
@@ -179,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from sparse_context.engines.pipeline import EnginePipeline
 
         check_engine_options(args)
-        generator = EnginePipeline.from_engines(args.engines, device=args.device)
+        generator = EnginePipeline.from_engines(args.engines, device=args.device, sync=args.sync)
     else:
         check_torch_device(args.device)
         from sparse_context.reference.generator import SparseContextGenerator  # torch: after the checks
@@ -222,6 +224,9 @@ def check_generate_options(args: argparse.Namespace) -> None:
         kind, _, number = args.device.partition(":")
         if kind not in ("cpu", "cuda") or (number and (kind == "cpu" or not number.isdigit())):
             raise InputError(bad_value("device", args.device, "cpu, cuda or cuda:N", FLAG_DEVICE))
+    if args.sync is not None and args.engines is None:
+        raise InputError(bad_value("synchronization", args.sync, "set only with --engines (onnxruntime engines "
+                                   "wait for their device after every run or once per image)", FLAG_SYNC))
     if args.engines is not None:
         if not Path(args.engines).is_dir():
             raise InputError(bad_value("engines folder", args.engines, "an existing folder from build_engines.py",
@@ -437,6 +442,9 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     generate.add_argument(FLAG_HEIGHT, type=int, help="output height, as --width")
     generate.add_argument(FLAG_DEVICE, default=None, help="cpu, cuda or cuda:N (default: cpu; with --engines: "
                           "the engines' device, whose GPU index may be chosen)")
+    generate.add_argument(FLAG_SYNC, choices=SYNC_MODES, default=None,
+                          help="with --engines on onnxruntime: wait for the device after every run (run, the "
+                          "default) or queue the whole generation on one CUDA stream and wait once (image)")
     generate.add_argument(FLAG_DTYPE, choices=("fp32", "fp16", "bf16"), default=None,
                           help="default: fp32 (with --engines: the engines' precision)")
     generate.add_argument(FLAG_OUT, default="out/generated.png",

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sparse_context.engines.buckets import BucketPlan
-from sparse_context.engines.errors import BuildOptionError, EnginesIndexError, ProfileError, rebuild_hint
+from sparse_context.engines.errors import (
+    BackendOptionError, BuildOptionError, EnginesIndexError, ProfileError, rebuild_hint,
+)
 from sparse_context.engines.manifest import atomic_write_bytes
 from sparse_context.runtime.errors import bad_value
 
@@ -164,11 +166,16 @@ class EnginesIndex:
         return path
 
 
-def open_backend(index: EnginesIndex, memory: Any = None, device: str | None = None) -> Any:
+def open_backend(index: EnginesIndex, memory: Any = None, device: str | None = None, sync: str | None = None) -> Any:
     """The transformer backend an index describes: TensorRT engines, or onnxruntime sessions with the recorded
     providers (the TensorRT EP gets its per-bucket profiles and engine cache). ``device``: ``"cpu"``,
-    ``"cuda"`` or ``"cuda:N"``; it must be where the engines run (the GPU index is honoured)."""
+    ``"cuda"`` or ``"cuda:N"``; it must be where the engines run (the GPU index is honoured). ``sync``: when
+    onnxruntime waits for the device, ``"run"`` (default) or ``"image"`` (see ``OrtTransformerBackend``); TensorRT
+    engines always queue a generation on one stream and wait once."""
     device_id = check_device(index, device)
+    if index.backend == "trt" and sync not in (None, "image"):
+        raise BackendOptionError(bad_value("synchronization", sync, "image, or leave it out: TensorRT engines "
+                                           "queue a whole generation on one stream and wait once", "--sync"))
     if index.backend == "trt":
         from sparse_context.engines.trt.backend import TrtTransformerBackend
 
@@ -191,7 +198,8 @@ def open_backend(index: EnginesIndex, memory: Any = None, device: str | None = N
     return OrtTransformerBackend(full=index.path(full.onnx) if full else None, kv=index.path(kv.onnx) if kv else None,
                                  providers=providers, session_options=session_options, plan=index.plan,
                                  strict_shapes=index.backend == "ort-trt", device_id=device_id,
-                                 expected_sha256={g: e.onnx_sha256 for g, e in index.graphs.items()})
+                                 expected_sha256={g: e.onnx_sha256 for g, e in index.graphs.items()},
+                                 sync=sync or "run")
 
 
 def check_device(index: EnginesIndex, device: str | None) -> int:

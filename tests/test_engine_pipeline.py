@@ -117,13 +117,14 @@ def _blocked_run(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_generate_cli_without_torch_writes_the_pipelines_png(engines_dir, pipeline, tmp_path):
     """`sparse-context generate --engines` in a process that cannot import torch: a PNG, the same image the
-    pipeline gives in this process, and none of the blocked modules loaded."""
+    pipeline gives in this process (which waits after every run; the CLI waits once per image), and none of the
+    blocked modules loaded."""
     from PIL import Image
 
     photo = ROOT / "runtime" / "samples" / "chelsea.jpg"
     out = tmp_path / "torchfree.png"
     args = ["generate", "--engines", str(engines_dir), "--prompt", "a cat in a spacesuit", "--ref", str(photo),
-            "--keep", "0.1", "--strategy", "saliency", "--kv", "--steps", "2", "--out", str(out)]
+            "--keep", "0.1", "--strategy", "saliency", "--kv", "--steps", "2", "--sync", "image", "--out", str(out)]
     code = (f"from sparse_context.cli import main\n"
             f"status = main({args!r})\n"
             f"loaded = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r} and sys.modules[m] is not None]\n"

@@ -185,16 +185,22 @@ def test_device_steps_equal_host_steps(tiny_model_dir, out_dir, full_export, kv_
         runs += [("sparse_kv", plain, refs, True), ("guided_kv", guided, refs, True)]
     host = OrtTransformerBackend(**graphs, device_steps=False)
     device = OrtTransformerBackend(**graphs)
+    queued = OrtTransformerBackend(**graphs, sync="image")  # one stream, one wait per image
     for name, conditioning, references, use_kv in runs:
         ids = None if references is None else ref_ids
         expected, _ = denoise(host, latents, grid_position_ids(3, 4), conditioning, schedule, references, ids,
                               use_kv=use_kv)
-        got, _ = denoise(device, latents, grid_position_ids(3, 4), conditioning, schedule, references, ids,
-                         use_kv=use_kv)
-        assert isinstance(got, np.ndarray) and got.dtype == expected.dtype == device.dtype, name
-        assert got.tobytes() == expected.tobytes(), name
+        for backend in (device, queued):
+            got, _ = denoise(backend, latents, grid_position_ids(3, 4), conditioning, schedule, references, ids,
+                             use_kv=use_kv)
+            assert isinstance(got, np.ndarray) and got.dtype == expected.dtype == backend.dtype, name
+            assert got.tobytes() == expected.tobytes(), (name, backend.sync)
     assert device._step_sessions and not host._step_sessions  # the device loop really ran the step graphs
     assert device.step_seconds > 0 and host.step_seconds == 0  # and timed them apart from the transformer
+    assert device.stream is None and host.stream is None
+    # Every host value of the loop went through the stream (first latents, timesteps, step scalars, prompt, RoPE),
+    # and the whole of each generation was waited for once.
+    assert queued.stream.synchronizations == len(runs) and queued.stream.writes > 4 * len(runs)
 
 
 def test_device_tensors_refuse_stale_or_foreign_use(full_export):

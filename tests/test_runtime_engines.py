@@ -291,3 +291,72 @@ def test_generate_with_engines_accepts_the_options_they_were_built_with(engines_
                  "--dtype", "fp32", "--device", "cpu", "--steps", "1", "--width", "64", "--height", "64",
                  "--out", str(out)]) == 0
     assert out.is_file() and "image:" in capsys.readouterr().out
+
+
+def test_one_wait_per_image_gives_the_same_images(engines_dir, reference_photos):
+    """``sync="image"``: the generation is queued on the backend's own stream and waited for once, the persistent
+    K/V cache included; the latents equal those of a wait after every run bit for bit."""
+    from sparse_context.reference.generator import SparseContextGenerator
+    from sparse_context.runtime.kv_cache import ReferenceKVCache
+
+    kwargs = dict(keep_fraction=0.1, strategy="edge", use_kv=True, num_steps=3, seed=4, output_type="latent",
+                  height=64, width=64)
+    results = {}
+    for sync in ("run", "image"):
+        ours = SparseContextGenerator.from_engines(engines_dir, sync=sync)
+        ours.kv_cache = ReferenceKVCache(64 << 20)
+        first = ours.generate("a harbour", reference_photos, **kwargs)
+        second = ours.generate("a harbour", reference_photos, **kwargs)  # every step a cached step
+        assert second.cache_hit and second.kv_state.keys.shape == first.kv_state.keys.shape
+        results[sync] = (first.image.numpy(), second.image.numpy(), np.array(second.kv_state.keys))
+        if sync == "image":
+            assert ours.backend.stream.synchronizations == 2  # one per image: its final latents
+    for run, image in zip(results["run"], results["image"]):
+        assert run.tobytes() == image.tobytes()
+
+
+def test_sync_option_errors(engines_dir, tmp_path, capsys):
+    from dataclasses import replace
+
+    from sparse_context.cli import main
+    from sparse_context.engines.errors import BackendOptionError
+    from sparse_context.engines.index import EnginesIndex, open_backend
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
+    from sparse_context.engines.ort.loader import with_default_options
+    from sparse_context.engines.streams import CudaStream
+
+    index = EnginesIndex.read(engines_dir)
+    kv = index.path(index.graphs["kv"].onnx)
+    with pytest.raises(BackendOptionError, match="synchronization: got 'step'; allowed: run or image.*--sync"):
+        OrtTransformerBackend(kv=kv, sync="step")
+    backend = OrtTransformerBackend(kv=kv)  # created without a stream of its own: it cannot start queueing
+    with pytest.raises(BackendOptionError, match="got 'image'; allowed: run \\(this backend was created with "
+                                                 "sync='run'"):
+        backend.set_sync("image")
+    queued = OrtTransformerBackend(kv=kv, sync="image")
+    queued.set_sync("run")
+    assert queued.sync == "run" and queued.stream is not None
+    with pytest.raises(BackendOptionError, match="TensorRT engines queue a whole generation.*--sync"):
+        open_backend(replace(index, backend="trt"), sync="run")
+    # Both GPU providers are bound to the stream; the CPU provider has none.
+    given = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    options = {p if isinstance(p, str) else p[0]: {} if isinstance(p, str) else p[1]
+               for p in with_default_options(given, 1, stream=1234)}
+    for gpu in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
+        assert options[gpu]["user_compute_stream"] == "1234" and options[gpu]["device_id"] == "1"
+    assert options["CPUExecutionProvider"] == {}
+    assert "user_compute_stream" not in dict(with_default_options(("CUDAExecutionProvider",))[0][1])
+    # The CUDA stream needs cuda-python; without it the error names the package and the flag that avoids it.
+    import sys
+
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name == "cuda" or name.startswith("cuda.")}
+    sys.modules["cuda"] = None
+    try:
+        with pytest.raises(BackendOptionError, match="cuda-python is not installed.*onnxruntime-gpu.*--sync run"):
+            CudaStream(0)
+    finally:
+        del sys.modules["cuda"]
+        sys.modules.update(saved)
+    # The CLI: --sync belongs to --engines.
+    code = main(["generate", "--prompt", "x", "--sync", "image", "--out", str(tmp_path / "x.png")])
+    assert code == 2 and "synchronization: got 'image'; allowed: set only with --engines" in capsys.readouterr().err

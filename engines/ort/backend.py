@@ -22,6 +22,7 @@ from sparse_context.engines.ort.loader import (
     check_providers_available, graph_exports, import_onnxruntime, providers_device, session_from_onnx,
     with_default_options,
 )
+from sparse_context.engines.streams import SYNC_MODES, CudaStream, HostStream
 from sparse_context.engines.step_graphs import euler_graph, guidance_graph, rounded_scalar
 from sparse_context.export.spec import NUMPY_DTYPES, ModelDims
 from sparse_context.runtime.errors import bad_value
@@ -29,6 +30,8 @@ from sparse_context.runtime.fingerprints import engines_fingerprint
 from sparse_context.runtime.kv_buffers import EngineKVState, KVBufferPool
 from sparse_context.runtime.memo import IdentityMemo
 from sparse_context.runtime.schedule import euler_step
+
+NO_SYNC_AFTER_RUN = "disable_synchronize_execution_providers"  # onnxruntime's run option: no stream wait at the end
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class OrtTensor:
         if self.owner.buffer_version(self.value) != self.version:
             raise BackendOptionError("this onnxruntime tensor's buffer was reused by a later call; copy it to the host "
                                      "(np.asarray) before the next two calls of the backend")
+        self.owner.drain()  # queued runs (sync="image") may still be writing it
         return np.array(self.value.numpy(), copy=True)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -74,6 +78,13 @@ class OrtTransformerBackend:
     (bit-equal to the host arithmetic), and only the final latents come to the host (:meth:`finish_latents`).
     Otherwise, and for direct calls, each call returns a host velocity and the step runs in numpy: a copy out, a
     copy in and ~5 ms of numpy float16 arithmetic per step at 1024^2.
+
+    ``sync``: ``"run"`` (default) lets onnxruntime wait for the device at the end of every run, as it does by
+    default. ``"image"`` runs every session of the backend on one stream it owns (:mod:`~sparse_context.engines.
+    streams`; the ``user_compute_stream`` provider option), queues the runs of a device-steps loop without waiting,
+    writes host values into device buffers as copies queued on that stream, and waits once per image, before the
+    final latents (or anything else) are read. The two give the same latents bit for bit; ``session_seconds`` then
+    counts the time to queue the runs, not to run them.
     """
 
     name = "onnxruntime"
@@ -81,12 +92,20 @@ class OrtTransformerBackend:
     def __init__(self, full: str | Path | None = None, kv: str | Path | None = None,
                  providers: Sequence[Any] = ("CPUExecutionProvider",), session_options: Any = None, *,
                  plan: Any = None, strict_shapes: bool = False, device_id: int = 0,
-                 expected_sha256: dict[str, str] | None = None, device_steps: bool = True):
+                 expected_sha256: dict[str, str] | None = None, device_steps: bool = True, sync: str = "run"):
         self._ort = import_onnxruntime()
         self.device = providers_device(providers)
         check_providers_available(self._ort, providers)
         self.device_id = int(device_id)
-        providers = with_default_options(providers, self.device_id)
+        if sync not in SYNC_MODES:
+            raise BackendOptionError(bad_value("synchronization", sync, " or ".join(SYNC_MODES), "--sync"))
+        self.sync = sync
+        # The stream exists from the start or never: sessions are bound to it when they are created.
+        self.stream = None if sync == "run" else HostStream() if self.device == "cpu" else CudaStream(self.device_id)
+        self._pending = False  # work queued on the stream since it last drained
+        self._queued_runs = self._ort.RunOptions()
+        self._queued_runs.add_run_config_entry(NO_SYNC_AFTER_RUN, "1")
+        providers = with_default_options(providers, self.device_id, self._stream_handle)
         exports = graph_exports(full, kv, expected_sha256)
         self.manifests = {graph: manifest for graph, (_, manifest) in exports.items()}
         self.fingerprint = engines_fingerprint(self.manifests)  # the files were just checked against these
@@ -129,6 +148,31 @@ class OrtTransformerBackend:
         self._turns: dict[tuple[Any, ...], int] = {}  # next slot of each two-buffer ring
         self._versions: dict[int, int] = {}  # writes per kept buffer (by address), to refuse stale OrtTensors
 
+    @property
+    def _stream_handle(self) -> int | None:
+        return None if self.stream is None else self.stream.handle
+
+    def set_sync(self, sync: str) -> None:
+        """Switch between ``"image"`` and ``"run"`` (benchmarks time both on the same sessions). ``"image"`` needs
+        the backend's own stream, which only exists if it was created with ``sync="image"``."""
+        if sync not in SYNC_MODES or (sync == "image" and self.stream is None):
+            allowed = " or ".join(SYNC_MODES) if self.stream is not None else "run (this backend was created with "\
+                "sync='run': its sessions are not on a stream of its own)"
+            raise BackendOptionError(bad_value("synchronization", sync, allowed, "--sync"))
+        self.drain()
+        self.sync = sync
+
+    @property
+    def queues(self) -> bool:
+        """Inside a device-steps loop, runs and writes are queued on the backend's stream without waiting."""
+        return self.sync == "image" and self._looping and self.io_device == self.device
+
+    def drain(self) -> None:
+        """Wait for everything queued on the backend's stream (nothing to do when nothing is queued)."""
+        if self._pending:
+            self._pending = False
+            self.stream.synchronize()
+
     def set_io_device(self, device: str) -> None:
         """Where inputs, outputs and K/V buffers live: the session's device (the default: I/O binding of device
         buffers), or ``"cpu"``, which makes onnxruntime copy every input in and every output out on each call, as
@@ -167,6 +211,7 @@ class OrtTransformerBackend:
 
     def _read(self, buffer: Any, shape: tuple[int, ...]) -> np.ndarray:
         """A host array of the first ``shape`` elements of a buffer: a view on CPU, a copy from a GPU."""
+        self.drain()
         host = buffer if isinstance(buffer, np.ndarray) else buffer.numpy()
         count = int(np.prod(shape, dtype=np.int64))
         return np.frombuffer(host, dtype=self.dtype, count=count).reshape(shape)
@@ -183,8 +228,17 @@ class OrtTransformerBackend:
             value = self._step_values[key] = self._ort.OrtValue.ortvalue_from_shape_and_type(
                 list(shape), array.dtype, self.io_device, self.device_id)
         if write:
-            value.update_inplace(array)
+            self._write(value, array)
         return value
+
+    def _write(self, value: Any, array: np.ndarray) -> None:
+        """``array`` into ``value``'s buffer: queued on the stream in a queued loop (runs queued before it may
+        still read the buffer's old contents), else copied now (every earlier run has finished)."""
+        if self.queues:
+            self.stream.write(value.data_ptr(), array)
+            self._pending = True
+        else:
+            value.update_inplace(array)
 
     def _ring_value(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
         """The next of two kept buffers for ``name``: an output written while the previous one is still read (the
@@ -203,11 +257,18 @@ class OrtTransformerBackend:
         return OrtTensor(value, tuple(shape), self.dtype, self, self._versions[id(value)])
 
     def _to_device(self, array: np.ndarray) -> Any:
-        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.io_device, self.device_id)
+        array = np.ascontiguousarray(array)
+        if not self.queues or self.io_device == "cpu":  # a CPU OrtValue wraps the array itself
+            return self._ort.OrtValue.ortvalue_from_numpy(array, self.io_device, self.device_id)
+        value = self._ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype, self.io_device,
+                                                                self.device_id)
+        self._write(value, array)
+        return value
 
     def release_static(self) -> None:
         """Drop this generation's static inputs and their device copies (the generation core calls this after
         each image)."""
+        self.drain()
         self.feeds.clear()
         self.static.clear()
 
@@ -254,22 +315,31 @@ class OrtTransformerBackend:
 
     def _run(self, session: Any, binding: Any, velocity: tuple[Any, tuple[int, ...]]) -> Any:
         start = time.perf_counter()
-        session.run_with_iobinding(binding)
+        self._run_binding(session, binding)
         self.session_seconds += time.perf_counter() - start
         tensor = self._wrap(*velocity)
         # K/V stay in place; so does the velocity inside a loop with device steps. Otherwise it comes to the host
         # as an array that owns its memory (its buffer is reused two calls later).
         return tensor if self._looping else tensor.numpy()
 
+    def _run_binding(self, session: Any, binding: Any) -> None:
+        if self.queues:
+            session.run_with_iobinding(binding, self._queued_runs)
+            self._pending = True
+        else:
+            session.run_with_iobinding(binding)
+
     @contextlib.contextmanager
     def device_loop(self) -> Iterator[None]:
         """The denoising loop runs inside this: with ``device_steps`` its velocities and latents stay on the device
-        (each is read before its buffer comes round again, two calls later)."""
+        (each is read before its buffer comes round again, two calls later). On the way out, also after an error,
+        queued work is waited for, so no buffer it uses can be freed under it."""
         looping, self._looping = self._looping, self.device_steps
         try:
             yield
         finally:
             self._looping = looping
+            self.drain()
 
     def run_kv(self, target, target_ids, refs, ref_ids, text, text_ids, timestep, cached: Any = None,
                into: Any = None) -> np.ndarray:
@@ -356,12 +426,12 @@ class OrtTransformerBackend:
         binding = session.io_binding()
         for key, value in tensors.items():
             binding.bind_ortvalue_input(key, value)
-        for key, value in host.items():
-            binding.bind_cpu_input(key, value)
+        for key, value in host.items():  # device copies too: a host input would be copied outside the stream order
+            binding.bind_ortvalue_input(key, self._step_value(f"{name}.{key}", value))
         result = self._ring_value(name, shape, self.dtype)
         binding.bind_ortvalue_output(output, result)
         start = time.perf_counter()
-        session.run_with_iobinding(binding)
+        self._run_binding(session, binding)
         self.step_seconds += time.perf_counter() - start
         return self._wrap(result, shape)
 
@@ -373,6 +443,6 @@ class OrtTransformerBackend:
             options = self._ort.SessionOptions()
             options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             providers = (["CPUExecutionProvider"] if self.io_device == "cpu" else
-                         with_default_options(["CUDAExecutionProvider"], self.device_id))
+                         with_default_options(["CUDAExecutionProvider"], self.device_id, self._stream_handle))
             self._step_sessions[key] = self._ort.InferenceSession(model, sess_options=options, providers=providers)
         return self._step_sessions[key]

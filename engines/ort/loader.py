@@ -54,18 +54,20 @@ def check_providers_available(ort: Any, providers: Sequence[Any]) -> None:
                                            "(build_engines.py --backend ort-cpu)", "--backend"))
 
 
-def with_default_options(providers: Sequence[Any], device_id: int = 0) -> list[Any]:
+def with_default_options(providers: Sequence[Any], device_id: int = 0, stream: int | None = None) -> list[Any]:
     """CUDA EP defaults for this workload: the chosen device, and an arena that grows by what is asked (the K/V
     buffers are large and long-lived; the default doubling strategy would reserve up to twice that). The TensorRT
-    EP gets the device too."""
+    EP gets the device too. ``stream``: a CUDA stream handle both GPU providers then run on, instead of streams of
+    their own (``engines.streams``)."""
     result: list[Any] = []
+    shared = {} if stream is None else {"has_user_compute_stream": "1", "user_compute_stream": str(int(stream))}
     for provider in providers:
         name = provider_name(provider)
         options = dict(provider[1]) if isinstance(provider, (tuple, list)) else {}
         if name == "CUDAExecutionProvider":
-            options = {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested", **options}
+            options = {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested", **options, **shared}
         elif name == "TensorrtExecutionProvider":
-            options = {"device_id": str(device_id), **options}
+            options = {"device_id": str(device_id), **options, **shared}
         result.append((name, options) if options else name)
     return result
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from sparse_context.engines.errors import RunnerError, TensorRTUnavailableError
+from sparse_context.engines.streams import cuda_check, import_cudart
 
 # TensorRT DataType names -> numpy dtype names. bfloat16 has no numpy dtype: it needs the torch path.
 NUMPY_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8",
@@ -23,27 +24,6 @@ TORCH_DTYPES = {**NUMPY_DTYPES, "BF16": "bfloat16"}
 class DeviceInfo:
     name: str
     compute_capability: str  # "9.0"
-
-
-def import_cudart() -> Any:
-    """cuda-python's runtime module; 13.x moved it to ``cuda.bindings`` and removed ``from cuda import cudart``."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python 12.x
-        except ImportError:
-            raise TensorRTUnavailableError("cuda-python is not installed; `pip install .[tensorrt]` "
-                                           "(or install torch with CUDA)") from None
-    return cudart
-
-
-def cuda_check(cudart: Any, result: Any, call: str) -> Any:
-    """cuda-python returns ``(error, *values)``; raise RunnerError naming the call on any error."""
-    error, *values = result if isinstance(result, tuple) else (result,)
-    if error != cudart.cudaError_t.cudaSuccess:
-        raise RunnerError(f"CUDA call {call} failed with {getattr(error, 'name', error)}")
-    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _torch_cuda() -> Any:
@@ -58,7 +38,7 @@ class CudartMemory:
     """numpy <-> device through cuda-python: one stream, raw allocations, async copies."""
 
     def __init__(self, device: int = 0):
-        self.cudart = import_cudart()
+        self.cudart = import_cudart(TensorRTUnavailableError, "`pip install .[tensorrt]` (or install torch with CUDA)")
         self.device = device
         cuda_check(self.cudart, self.cudart.cudaSetDevice(device), "cudaSetDevice")
         self.stream = cuda_check(self.cudart, self.cudart.cudaStreamCreate(), "cudaStreamCreate")
