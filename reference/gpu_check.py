@@ -403,7 +403,7 @@ class _Check:
             phase["exports"] = {g: {"path": str(r.path), "reused": r.reused, "ops": r.manifest.get("ops")}
                                 for g, r in exports.items()}
             with _timed(phase, "sessions_s"):
-                backend, profile_dir = self._open(exports, name)
+                backend, profile_dir = self._open(exports, name, phase)
             phase["providers_used"] = {g: list(s.get_providers()) for g, s in backend.sessions.items()}
             with _timed(phase, "probe_s"):
                 phase["placement"] = self._probe_with_fallbacks(backend, phase, name)
@@ -419,6 +419,7 @@ class _Check:
                                 in_session_s=runner.session_seconds, in_steps_s=runner.step_seconds,
                                 samples_s=runner.samples, **compared)
             phase["host_steps"] = self._host_steps(backend, runner, timed)
+            phase["waits_per_run"] = self._waits_per_run(backend, runner, timed)
             if depth == self.options.ladder[0]:
                 phase["kernels"] = self._kernel_profiles(runner, lambda: None)
             runner.release()
@@ -462,9 +463,40 @@ class _Check:
             backend.device_steps = True
         self.log(f"host steps         {row.label:26s} {seconds:8.3f}s  (device steps {device_s:.3f}s)")
         return {"status": "done", "row": row.label, "host_steps_s": seconds, "device_steps_s": device_s,
-                "host_over_device": seconds / device_s, "latents_equal": bool(np.array_equal(latents, device_latents))}
+                "host_over_device": seconds / device_s, "device_steps_sync": backend.sync,
+                "latents_equal": bool(np.array_equal(latents, device_latents))}
 
-    def _open(self, exports: dict[str, Any], name: str) -> tuple[Any, Path]:
+    def _waits_per_run(self, backend: Any, runner: LoopRunner, timed: dict[RowKey, tuple[float, np.ndarray]]
+                       ) -> dict[str, Any]:
+        """The acceptance KV row and its persistent-cache call again on the same sessions, with onnxruntime waiting
+        for the GPU after every run (its default, ``--sync run``) instead of once per image: what queueing a whole
+        generation on one stream buys, side by side, and whether the latents are the same."""
+        rows = [RowKey(self.options.refs, ACCEPTANCE_KEEP, True),
+                RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True)]
+        if backend.sync != "image":
+            return {"status": "skipped", "reason": "the rows already waited after every run (see sync_error)"}
+        if any(row not in timed for row in rows):
+            return {"status": "skipped", "reason": "the rows did not run"}
+        if not self.budget.fits(1.5 * sum((self.repeats_for(row) + 1) * timed[row][0] for row in rows)):
+            return {"status": "skipped", "reason": "does not fit the budget"}
+        compared: dict[str, Any] = {}
+        backend.set_sync("run")
+        try:
+            for row in rows:  # the KV row first: the cache-hit call reuses its K/V
+                seconds, _, latents = runner.run(row, repeats=self.repeats_for(row))
+                image_s, image_latents = timed[row]
+                compared[row.label] = {"run_s": seconds, "image_s": image_s, "run_over_image": seconds / image_s,
+                                       "samples_s": runner.samples,
+                                       "latents_equal": bool(np.array_equal(latents, image_latents))}
+                self.log(f"waits per run      {row.label:26s} {seconds:8.3f}s  (one wait per image {image_s:.3f}s)")
+        finally:
+            backend.set_sync("image")
+        return {"status": "done", "rows": compared}
+
+    def _open(self, exports: dict[str, Any], name: str, phase: dict[str, Any]) -> tuple[Any, Path]:
+        """Sessions on one stream of the backend's own, queued runs and one wait per image (``sync="image"``);
+        if they cannot be made (no cuda-python, a provider refusing the stream), the default waits after every run,
+        and the phase says why."""
         import onnxruntime as ort
 
         from sparse_context.engines.buckets import BucketPlan, Resolution
@@ -482,15 +514,23 @@ class _Check:
                           target_resolutions=(Resolution(options.target_px, options.target_px),),
                           text_tokens=options.text_tokens)
         providers = PROVIDERS["ort-cuda" if options.cuda else "ort-cpu"]
-        backend = OrtTransformerBackend(full=exports["full"].path, kv=exports["kv"].path, providers=providers,
-                                        session_options=session_options, plan=plan)
+        graphs = dict(full=exports["full"].path, kv=exports["kv"].path, providers=providers, plan=plan)
+        try:
+            backend = OrtTransformerBackend(**graphs, session_options=session_options, sync="image")
+        except Exception as error:  # a provider's or cuda-python's own error types
+            phase["sync_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+            self.log(f"{name}: sync_error ({phase['sync_error']}); retrying with a wait after every run")
+            backend = OrtTransformerBackend(**graphs, session_options=session_options)
         return backend, profile_dir
 
     def _probe_with_fallbacks(self, backend: Any, phase: dict[str, Any], name: str) -> dict[str, Any]:
         """The probe with device steps and device buffers; if it fails, again with host steps, then with host I/O
         (measure something rather than nothing, and say what failed)."""
-        fallbacks = (("device_steps_error", "host steps", lambda: setattr(backend, "device_steps", False)),
+        fallbacks = (("sync_error", "a wait after every run", lambda: backend.set_sync("run")),
+                     ("device_steps_error", "host steps", lambda: setattr(backend, "device_steps", False)),
                      ("device_io_error", "host I/O", lambda: backend.set_io_device("cpu")))
+        if backend.sync == "run":
+            fallbacks = fallbacks[1:]
         for error_key, instead, fall_back in fallbacks:
             try:
                 return self._probe(backend, phase)
@@ -513,7 +553,7 @@ class _Check:
             denoise(backend, inputs.latents, inputs.target_ids, conditioning, inputs.schedule, packed.tokens[None],
                     packed.position_ids, use_kv=use_kv)
         on_cpu = backend.device == "cpu"
-        phase.update(io=backend.io_device, device_steps=backend.device_steps)
+        phase.update(io=backend.io_device, device_steps=backend.device_steps, sync=backend.sync)
         return {graph: summarize_profile(Path(session.end_profiling()), expect_cpu=on_cpu)
                 for graph, session in backend.sessions.items()}
 

@@ -243,6 +243,11 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
         calls = lambda row: options.repeats * (CACHE_HIT_REPEAT_FACTOR if row.cache_hit else 1) + 1  # noqa: E731
         return sum(calls(row) * scale * geometry.call_flops(row, config, options.steps) for row in rows) / rate
 
+    def side_rows_seconds(config: dict[str, Any]) -> float:
+        kv, hit = (Row(options.refs, ACCEPTANCE_KEEP, True, cache_hit) for cache_hit in (False, True))
+        calls = {kv: 2 * (options.repeats + 1), hit: CACHE_HIT_REPEAT_FACTOR * options.repeats + 1}
+        return sum(n * scale * geometry.call_flops(row, config, options.steps) for row, n in calls.items()) / rate
+
     clock = 2.0
     plan.phases.append(PlannedPhase("environment + imports", 2.0))
     selection = 1.0 + 0.1 * options.refs
@@ -291,7 +296,9 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
         for depth in options.ladder:
             config = CONFIGS[options.depth_config(depth)]
             sessions = 2 * (SESSION_SECONDS[0] + SESSION_SECONDS[1] * geometry.weights_gb(config))
-            seconds = sessions + ORT_OVER_TORCH_GUESS * rows_seconds(config) * 1.2  # + the placement probe
+            # + the placement probe, and the side rows: host steps (KV row) and a wait after every run (KV row and
+            # its persistent-cache call)
+            seconds = sessions + ORT_OVER_TORCH_GUESS * (rows_seconds(config) * 1.2 + side_rows_seconds(config))
             if options.workers == 0:  # exported in-process just before its sessions
                 export = sum(p.seconds for p in plan.phases if p.name.startswith(f"export {depth} {variant} "))
                 start, ready = clock + export, clock + export

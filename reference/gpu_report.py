@@ -273,6 +273,17 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         for label, values in entry["rows"].items():
             shown = " ".join(f"{k}={v:.3g}" for k, v in values.items())
             lines.append(f"ort {variant} {label}: {shown}")
+    for name, phase in data.get("phases", {}).items():  # the side-by-side measurements of each onnxruntime phase
+        waits = phase.get("waits_per_run") or {}
+        for label, row in (waits.get("rows") or {}).items():
+            lines.append(f"{name} {label}: a wait after every run {row['run_s']:.3f}s, one per image "
+                         f"{row['image_s']:.3f}s ({row['run_over_image']:.3f}x), latents "
+                         f"{'equal' if row['latents_equal'] else 'DIFFER'}")
+        host = phase.get("host_steps") or {}
+        if host.get("status") == "done":
+            lines.append(f"{name} {host['row']}: host steps {host['host_steps_s']:.3f}s, device steps "
+                         f"{host['device_steps_s']:.3f}s ({host['host_over_device']:.3f}x), latents "
+                         f"{'equal' if host['latents_equal'] else 'DIFFER'}")
     for label, check in data["derived"].get("torch_extrapolation_check", {}).items():
         lines.append(f"extrapolation check (PyTorch) {label}: predicted {check['predicted_s']:.3f}s, measured "
                      f"{check['measured_s']:.3f}s ({100 * check['error']:+.1f} %)")

@@ -230,10 +230,13 @@ def test_profile_summary_counts_providers_and_finds_heavy_cpu_nodes(tmp_path):
 
 
 class _BackendIO:
-    """What the probe's fallbacks change on a backend: its step mode and its I/O device."""
+    """What the probe's fallbacks change on a backend: when it waits, its step mode and its I/O device."""
 
-    def __init__(self):
-        self.device_steps, self.io_device = True, "cuda"
+    def __init__(self, sync):
+        self.sync, self.device_steps, self.io_device = sync, True, "cuda"
+
+    def set_sync(self, sync):
+        self.sync = sync
 
     def set_io_device(self, device):
         self.io_device = device
@@ -247,30 +250,39 @@ class _FailingProbe:
         self.log = self.lines.append
 
     def _probe(self, backend, phase):
-        self.calls.append((backend.device_steps, backend.io_device))
+        self.calls.append((backend.sync, backend.device_steps, backend.io_device))
         if len(self.calls) <= self.failures:
             raise RuntimeError(f"kernel failure {len(self.calls)}")
-        phase.update(io=backend.io_device, device_steps=backend.device_steps)
+        phase.update(io=backend.io_device, device_steps=backend.device_steps, sync=backend.sync)
         return {"kv": "profiled"}
 
 
-@pytest.mark.parametrize("failures", [0, 1, 2, 3])
-def test_probe_falls_back_to_host_steps_then_host_io_and_records_why(failures):
+FALLBACKS = [("image", True, "cuda"), ("run", True, "cuda"), ("run", False, "cuda"), ("run", False, "cpu")]
+
+
+@pytest.mark.parametrize("failures", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("sync", ["image", "run"])
+def test_probe_falls_back_to_waits_per_run_host_steps_then_host_io_and_records_why(failures, sync):
+    """One wait per image first, then a wait after every run, host steps, host I/O; a backend that already
+    waits after every run starts at the second."""
     from sparse_context.reference.gpu_check import _Check
 
-    checker, backend, phase = _FailingProbe(failures), _BackendIO(), {}
-    attempts = [(True, "cuda"), (False, "cuda"), (False, "cpu")][:failures + 1]
-    if failures == 3:  # nothing left to fall back to: the phase fails with the last error
-        with pytest.raises(RuntimeError, match="kernel failure 3"):
+    checker, backend, phase = _FailingProbe(failures), _BackendIO(sync), {}
+    ladder = FALLBACKS if sync == "image" else FALLBACKS[1:]
+    if failures >= len(ladder):  # nothing left to fall back to: the phase fails with the last error
+        with pytest.raises(RuntimeError, match=f"kernel failure {len(ladder)}"):
             _Check._probe_with_fallbacks(checker, backend, phase, "ort_d4_mha")
-        assert checker.calls == attempts
+        assert checker.calls == ladder
         return
+    attempts = ladder[:failures + 1]
     assert _Check._probe_with_fallbacks(checker, backend, phase, "ort_d4_mha") == {"kv": "profiled"}
     assert checker.calls == attempts
-    assert (phase["device_steps"], phase["io"]) == attempts[-1]
-    assert ("device_steps_error" in phase) == (failures >= 1) and ("device_io_error" in phase) == (failures >= 2)
+    assert (phase["sync"], phase["device_steps"], phase["io"]) == attempts[-1]
+    errors = ["sync_error", "device_steps_error", "device_io_error"][len(FALLBACKS) - len(ladder):]
+    assert [key for key in errors if key in phase] == errors[:failures]
     if failures:
-        assert phase["device_steps_error"] == "RuntimeError: kernel failure 1" and "host steps" in checker.lines[0]
+        assert phase[errors[0]] == "RuntimeError: kernel failure 1"
+        assert ("a wait after every run" if sync == "image" else "host steps") in checker.lines[0]
 
 
 @pytest.mark.slow
