@@ -36,7 +36,7 @@ import numpy as np
 
 from sparse_context.reference.benchmark_configs import CONFIGS
 from sparse_context.reference.engine_benchmark import (
-    BenchInputs, CostModel, EngineBenchOptions, LoopRunner, RowKey, TimeBudget, compare_latents,
+    BenchInputs, CostModel, EngineBenchOptions, LoopRunner, RowKey, TimeBudget, compare_latents, read_only,
     time_select_and_pack,
 )
 from sparse_context.reference.gpu_plan import (
@@ -407,7 +407,7 @@ class _Check:
             phase["providers_used"] = {g: list(s.get_providers()) for g, s in backend.sessions.items()}
             with _timed(phase, "probe_s"):
                 phase["placement"] = self._probe_with_fallbacks(backend, phase, name)
-            runner = LoopRunner(backend, self.inputs, lambda a: a)
+            runner = LoopRunner(backend, self.inputs, read_only)
             timed: dict[RowKey, tuple[float, np.ndarray]] = {}
             for row, seconds, wall, latents in self._rows(name, runner):
                 timed[row] = (seconds, latents)
@@ -549,7 +549,7 @@ class _Check:
         inputs, most = self.inputs, self.options.refs
         for keep, use_kv in ((1.0, False), (ACCEPTANCE_KEEP, True)):
             packed = pack_references(inputs.grids[:most], inputs.kept[(most, keep)])
-            conditioning = LoopRunner(backend, inputs, lambda a: a).conditioning
+            conditioning = LoopRunner(backend, inputs, read_only).conditioning
             denoise(backend, inputs.latents, inputs.target_ids, conditioning, inputs.schedule, packed.tokens[None],
                     packed.position_ids, use_kv=use_kv)
         on_cpu = backend.device == "cpu"

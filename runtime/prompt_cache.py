@@ -3,6 +3,9 @@
 The text encoder (Qwen3 for Klein) costs as much as several transformer steps at small sizes, and applications
 repeat prompts (the same edit over many images, the empty negative prompt of guided models). Keys come from
 :func:`~sparse_context.runtime.fingerprints.prompt_key`: the encoder, the prompt and the encoding settings.
+
+numpy embeddings are stored read-only: a cached prompt is the same unchanging array every time it comes back, so
+the engine backends keep its cast and its device copy from one generation to the next (``engines.feeds``).
 """
 
 from __future__ import annotations
@@ -31,5 +34,8 @@ class PromptEmbeddingCache(ByteCappedLRU):
         embeddings = self.get(key)
         if embeddings is None:
             embeddings = encode()
+            if isinstance(embeddings, np.ndarray):
+                embeddings = embeddings.view()  # the caller's own array stays writeable
+                embeddings.flags.writeable = False
             self.put(key, embeddings, embedding_nbytes(embeddings))
         return embeddings

@@ -143,7 +143,8 @@ def test_trt_progress_events_become_build_progress():
 
 def test_ort_kv_in_place_pooled_and_uploaded_once(engines_dir, reference_photos):
     """The extract step writes K/V into a pooled buffer of the bucket maximum (no copy: the state's arrays are
-    views of it); the second image reuses the buffer; prompt, references and RoPE go to the device once per image."""
+    views of it); the second image reuses the buffer; prompt and references go to the device once per image, RoPE
+    tables once for both."""
     from sparse_context.reference.generator import SparseContextGenerator
 
     ours = SparseContextGenerator.from_engines(engines_dir)
@@ -153,11 +154,14 @@ def test_ort_kv_in_place_pooled_and_uploaded_once(engines_dir, reference_photos)
     state = first.kv_state
     assert state.buffers.capacity_tokens == backend.selector.plan.bucket_for(state.num_ref_tokens).max_ref_tokens
     assert np.shares_memory(state.keys, state.buffers.keys) and np.abs(state.keys).max() > 0
-    # 3 cached steps re-use text, RoPE (text+target) and nothing else per step is static
-    assert backend.static.hits >= 2 * 3
+    # 3 cached steps re-use the prompt (this image's) and the RoPE tables (kept for later images too)
+    assert backend.static.hits >= 3 and backend.lasting.hits >= 2 * 3
     del first, state
+    uploads = backend.lasting.misses
     ours.generate("a harbour", reference_photos, **kwargs)
     assert backend.kv_pool.stats.allocations == 1 and backend.kv_pool.stats.reuses == 1
+    # The second image at the same size and selection: every RoPE table from the first (host and device copies).
+    assert backend.lasting.misses == uploads and backend.feeds.lasting.hits >= 2
 
 
 def test_ort_request_outside_the_plan(engines_dir):
