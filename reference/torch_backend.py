@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from sparse_context.runtime.memo import IdentityMemo
+
 
 def set_kv_processors(transformer: Any) -> None:
     """Install diffusers' KV-aware processors; without KV arguments they compute what the default ones do."""
@@ -46,13 +48,18 @@ class TorchTransformerBackend:
     """Runs a ``Flux2Transformer2DModel``; tensors stay torch tensors on the model's device.
 
     ``keep_processors=False`` leaves a caller's transformer as it was: the KV processors are installed for each
-    call only (a pipeline the caller keeps using must not change under it)."""
+    call only (a pipeline the caller keeps using must not change under it).
+
+    Position ids go to the device once per generation, not on every call: the loop passes the same arrays at every
+    step, and a blocking host-to-device copy in PyTorch waits for the whole stream, so per-call uploads (which
+    diffusers' pipelines do not make: they build their ids on the device) would stall the GPU twice per step."""
 
     name = "torch"
 
     def __init__(self, transformer: Any, keep_processors: bool = True):
         self.transformer = transformer
         self.keep_processors = keep_processors
+        self._ids_on_device = IdentityMemo(4)  # positive and negative prompt, with room to spare
         if keep_processors:
             set_kv_processors(transformer)
 
@@ -67,26 +74,31 @@ class TorchTransformerBackend:
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
-    def _ids(self, ids: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(ids)).to(self.device).unsqueeze(0)  # (1, N, 4)
+    def _ids(self, role: str, *parts: np.ndarray) -> torch.Tensor:
+        """The concatenated ``parts`` on the device, (1, N, 4); uploaded once while the same arrays come back."""
+        def upload() -> torch.Tensor:
+            joined = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+            return torch.from_numpy(np.ascontiguousarray(joined)).to(self.device).unsqueeze(0)
+
+        return self._ids_on_device.get(role, parts, upload)
 
     def _timestep(self, timestep: np.float32, batch: int) -> torch.Tensor:
         return torch.full((batch,), float(timestep), dtype=torch.float32, device=self.device)
 
     @torch.no_grad()
     def full(self, target, target_ids, refs, ref_ids, text, text_ids, timestep):
-        hidden, ids = target, target_ids
+        hidden, ids = target, (target_ids,)
         if refs is not None and ref_ids is not None and ref_ids.shape[0] > 0:
             hidden = torch.cat([target, refs], dim=1)  # (1, N_t + N_r, C)
-            ids = np.concatenate([target_ids, ref_ids], axis=0)
+            ids = (target_ids, ref_ids)
         with self._processors():
             output = self.transformer(
                 hidden_states=hidden.to(self.dtype),
                 timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
                 guidance=None,
                 encoder_hidden_states=text,
-                txt_ids=self._ids(text_ids),
-                img_ids=self._ids(ids),
+                txt_ids=self._ids("txt", text_ids),
+                img_ids=self._ids("img", *ids),
                 return_dict=False,
             )[0]
         return output[:, : target.shape[1]]  # (1, N_t, C)
@@ -100,8 +112,8 @@ class TorchTransformerBackend:
                 timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
                 guidance=None,
                 encoder_hidden_states=text,
-                txt_ids=self._ids(text_ids),
-                img_ids=self._ids(np.concatenate([ref_ids, target_ids], axis=0)),
+                txt_ids=self._ids("txt", text_ids),
+                img_ids=self._ids("img", ref_ids, target_ids),
                 return_dict=False,
                 kv_cache_mode="extract",
                 num_ref_tokens=refs.shape[1],
@@ -116,8 +128,8 @@ class TorchTransformerBackend:
                 timestep=self._timestep(timestep, target.shape[0]).to(target.dtype),
                 guidance=None,
                 encoder_hidden_states=text,
-                txt_ids=self._ids(text_ids),
-                img_ids=self._ids(target_ids),
+                txt_ids=self._ids("txt", text_ids),
+                img_ids=self._ids("img", target_ids),
                 return_dict=False,
                 kv_cache=kv_state,
                 kv_cache_mode="cached",

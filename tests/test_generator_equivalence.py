@@ -112,3 +112,16 @@ def test_kv_state_reuse_is_exact(tiny_generator, reference_photos):
                                      width=fresh.image.shape[1], height=fresh.image.shape[0], output_type="np")
     np.testing.assert_allclose(reused.image, fresh.image, atol=ATOL, rtol=0)
     assert reused.timings["vae_encode"] < fresh.timings["vae_encode"] + 1.0
+
+
+def test_position_ids_go_to_the_device_once_per_generation(tiny_generator, reference_photos):
+    """A blocking upload per call would stall the GPU twice per step: the backend uploads each id set once per
+    generation (text ids; extract ids; cached-step ids) and the dense path once per generation too."""
+    memo = tiny_generator.backend._ids_on_device
+    before = memo.misses
+    tiny_generator.generate(PROMPT, reference_photos, keep_fraction=0.1, num_steps=4, seed=3, use_kv=True,
+                            output_type="latent")
+    assert memo.misses - before == 3 and memo.hits >= 2 * 3
+    before = memo.misses
+    tiny_generator.generate(PROMPT, reference_photos, keep_fraction=0.1, num_steps=4, seed=3, output_type="latent")
+    assert memo.misses - before == 2  # text ids; target + reference ids
