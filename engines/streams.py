@@ -76,6 +76,11 @@ class CudaStream:
     a new device ``OrtValue``) run on the legacy default stream, which waits for a blocking stream's queued work, so
     a read this module does not know of still sees finished results. Host arrays of queued copies stay referenced
     until the next :meth:`synchronize`.
+
+    Copies come from pageable memory. CUDA may then wait for the stream before staging a large one; inside the loop
+    the writes are a timestep and a step scalar per step (bytes, which the driver queues without waiting) and the
+    first latents and new references at the first step (before anything of the image is queued), so that wait has
+    nothing to wait for.
     """
 
     def __init__(self, device_id: int = 0):
