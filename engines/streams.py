@@ -79,8 +79,8 @@ class CudaStream:
 
     Copies come from pageable memory. CUDA may then wait for the stream before staging a large one; inside the loop
     the writes are a timestep and a step scalar per step (bytes, which the driver queues without waiting) and the
-    first latents and new references at the first step (before anything of the image is queued), so that wait has
-    nothing to wait for.
+    first latents and new references at the first step, before anything of the image is queued (with guidance, the
+    negative prompt's copy may wait for the positive call: once per image, and never for a prompt kept read-only).
     """
 
     def __init__(self, device_id: int = 0):
