@@ -192,6 +192,19 @@ def test_speedups_carry_the_interval_of_their_timing_noise():
                                      "device": "cuda", "setup": {"refs": 6, "target_px": 1024, "ref_px": 1024,
                                                                  "text_tokens": 512, "steps": 4}}))
     assert f"90 % of resamples {low:.4g}-{high:.4g}" in text
+    # Each onnxruntime phase's side rows are printed with what they compare.
+    phases = {"ort_d4_mha": {
+        "waits_per_run": {"status": "done", "rows": {"refs 6 keep 0.1 kv cached": {
+            "run_s": 0.105, "image_s": 0.1, "run_over_image": 1.05, "latents_equal": True}}},
+        "host_steps": {"status": "done", "row": "refs 6 keep 0.1 kv on", "host_steps_s": 0.15, "device_steps_s": 0.1,
+                       "host_over_device": 1.5, "latents_equal": False}}}
+    text = "\n".join(summary_lines({**data, "acceptance": criteria, "skipped": [], "precision": "fp16",
+                                     "device": "cuda", "phases": phases,
+                                     "setup": {"refs": 6, "target_px": 1024, "ref_px": 1024, "text_tokens": 512,
+                                               "steps": 4}}))
+    assert ("ort_d4_mha refs 6 keep 0.1 kv cached: a wait after every run 0.105s, one per image 0.100s (1.050x), "
+            "latents equal") in text
+    assert "ort_d4_mha refs 6 keep 0.1 kv on: host steps 0.150s, device steps 0.100s (1.500x), latents DIFFER" in text
 
 
 def test_speedups_need_the_dense_row_of_the_same_reference_count():
@@ -283,6 +296,79 @@ def test_probe_falls_back_to_waits_per_run_host_steps_then_host_io_and_records_w
     if failures:
         assert phase[errors[0]] == "RuntimeError: kernel failure 1"
         assert ("a wait after every run" if sync == "image" else "host steps") in checker.lines[0]
+
+
+class _SyncBackend:
+    def __init__(self, sync):
+        self.sync, self.switches = sync, []
+
+    def set_sync(self, sync):
+        self.switches.append(sync)
+        self.sync = sync
+
+
+class _ReplayRunner:
+    """Rows as a LoopRunner returns them: (median, wall, latents), recording the backend's mode of each call."""
+
+    def __init__(self, backend, latents, fail=False):
+        self.backend, self.latents, self.fail, self.calls, self.samples = backend, latents, fail, [], []
+
+    def run(self, row, repeats=None):
+        self.calls.append((row.label, repeats, self.backend.sync))
+        if self.fail:
+            raise RuntimeError("kernel failure")
+        self.samples = [0.2] * repeats
+        return 0.2, 0.2 * (repeats + 1), self.latents[row.cache_hit]
+
+
+def _waits_checker(budget_s=100.0):
+    from types import SimpleNamespace
+
+    from sparse_context.reference.engine_benchmark import TimeBudget
+    from sparse_context.reference.gpu_check import _Check
+
+    options = GpuCheckOptions(config="tiny", repeats=2)
+    checker = SimpleNamespace(options=options, budget=TimeBudget(budget_s), lines=[])
+    checker.log = checker.lines.append
+    checker.repeats_for = lambda row: _Check.repeats_for(checker, row)
+    return checker
+
+
+@pytest.mark.parametrize("case", ["done", "differ", "waits per run already", "rows missing", "over budget",
+                                  "fails"])
+def test_waits_per_run_side_rows(case):
+    """The KV row and its persistent-cache call again with a wait after every run, on the same sessions: both
+    times, the ratio and whether the latents are identical; the backend goes back to one wait per image, also
+    when a row fails; skipped (saying why) when there is nothing to compare."""
+    from sparse_context.reference.engine_benchmark import RowKey
+    from sparse_context.reference.gpu_check import _Check
+
+    checker = _waits_checker(budget_s=0.5 if case == "over budget" else 100.0)
+    backend = _SyncBackend("run" if case == "waits per run already" else "image")
+    kv, hit = RowKey(6, 0.1, True), RowKey(6, 0.1, True, cache_hit=True)
+    latents = {False: np.zeros(3), True: np.ones(3)}
+    timed = {kv: (0.1, latents[False]), hit: (0.05, latents[True] + (case == "differ"))}
+    if case == "rows missing":
+        del timed[hit]
+    runner = _ReplayRunner(backend, latents, fail=case == "fails")
+    if case == "fails":
+        with pytest.raises(RuntimeError, match="kernel failure"):
+            _Check._waits_per_run(checker, backend, runner, timed)
+        assert backend.switches == ["run", "image"] and backend.sync == "image"
+        return
+    result = _Check._waits_per_run(checker, backend, runner, timed)
+    reasons = {"waits per run already": "already waited after every run", "rows missing": "did not run",
+               "over budget": "does not fit the budget"}
+    if case in reasons:
+        assert result["status"] == "skipped" and reasons[case] in result["reason"] and not runner.calls
+        return
+    # The KV row first (its K/V serve the cache-hit call), each at its own repeats, both waiting after every run.
+    assert runner.calls == [(kv.label, 2, "run"), (hit.label, 6, "run")] and backend.sync == "image"
+    rows = result["rows"]
+    assert rows[kv.label]["run_over_image"] == pytest.approx(2.0) and rows[hit.label]["run_over_image"] == \
+        pytest.approx(4.0)
+    assert rows[kv.label]["latents_equal"] and rows[hit.label]["latents_equal"] == (case == "done")
+    assert len(rows[hit.label]["samples_s"]) == 6 and len(checker.lines) == 2
 
 
 @pytest.mark.slow
