@@ -205,7 +205,31 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
     derived["bf16_over_fp16"] = {label: bf16[label]["seconds"] / row["seconds"]
                                  for label, row in torch_at[depths[0]].items()
                                  if label in bf16 and row.get("seconds")}
+    derived["outside_kernels"] = outside_kernels(data)
     return derived
+
+
+def outside_kernels(data: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per profiled phase and row, in ms of one generation: the row's median time, the GPU's busy time (kernel
+    profile), and what is left, the time outside GPU kernels. Where every run waited for the device (PyTorch has no
+    runs; onnxruntime with ``sync == "run"``), the rest splits at the time inside the runs into ``idle_in_runs_ms``
+    (a run starting on an idle GPU, its final wait) and ``outside_runs_ms`` (host feeds, step graphs, uploads);
+    with one wait per image a run returns once queued, so that split means nothing and is left out."""
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for name, phase in data.get("phases", {}).items():
+        rows = _by_label(data["rows"].get(name, []))
+        for label, profile in (phase.get("kernels") or {}).items():
+            row = rows.get(label, {})
+            if not isinstance(profile, dict) or profile.get("busy_ms") is None or not row.get("seconds"):
+                continue
+            entry = {"row_ms": 1e3 * row["seconds"], "busy_ms": profile["busy_ms"]}
+            entry["outside_kernels_ms"] = entry["row_ms"] - entry["busy_ms"]
+            if row.get("in_session_s") is not None and phase.get("sync", "run") == "run":
+                in_runs = 1e3 * (row["in_session_s"] + (row.get("in_steps_s") or 0.0))
+                entry["idle_in_runs_ms"] = in_runs - entry["busy_ms"]
+                entry["outside_runs_ms"] = entry["row_ms"] - in_runs
+            result.setdefault(name, {})[label] = entry
+    return result
 
 
 def acceptance(data: dict[str, Any]) -> dict[str, Any]:
@@ -284,6 +308,12 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             lines.append(f"{name} {host['row']}: host steps {host['host_steps_s']:.3f}s, device steps "
                          f"{host['device_steps_s']:.3f}s ({host['host_over_device']:.3f}x), latents "
                          f"{'equal' if host['latents_equal'] else 'DIFFER'}")
+    for name, entries in data["derived"].get("outside_kernels", {}).items():
+        for label, entry in entries.items():
+            split = "" if "idle_in_runs_ms" not in entry else (
+                f" ({entry['idle_in_runs_ms']:.1f} idle inside runs, {entry['outside_runs_ms']:.1f} outside them)")
+            lines.append(f"{name} {label}: {entry['row_ms']:.1f} ms = {entry['busy_ms']:.1f} GPU busy + "
+                         f"{entry['outside_kernels_ms']:.1f} outside kernels{split}")
     for label, check in data["derived"].get("torch_extrapolation_check", {}).items():
         lines.append(f"extrapolation check (PyTorch) {label}: predicted {check['predicted_s']:.3f}s, measured "
                      f"{check['measured_s']:.3f}s ({100 * check['error']:+.1f} %)")

@@ -428,3 +428,26 @@ def test_too_little_disk_for_the_exports_names_the_work_folder(tmp_path, monkeyp
     assert "free disk" in error and "--work-dir" in error
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert report["phases"]["environment"]["status"] == "failed" and not report["rows"]
+
+
+def test_time_outside_kernels_from_the_h200_report():
+    """Row time = GPU busy time + the rest, split at the time inside the runs where each run waited (run 4 on the
+    H200, in the repository); with one wait per image the split is left out."""
+    from sparse_context.reference.gpu_report import outside_kernels
+
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "reference" / "measured" / "gpu_check_h200_2026-11-27_run4.json").read_text())
+    gaps = outside_kernels(report)
+    cached = gaps["ort_d4_mha"]["refs 6 keep 0.1 kv cached"]
+    assert (round(cached["row_ms"], 1), round(cached["busy_ms"], 1)) == (98.8, 83.6)
+    assert round(cached["idle_in_runs_ms"], 1) == 8.0 and round(cached["outside_runs_ms"], 1) == 7.3
+    assert cached["idle_in_runs_ms"] + cached["outside_runs_ms"] == pytest.approx(cached["outside_kernels_ms"])
+    assert set(gaps["torch_d4"]["target only"]) == {"row_ms", "busy_ms", "outside_kernels_ms"}  # PyTorch: no runs
+    report["phases"]["ort_d4_mha"]["sync"] = "image"
+    assert "idle_in_runs_ms" not in outside_kernels(report)["ort_d4_mha"]["target only"]
+    report["phases"]["ort_d4_mha"]["sync"] = "run"
+    report["derived"] = derive(report)
+    report["acceptance"] = acceptance(report)
+    text = "\n".join(summary_lines(report))
+    assert ("ort_d4_mha refs 6 keep 0.1 kv cached: 98.8 ms = 83.6 GPU busy + 15.2 outside kernels (8.0 idle inside "
+            "runs, 7.3 outside them)") in text
