@@ -430,7 +430,7 @@ class OrtTransformerBackend:
         binding = session.io_binding()
         for key, value in tensors.items():
             binding.bind_ortvalue_input(key, value)
-        for key, value in host.items():  # device copies too: a host input would be copied outside the stream order
+        for key, value in host.items():  # step scalars in kept device buffers too, written like every loop input
             binding.bind_ortvalue_input(key, self._step_value(f"{name}.{key}", value))
         result = self._ring_value(name, shape, self.dtype)
         binding.bind_ortvalue_output(output, result)
