@@ -524,8 +524,9 @@ class _Check:
         return backend, profile_dir
 
     def _probe_with_fallbacks(self, backend: Any, phase: dict[str, Any], name: str) -> dict[str, Any]:
-        """The probe with device steps and device buffers; if it fails, again with host steps, then with host I/O
-        (measure something rather than nothing, and say what failed)."""
+        """The probe with one wait per image, device steps and device buffers; if it fails, again waiting after
+        every run, then with host steps, then with host I/O (measure something rather than nothing, and say what
+        failed)."""
         fallbacks = (("sync_error", "a wait after every run", lambda: backend.set_sync("run")),
                      ("device_steps_error", "host steps", lambda: setattr(backend, "device_steps", False)),
                      ("device_io_error", "host I/O", lambda: backend.set_io_device("cpu")))
