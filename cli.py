@@ -350,7 +350,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
         ref_px=args.ref_px, text_tokens=args.text_tokens, steps=args.steps, repeats=args.repeats,
         device=args.device, precision=args.dtype, budget_s=args.budget_s, seed=args.seed, out=Path(args.out),
         work_dir=Path(args.work_dir) if args.work_dir else None, export_workers=args.export_workers,
-        bf16=not args.no_bf16, full=not args.no_full, gpu_memory_gb=args.gpu_memory_gb).validate()
+        bf16=not args.no_bf16, full=not args.no_full, gpu_memory_gb=args.gpu_memory_gb,
+        sync=args.sync or "image").validate()
     if args.dry_run:
         print("\n".join(estimate_plan(options).lines()))
         return 0
@@ -486,6 +487,9 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--no-bf16", action="store_true", help="`gpu`: skip the PyTorch bf16 row set")
     bench.add_argument("--no-full", action="store_true",
                        help="`gpu`: skip PyTorch at full depth (a shorter run comparing the two reduced depths)")
+    bench.add_argument(FLAG_SYNC, choices=SYNC_MODES, default=None,
+                       help="`gpu`: onnxruntime rows wait for the GPU once per image (image, the default; the KV "
+                       "row and its persistent-cache call are also timed waiting after every run) or after every run")
     bench.add_argument("--dry-run", action="store_true", help="`gpu`: print the plan with estimated seconds and stop")
     bench.add_argument("--gpu-memory-gb", type=float, default=None,
                        help="`gpu --dry-run`: plan for a GPU of this size (default 80)")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparse_context.engines.streams import SYNC_MODES
 from sparse_context.reference.benchmark_configs import CONFIGS, REDUCED_DEPTHS
 from sparse_context.reference.engine_benchmark import RowKey as Row
 from sparse_context.runtime.errors import InputError, bad_value
@@ -96,6 +97,7 @@ class GpuCheckOptions:
     bf16: bool = True  # also time PyTorch in bf16 at the first depth (fp16 vs bf16)
     full: bool = True  # time PyTorch at full depth (off: a shorter run that only compares the two depths)
     gpu_memory_gb: float | None = None  # dry-run: the GPU to plan for (None: the one present, else 80)
+    sync: str = "image"  # onnxruntime rows: one wait per image (side rows wait per run), or a wait after every run
 
     @property
     def cuda(self) -> bool:
@@ -137,6 +139,8 @@ class GpuCheckOptions:
                                  ("--repeats", self.repeats, 1), ("--seed", self.seed, 0)):
             if not _is_int(value) or value < low:
                 raise InputError(bad_value(flag.lstrip("-").replace("-", " "), value, f"an integer >= {low}", flag))
+        if self.sync not in SYNC_MODES:
+            raise InputError(bad_value("synchronization", self.sync, " or ".join(SYNC_MODES), "--sync"))
         if self.precision not in PRECISIONS:
             raise InputError(bad_value("precision", self.precision, " or ".join(PRECISIONS), "--dtype"))
         if str(self.device) != "cpu" and not self.cuda:
@@ -245,7 +249,9 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
 
     def side_rows_seconds(config: dict[str, Any]) -> float:
         kv, hit = (Row(options.refs, ACCEPTANCE_KEEP, True, cache_hit) for cache_hit in (False, True))
-        calls = {kv: 2 * (options.repeats + 1), hit: CACHE_HIT_REPEAT_FACTOR * options.repeats + 1}
+        calls = {kv: options.repeats + 1}  # host steps
+        if options.sync == "image":  # and the rows waiting after every run
+            calls = {kv: 2 * (options.repeats + 1), hit: CACHE_HIT_REPEAT_FACTOR * options.repeats + 1}
         return sum(n * scale * geometry.call_flops(row, config, options.steps) for row, n in calls.items()) / rate
 
     clock = 2.0

@@ -103,6 +103,16 @@ def test_bad_options_name_their_flag(args, flag, capsys):
     assert flag in error and "got" in error and error.count("\n") == 1
 
 
+def test_sync_option_of_the_check():
+    from sparse_context.runtime.errors import InputError
+
+    with pytest.raises(InputError, match="synchronization: got 'step'; allowed: run or image.*--sync"):
+        GpuCheckOptions(sync="step").validate()
+    image, run = (estimate_plan(GpuCheckOptions(config="klein-9b", sync=sync), gpu_memory_gb=80) for sync in
+                  ("image", "run"))
+    assert run.total_s < image.total_s  # no rows waiting after every run to time beside the others
+
+
 def _row(label, refs, keep, kv, hit, seconds):
     return {"label": label, "refs": refs, "keep": keep, "kv": kv, "cache_hit": hit, "seconds": seconds}
 
@@ -334,8 +344,8 @@ def _waits_checker(budget_s=100.0):
     return checker
 
 
-@pytest.mark.parametrize("case", ["done", "differ", "waits per run already", "rows missing", "over budget",
-                                  "fails"])
+@pytest.mark.parametrize("case", ["done", "differ", "waits per run already", "--sync run", "rows missing",
+                                  "over budget", "fails"])
 def test_waits_per_run_side_rows(case):
     """The KV row and its persistent-cache call again with a wait after every run, on the same sessions: both
     times, the ratio and whether the latents are identical; the backend goes back to one wait per image, also
@@ -344,7 +354,9 @@ def test_waits_per_run_side_rows(case):
     from sparse_context.reference.gpu_check import _Check
 
     checker = _waits_checker(budget_s=0.5 if case == "over budget" else 100.0)
-    backend = _SyncBackend("run" if case == "waits per run already" else "image")
+    if case == "--sync run":
+        checker.options = GpuCheckOptions(config="tiny", repeats=2, sync="run")
+    backend = _SyncBackend("run" if case in ("waits per run already", "--sync run") else "image")
     kv, hit = RowKey(6, 0.1, True), RowKey(6, 0.1, True, cache_hit=True)
     latents = {False: np.zeros(3), True: np.ones(3)}
     timed = {kv: (0.1, latents[False]), hit: (0.05, latents[True] + (case == "differ"))}
@@ -357,8 +369,8 @@ def test_waits_per_run_side_rows(case):
         assert backend.switches == ["run", "image"] and backend.sync == "image"
         return
     result = _Check._waits_per_run(checker, backend, runner, timed)
-    reasons = {"waits per run already": "already waited after every run", "rows missing": "did not run",
-               "over budget": "does not fit the budget"}
+    reasons = {"waits per run already": "(see sync_error)", "--sync run": "--sync run: the rows already waited",
+               "rows missing": "did not run", "over budget": "does not fit the budget"}
     if case in reasons:
         assert result["status"] == "skipped" and reasons[case] in result["reason"] and not runner.calls
         return
