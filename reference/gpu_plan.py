@@ -105,7 +105,7 @@ class GpuCheckOptions:
 
     @property
     def ladder(self) -> tuple[str, ...]:
-        return tuple(self.depths) if self.depths is not None else tuple(REDUCED_DEPTHS.get(self.config, {}))
+        return tuple(self.depths) if self.depths is not None else tuple(REDUCED_DEPTHS.get(self.config, {}))[:2]
 
     @property
     def workers(self) -> int:

@@ -66,8 +66,8 @@ def test_split_projection_variant_plans_and_exports_mha_with_split_projections(c
 
 
 def test_depth_units_follow_the_weights_and_extrapolation_is_exact_for_linear_costs():
-    assert [depth_units(CONFIGS[name]) for name in ("klein-9b-d4", "klein-9b-d8", "klein-9b", "klein-4b")] == \
-        [5, 10, 40, 30]
+    assert [depth_units(CONFIGS[name]) for name in ("klein-9b-d4", "klein-9b-d8", "klein-9b-d16", "klein-9b",
+                                                     "klein-4b")] == [5, 10, 20, 40, 30]
     fixed, per_unit = 0.07, 0.013
     cost = lambda units: fixed + per_unit * units  # noqa: E731
     assert extrapolate(cost(5), 5, cost(10), 10, 40) == pytest.approx(cost(40))
@@ -101,6 +101,17 @@ def test_bad_options_name_their_flag(args, flag, capsys):
     assert main(["bench", "gpu", "--dry-run", *args]) == 2
     error = capsys.readouterr().err
     assert flag in error and "got" in error and error.count("\n") == 1
+
+
+def test_the_deeper_pair_is_opt_in_and_plans_inside_the_budget():
+    """d4/d16 carries a quarter of d4/d8's noise into the full-depth figure (the time difference is multiplied by
+    (40 - 5) / (20 - 5) = 2.3 instead of 7); the default pair stays d4/d8, and one variant at d4/d16 fits 480 s."""
+    assert GpuCheckOptions(config="klein-9b").ladder == ("d4", "d8")
+    options = GpuCheckOptions(config="klein-9b", depths=("d4", "d16"), variants=("mha",), repeats=5, bf16=False,
+                              export_workers=4).validate()
+    plan = estimate_plan(options, gpu_memory_gb=141)
+    assert plan.total_s <= 480 and all(p.fits for p in plan.phases)
+    assert {p.name for p in plan.phases} >= {"export d16 mha kv", "torch_d16", "ort_d16_mha"}
 
 
 def test_sync_option_of_the_check():
