@@ -25,7 +25,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 # (double blocks, single blocks) of each reduced depth, per model; the first two are the check's default pair. The
 # extrapolation to full depth multiplies the difference of the pair's times by (full - a) / (b - a) in single-block
-# units: 7 for klein-9b's d4/d8, 2.3 for d4/d16 (a costlier export and rows, a quarter of the noise's reach). The
+# units: 7 for klein-9b's d4/d8, 2.3 for d4/d16 (a costlier export and rows; about a third of the noise's reach). The
 # tiny ladder only exercises the plan on a CPU.
 REDUCED_DEPTHS: dict[str, dict[str, tuple[int, int]]] = {
     "klein-4b": {"d4": (1, 3), "d8": (2, 6), "d16": (4, 12)},

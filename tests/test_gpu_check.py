@@ -104,7 +104,7 @@ def test_bad_options_name_their_flag(args, flag, capsys):
 
 
 def test_the_deeper_pair_is_opt_in_and_plans_inside_the_budget():
-    """d4/d16 carries a quarter of d4/d8's noise into the full-depth figure (the time difference is multiplied by
+    """d4/d16 carries about a third of d4/d8's noise into the full-depth figure (the time difference is multiplied by
     (40 - 5) / (20 - 5) = 2.3 instead of 7); the default pair stays d4/d8, and one variant at d4/d16 fits 480 s."""
     assert GpuCheckOptions(config="klein-9b").ladder == ("d4", "d8")
     options = GpuCheckOptions(config="klein-9b", depths=("d4", "d16"), variants=("mha",), repeats=5, bf16=False,
