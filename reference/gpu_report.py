@@ -342,7 +342,11 @@ def plot_png(data: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=100)
+    gaps = [(f"{name} {label}", entry) for name, entries in data["derived"].get("outside_kernels", {}).items()
+            for label, entry in entries.items()]
+    panels = 3 if gaps else 2
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.6), dpi=100)
+    left, right = axes[0], axes[1]
     torch_speedups = data["derived"]["speedups"].get("torch_full", {})
     series = {"PyTorch full depth": torch_speedups}
     for variant, entry in data["derived"].get("ort", {}).items():
@@ -353,7 +357,8 @@ def plot_png(data: dict[str, Any]) -> bytes:
         left.bar([i + index * width for i in range(len(labels))], [values.get(label, 0.0) for label in labels],
                  width, label=name)
     left.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=30, ha="right", fontsize=7)
-    left.axhline(8.0, color="gray", linestyle=":", linewidth=1)
+    for target in (TARGETS["speedup_kv"], TARGETS["speedup_cached"]):
+        left.axhline(target, color="gray", linestyle=":", linewidth=1)
     left.set_ylabel("speedup over dense (same refs)")
     left.legend(fontsize=7)
     for variant, entry in data["derived"].get("ort", {}).items():
@@ -367,6 +372,16 @@ def plot_png(data: dict[str, Any]) -> bytes:
     right.axhline(1.0, color="gray", linestyle=":", linewidth=1)
     right.set_ylabel("onnxruntime / PyTorch time")
     right.legend(fontsize=5, ncol=2)
+    if gaps:  # where one generation's time goes: GPU kernels, and everything else
+        gap_axis = axes[2]
+        names = [name for name, _ in gaps]
+        busy = [entry["busy_ms"] for _, entry in gaps]
+        gap_axis.barh(names, busy, label="GPU busy")
+        gap_axis.barh(names, [entry["outside_kernels_ms"] for _, entry in gaps], left=busy,
+                      label="outside GPU kernels")
+        gap_axis.tick_params(axis="y", labelsize=6)
+        gap_axis.set_xlabel("ms per generation (profiled rows)")
+        gap_axis.legend(fontsize=7)
     environment = data.get("environment", {})
     figure.suptitle(f"bench gpu — {data['config']}, {environment.get('device', data['device'])}, "
                     f"{data['precision']}", fontsize=9)

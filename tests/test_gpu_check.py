@@ -474,3 +474,7 @@ def test_time_outside_kernels_from_the_h200_report():
     text = "\n".join(summary_lines(report))
     assert ("ort_d4_mha refs 6 keep 0.1 kv cached: 98.8 ms = 83.6 GPU busy + 15.2 outside kernels (8.0 idle inside "
             "runs, 7.3 outside them)") in text
+    pytest.importorskip("matplotlib", reason="the picture needs the plot extra (pip install .[plot])")
+    from sparse_context.reference.gpu_report import plot_png
+
+    assert plot_png(report).startswith(b"\x89PNG")  # a third panel: busy vs outside kernels per profiled row
