@@ -75,7 +75,8 @@ class CudaStream:
     A blocking stream (``cudaStreamCreate``), on purpose: onnxruntime's own synchronous copies (``OrtValue.numpy()``,
     a new device ``OrtValue``) run on the legacy default stream, which waits for a blocking stream's queued work, so
     a read this module does not know of still sees finished results. Host arrays of queued copies stay referenced
-    until the next :meth:`synchronize`.
+    until the next :meth:`synchronize`. ``missing`` and ``hint``: the error raised without cuda-python (the
+    TensorRT runner's memory, which queues its copies here too, names its own extra).
 
     Copies come from pageable memory. CUDA may then wait for the stream before staging a large one; inside the loop
     the writes are a timestep and a step scalar per step (bytes, which the driver queues without waiting) and the
@@ -83,9 +84,10 @@ class CudaStream:
     negative prompt's copy may wait for the positive call: once per image, and never for a prompt kept read-only).
     """
 
-    def __init__(self, device_id: int = 0):
-        self.cudart = import_cudart(BackendOptionError, "install it (pip install sparse-context[onnxruntime-gpu]) "
-                                                        "or synchronize after every run (--sync run)")
+    def __init__(self, device_id: int = 0, missing: type[Exception] = BackendOptionError,
+                 hint: str = "install it (pip install sparse-context[onnxruntime-gpu]) or synchronize after every "
+                             "run (--sync run)"):
+        self.cudart = import_cudart(missing, hint)
         cuda_check(self.cudart, self.cudart.cudaSetDevice(int(device_id)), "cudaSetDevice")
         self.stream = cuda_check(self.cudart, self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._queued: list[np.ndarray] = []

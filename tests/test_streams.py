@@ -58,3 +58,22 @@ def test_cuda_stream_writes_land_in_order():
     finally:
         cuda_check(cudart, cudart.cudaFree(pointer), "cudaFree")
         stream.close()
+
+
+def test_tensorrt_memory_queues_on_the_same_stream_and_names_its_own_extra(monkeypatch):
+    """CudartMemory (the TensorRT runner's cuda-python memory) is built on CudaStream: without cuda-python it says
+    how to install the TensorRT extra, and without a GPU it names the failing call."""
+    import sys
+
+    from sparse_context.engines.errors import TensorRTUnavailableError
+    from sparse_context.engines.trt.memory import CudartMemory
+
+    cudart = _cudart()
+    if not _has_gpu(cudart):
+        with pytest.raises(RunnerError, match=r"CUDA call cudaSetDevice failed with cudaError"):
+            CudartMemory(0)
+    for name in [name for name in sys.modules if name == "cuda" or name.startswith("cuda.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "cuda", None)  # import of a None entry raises ImportError
+    with pytest.raises(TensorRTUnavailableError, match=r"cuda-python is not installed; `pip install .\[tensorrt\]`"):
+        CudartMemory(0)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from sparse_context.engines.errors import RunnerError, TensorRTUnavailableError
-from sparse_context.engines.streams import cuda_check, import_cudart
+from sparse_context.engines.streams import CudaStream, cuda_check
 
 # TensorRT DataType names -> numpy dtype names. bfloat16 has no numpy dtype: it needs the torch path.
 NUMPY_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8",
@@ -35,18 +35,17 @@ def _torch_cuda() -> Any:
 
 
 class CudartMemory:
-    """numpy <-> device through cuda-python: one stream, raw allocations, async copies."""
+    """numpy <-> device through cuda-python: one stream (:class:`~sparse_context.engines.streams.CudaStream`, whose
+    queued copies keep their host arrays until it waits), raw allocations, async copies."""
 
     def __init__(self, device: int = 0):
-        self.cudart = import_cudart(TensorRTUnavailableError, "`pip install .[tensorrt]` (or install torch with CUDA)")
-        self.device = device
-        cuda_check(self.cudart, self.cudart.cudaSetDevice(device), "cudaSetDevice")
-        self.stream = cuda_check(self.cudart, self.cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self._pinned: list[np.ndarray] = []  # host arrays of queued copies, alive until synchronize()
+        self.queue = CudaStream(device, TensorRTUnavailableError,
+                                "`pip install .[tensorrt]` (or install torch with CUDA)")
+        self.cudart, self.stream, self.device = self.queue.cudart, self.queue.stream, device
 
     @property
     def stream_handle(self) -> int:
-        return int(self.stream)
+        return self.queue.handle
 
     def device_info(self) -> DeviceInfo:
         props = cuda_check(self.cudart, self.cudart.cudaGetDeviceProperties(self.device), "cudaGetDeviceProperties")
@@ -64,11 +63,7 @@ class CudartMemory:
         cuda_check(self.cudart, self.cudart.cudaFree(buffer), "cudaFree")
 
     def upload(self, buffer: Any, value: Any, dtype_name: str) -> int:
-        array = np.ascontiguousarray(value, dtype=_numpy_dtype(dtype_name))
-        self._pinned.append(array)
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        cuda_check(self.cudart, self.cudart.cudaMemcpyAsync(buffer, array.ctypes.data, array.nbytes, kind,
-                                                            self.stream), "cudaMemcpyAsync")
+        self.queue.write(int(buffer), np.ascontiguousarray(value, dtype=_numpy_dtype(dtype_name)))
         return int(buffer)
 
     def download(self, buffer: Any, shape: tuple[int, ...], dtype_name: str) -> np.ndarray:
@@ -79,11 +74,10 @@ class CudartMemory:
         return out  # valid after synchronize()
 
     def synchronize(self) -> None:
-        cuda_check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        self._pinned.clear()
+        self.queue.synchronize()
 
     def close(self) -> None:
-        cuda_check(self.cudart, self.cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
+        self.queue.close()
 
 
 class TorchMemory:
