@@ -444,8 +444,9 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     generate.add_argument(FLAG_DEVICE, default=None, help="cpu, cuda or cuda:N (default: cpu; with --engines: "
                           "the engines' device, whose GPU index may be chosen)")
     generate.add_argument(FLAG_SYNC, choices=SYNC_MODES, default=None,
-                          help="with --engines on onnxruntime: wait for the device after every run (run, the "
-                          "default) or queue the whole generation on one CUDA stream and wait once (image)")
+                          help="with --engines on onnxruntime: wait for the device after every run (run) or queue "
+                          "the whole generation on one CUDA stream and wait once (image). Default: image on "
+                          "ort-cuda engines when cuda-python is installed, run otherwise")
     generate.add_argument(FLAG_DTYPE, choices=("fp32", "fp16", "bf16"), default=None,
                           help="default: fp32 (with --engines: the engines' precision)")
     generate.add_argument(FLAG_OUT, default="out/generated.png",

@@ -40,8 +40,12 @@ LOCK_FILE = ".build.lock"
 # (`sparse-context bench gpu`, reference/measured/). TensorRT parses neither: MatMul-Softmax-MatMul, which it fuses.
 ATTENTION_BY_BACKEND = {"trt": "matmul", "ort-trt": "matmul", "ort-cuda": "mha", "ort-cpu": "matmul"}
 # How the fused QKV/MLP projections are written (export.graphs.projection_form): "split" removes onnxruntime's
-# Split copies (5.9 of 83.6 ms GPU time at klein-9b d4); opt-in until `bench gpu` has timed it on a GPU.
+# Split copies. On an H200 at klein-9b width (`bench gpu`, two runs, reference/measured/) onnxruntime CUDA with
+# split projections ran 0.83-0.91x PyTorch eager per row, with fused ones 0.91-0.97x: split is the ort-cuda default.
+# TensorRT fuses its own layers, and the int8/fp8 recipes name the fused projections' layers: fused elsewhere.
 PROJECTIONS = ("fused", "split")
+PROJECTIONS_BY_BACKEND = {"ort-cuda": "split"}
+QUANTIZED = ("int8", "fp8")
 FLAG_PROJECTIONS = "--projections"
 PARTS = ("text_encoder", "vae_encoder", "vae_decoder")
 PART_PROFILE = "parts"  # the bucket name of a part engine's one profile (its step is the part's name)
@@ -60,14 +64,18 @@ class BuildRequest:
     graphs: tuple[str, ...] = ("full", "kv")
     workspace_bytes: int | None = None
     calibration: Any = None  # calibration.build.CalibrationOptions for precision int8/fp8 (None: defaults)
-    projections: str = "fused"
+    projections: str | None = None  # None: default_projections(backend, precision)
+
+    def __post_init__(self) -> None:
+        if self.projections is None:
+            object.__setattr__(self, "projections", default_projections(self.backend, self.precision))
 
     def validate(self) -> "BuildRequest":
         check_backend_precision(self.backend, self.precision)
         if self.projections not in PROJECTIONS:
             raise BuildOptionError(bad_value("projection form", self.projections, " or ".join(PROJECTIONS),
                                              FLAG_PROJECTIONS))
-        if self.projections != "fused" and self.precision in ("int8", "fp8"):
+        if self.projections != "fused" and self.precision in QUANTIZED:
             raise BuildOptionError(bad_value(f"projection form for {self.precision}", self.projections, "fused (the "
                                              "quantization recipe names the fused projections' layers)",
                                              FLAG_PROJECTIONS))
@@ -86,6 +94,12 @@ class BuildRequest:
         check_lora_scale(self.lora_scale)
         check_out_folder(self.out_dir)
         return self
+
+
+def default_projections(backend: str, precision: str) -> str:
+    """The projection form a build uses when ``--projections`` is not given: split for onnxruntime CUDA (measured
+    faster), fused for TensorRT, the CPU and the quantized precisions."""
+    return "fused" if precision in QUANTIZED else PROJECTIONS_BY_BACKEND.get(backend, "fused")
 
 
 def check_backend_precision(backend: str, precision: str) -> None:
@@ -274,8 +288,9 @@ def build_command(index: EnginesIndex, out_dir: str | Path, **changes: Any) -> s
     graphs = sorted(index.graphs)
     if graphs != ["full", "kv"]:
         words += [FLAG_GRAPHS, *graphs]
-    if index.projections != "fused":
-        words += [FLAG_PROJECTIONS, index.projections]
+    projections = "fused" if values["precision"] in QUANTIZED else index.projections
+    if projections != default_projections(values["backend"], values["precision"]):
+        words += [FLAG_PROJECTIONS, projections]
     words += [*index.plan.build_args(), FLAG_OUT, str(out_dir)]
     return " ".join(words)
 

@@ -80,6 +80,33 @@ def test_split_projection_engines_generate_what_pytorch_does(tiny_model_dir, tin
     np.testing.assert_allclose(ours.image.numpy(), reference.image.numpy(), atol=ATOL, rtol=0)
 
 
+def test_projection_default_is_split_on_onnxruntime_cuda_only(tiny_model_dir, tmp_path):
+    """Unless --projections is given, ort-cuda builds split the projections (measured faster on an H200), every
+    other backend and the quantized precisions keep them fused; a rebuild command names the form only when it is
+    not the default of the backend and precision it rebuilds for."""
+    from dataclasses import replace
+
+    from sparse_context.engines.buckets import BucketPlan
+    from sparse_context.engines.build import BuildRequest, build_command, default_projections
+    from sparse_context.engines.index import EnginesIndex
+
+    assert [default_projections(b, p) for b, p in (("ort-cuda", "fp16"), ("ort-cuda", "bf16"), ("ort-cuda", "int8"),
+                                                   ("ort-cuda", "fp8"), ("trt", "fp16"), ("ort-trt", "fp16"),
+                                                   ("ort-cpu", "fp32"))] == \
+        ["split", "split", "fused", "fused", "fused", "fused", "fused"]
+    request = dict(model_dir=tiny_model_dir, plan=BucketPlan(), out_dir=tmp_path / "e")
+    assert BuildRequest(backend="ort-cuda", **request).projections == "split"
+    assert BuildRequest(backend="ort-cuda", precision="int8", **request).projections == "fused"
+    assert BuildRequest(backend="ort-cuda", projections="fused", **request).projections == "fused"
+    assert BuildRequest(backend="trt", **request).projections == "fused"
+    index = EnginesIndex(backend="ort-cuda", model_dir="/m", precision="fp16", attention="mha", plan=BucketPlan(),
+                         graphs={}, providers=("CUDAExecutionProvider",), projections="split")
+    assert "--projections" not in build_command(index, "/o")  # split is ort-cuda's default
+    assert "--projections fused" in build_command(replace(index, projections="fused"), "/o")
+    assert "--projections split" in build_command(index, "/o", backend="trt")  # not TensorRT's default
+    assert "--projections" not in build_command(index, "/o", precision="int8")  # quantized: fused only
+
+
 def test_projection_flag_errors(tiny_model_dir, tmp_path, capsys):
     from sparse_context.build_engines import main
     from sparse_context.engines.build import PROJECTIONS
@@ -327,7 +354,7 @@ def test_sync_option_errors(engines_dir, tmp_path, capsys):
     from sparse_context.engines.index import EnginesIndex, open_backend
     from sparse_context.engines.ort.backend import OrtTransformerBackend
     from sparse_context.engines.ort.loader import with_default_options
-    from sparse_context.engines.streams import CudaStream
+    from sparse_context.engines.streams import CudaStream, import_cudart
 
     index = EnginesIndex.read(engines_dir)
     kv = index.path(index.graphs["kv"].onnx)
@@ -361,6 +388,27 @@ def test_sync_option_errors(engines_dir, tmp_path, capsys):
     finally:
         del sys.modules["cuda"]
         sys.modules.update(saved)
+    # Unless told, onnxruntime CUDA engines wait once per image (cuda-python present) and every other backend
+    # after every run; without cuda-python, CUDA engines fall back to a wait after every run and say how to avoid it.
+    from sparse_context.engines.index import default_sync
+
+    assert default_sync(index) == "run" and open_backend(index).sync == "run"  # this folder is ort-cpu
+    assert default_sync(replace(index, backend="ort-trt")) == "run"
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name == "cuda" or name.startswith("cuda.")}
+    sys.modules["cuda"] = None
+    try:
+        with pytest.warns(RuntimeWarning, match="cuda-python is not installed.*after every run.*onnxruntime-gpu.*"
+                                                "--sync run"):
+            assert default_sync(replace(index, backend="ort-cuda")) == "run"
+    finally:
+        del sys.modules["cuda"]
+        sys.modules.update(saved)
+    try:
+        import_cudart()
+    except BackendOptionError:
+        pass
+    else:
+        assert default_sync(replace(index, backend="ort-cuda")) == "image"
     # The CLI: --sync belongs to --engines.
     code = main(["generate", "--prompt", "x", "--sync", "image", "--out", str(tmp_path / "x.png")])
     assert code == 2 and "synchronization: got 'image'; allowed: set only with --engines" in capsys.readouterr().err

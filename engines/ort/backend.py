@@ -79,8 +79,9 @@ class OrtTransformerBackend:
     Otherwise, and for direct calls, each call returns a host velocity and the step runs in numpy: a copy out, a
     copy in and ~5 ms of numpy float16 arithmetic per step at 1024^2.
 
-    ``sync``: ``"run"`` (default) lets onnxruntime wait for the device at the end of every run, as it does by
-    default. ``"image"`` runs every session of the backend on one stream it owns (:mod:`~sparse_context.engines.
+    ``sync``: ``"run"`` (this class's default) lets onnxruntime wait for the device at the end of every run, as it
+    does by default; engines folders opened with :func:`~sparse_context.engines.index.open_backend` default to
+    ``"image"`` on onnxruntime CUDA (:func:`~sparse_context.engines.index.default_sync`). ``"image"`` runs every session of the backend on one stream it owns (:mod:`~sparse_context.engines.
     streams`; the ``user_compute_stream`` provider option), queues the runs of a device-steps loop without waiting,
     writes host values into device buffers as copies queued on that stream, and waits once per image, before the
     final latents (or anything else) are read. The two give the same latents bit for bit; ``session_seconds`` then
