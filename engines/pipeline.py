@@ -33,9 +33,11 @@ from sparse_context.engines.errors import EnginesIndexError
 from sparse_context.engines.index import EnginesIndex, check_device, open_backend
 from sparse_context.engines.parts import PART_NAMES, TextAndVae
 from sparse_context.engines.runtime import EngineRuntime, read_model_settings, starting_latents
-from sparse_context.runtime.core import References, cached_prompt, generate_latents
+from sparse_context.runtime.core import (
+    References, cached_prompt, generate_latents, remembered_selections, selection_settings,
+)
 from sparse_context.runtime.errors import InputError, bad_value
-from sparse_context.runtime.fingerprints import array_digest
+from sparse_context.runtime.fingerprints import array_digests
 from sparse_context.runtime.kv_cache import ReferenceKVCache
 from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
 from sparse_context.runtime.sampler import Conditioning
@@ -197,24 +199,28 @@ class EnginePipeline:
                                     float(guidance_scale))
         timings["text"] = time.perf_counter() - clock
 
-        # 3. Which reference tokens to keep
+        # 3. Which reference tokens to keep (a request the K/V cache has seen finds its selection there)
         clock = time.perf_counter()
         grids = [(image.height // TOKEN_PIXELS, image.width // TOKEN_PIXELS) for image in prepared]
+        references_in = None
+        if prepared:  # digests only if the K/V cache is consulted
+            references_in = References(tuple(grids), lambda: array_digests(prepared),
+                                       lambda: [self.parts.encode_reference(image) for image in prepared])
+        runtime = self.runtime
         if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
             from sparse_context.runtime.selection import select_references
 
-            chosen = select_references(prepared, strategy=strategy, token_count=token_count,
-                                       keep_fraction=None if token_count else keep_fraction, allocation=allocation,
-                                       seed=seed, masks=masks, multiple_of=TOKEN_PIXELS)
-            selections = [s.indices for s in chosen]
+            settings = selection_settings(strategy, keep_fraction, token_count, allocation, seed, masks,
+                                          TOKEN_PIXELS)
+            selections = remembered_selections(
+                runtime.kv_cache, use_kv, references_in, settings,
+                lambda: [s.indices for s in select_references(
+                    prepared, strategy=strategy, token_count=token_count,
+                    keep_fraction=None if token_count else keep_fraction, allocation=allocation, seed=seed,
+                    masks=masks, multiple_of=TOKEN_PIXELS)])
         timings["selection"] = time.perf_counter() - clock
 
         # 4. The generation core: reference cache, VAE encoder engine on a miss, packing, schedule, denoise
-        references_in = None
-        if prepared:
-            references_in = References(tuple(grids), tuple(array_digest(image) for image in prepared),
-                                       lambda: [self.parts.encode_reference(image) for image in prepared])
-        runtime = self.runtime
         core = generate_latents(runtime.backend, latents, (rows, cols), conditioning, num_steps=num_steps,
                                 scheduler_config=runtime.scheduler_config, references=references_in,
                                 selections=selections, use_kv=use_kv, kv_cache=runtime.kv_cache,

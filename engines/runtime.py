@@ -22,9 +22,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from sparse_context.engines.index import EnginesIndex, open_backend
-from sparse_context.runtime.core import References, engine_fingerprint, generate_latents
+from sparse_context.runtime.core import (
+    References, engine_fingerprint, generate_latents, remembered_selections, selection_settings,
+)
 from sparse_context.runtime.errors import InputError, ModelLoadError, bad_value
-from sparse_context.runtime.fingerprints import array_digest
+from sparse_context.runtime.fingerprints import array_digests
 from sparse_context.runtime.kv_cache import ReferenceKVCache
 from sparse_context.runtime.limits import check_guidance, check_output_size, check_seed, check_steps
 from sparse_context.runtime.sampler import Conditioning
@@ -150,10 +152,17 @@ class EngineRuntime:
                                        f"({dims.in_channels}, rows, cols) each: the latent channels of the model"))
         rows, cols = token_grid(width, height, TOKEN_PIXELS)
 
-        # 1. Which reference tokens to keep
+        # 1. Which reference tokens to keep (a request the K/V cache has seen finds its selection there)
+        references = None
+        if grids:  # digests only if the K/V cache is consulted
+            references = References(tuple((g.shape[1], g.shape[2]) for g in grids), lambda: array_digests(grids),
+                                    lambda: grids)
         if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
-            selections = self._select(reference_images, grids, keep_fraction, token_count, strategy, allocation,
-                                      seed)
+            settings = selection_settings(strategy, keep_fraction, token_count, allocation, seed, None, TOKEN_PIXELS,
+                                          images=reference_images)
+            selections = remembered_selections(
+                self.kv_cache, use_kv, references, settings,
+                lambda: self._select(reference_images, grids, keep_fraction, token_count, strategy, allocation, seed))
         timings["selection"] = time.perf_counter() - clock
 
         # 2. Noise and prompt
@@ -164,10 +173,6 @@ class EngineRuntime:
                                     float(guidance_scale))
 
         # 3. The generation core: cache, packing, schedule, denoise
-        references = None
-        if grids:
-            references = References(tuple((g.shape[1], g.shape[2]) for g in grids),
-                                    tuple(array_digest(g) for g in grids), lambda: grids)
         core = generate_latents(self.backend, latents, (rows, cols), conditioning, num_steps=num_steps,
                                 scheduler_config=self.scheduler_config, references=references,
                                 selections=selections, use_kv=use_kv, kv_cache=self.kv_cache,

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from sparse_context.reference.torch_backend import TorchTransformerBackend
-from sparse_context.runtime.core import References, cached_prompt, engine_fingerprint, generate_latents
+from sparse_context.runtime.core import (
+    References, cached_prompt, engine_fingerprint, generate_latents, remembered_selections, selection_settings,
+)
 from sparse_context.runtime.errors import InputError, bad_value
-from sparse_context.runtime.fingerprints import array_digest, weights_fingerprint
+from sparse_context.runtime.fingerprints import array_digests, weights_fingerprint
 from sparse_context.runtime.images import load_image, prepare_reference
 from sparse_context.runtime.kv_cache import ReferenceKVCache
 from sparse_context.runtime.limits import (
@@ -306,8 +308,22 @@ class SparseContextGenerator:
         if reference_latents is not None:
             check_reference_count(len(reference_latents))
             grids = [(int(g.shape[-2]), int(g.shape[-1])) for g in reference_latents]
+        references_in = None  # digests only if the K/V cache is consulted
+        if reference_latents is not None and len(reference_latents):
+            given = list(reference_latents)
+            references_in = References(tuple(grids), lambda: array_digests([_np(g) for g in given]), lambda: given)
+        elif prepared:
+            references_in = References(tuple(grids), lambda: array_digests(prepared),
+                                       lambda: [self.encode_reference(im) for im in prepared])
         if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
-            selections = self._select(prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed)
+            # A request the K/V cache has seen finds its selection there. Scored images other than the ones the
+            # digests are of (latents given beside the images) are part of the settings.
+            settings = selection_settings(strategy, keep_fraction, token_count, allocation, seed, masks,
+                                          self.token_pixels, images=prepared if reference_latents is not None
+                                          else None)
+            selections = remembered_selections(
+                self.kv_cache if kv_state is None else None, use_kv, references_in, settings,
+                lambda: self._select(prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed))
         timings["selection"] = time.perf_counter() - clock
 
         # 4. Target latents (seeded on the CPU, as diffusers' randn_tensor does with a CPU generator)
@@ -327,13 +343,6 @@ class SparseContextGenerator:
         latents = latents.to(self.device, prompt_embeds.dtype)
 
         # 5. The generation core: reference cache, VAE encoding on a miss, packing, schedule, denoise
-        references_in = None
-        if reference_latents is not None and len(reference_latents):
-            given = list(reference_latents)
-            references_in = References(tuple(grids), tuple(array_digest(_np(g)) for g in given), lambda: given)
-        elif prepared:
-            references_in = References(tuple(grids), tuple(array_digest(im) for im in prepared),
-                                       lambda: [self.encode_reference(im) for im in prepared])
         if self._numpy_backend:  # the text encoder and VAE stay in torch; the transformer backend takes numpy
             latents, conditioning, to_backend = _np(latents), _np_conditioning(conditioning), _np
         else:

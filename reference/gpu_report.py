@@ -371,7 +371,8 @@ def plot_png(data: dict[str, Any]) -> bytes:
         right.set_xticks(range(len(keys)), [k[6:] for k in keys])
     right.axhline(1.0, color="gray", linestyle=":", linewidth=1)
     right.set_ylabel("onnxruntime / PyTorch time")
-    right.legend(fontsize=5, ncol=2)
+    if right.get_legend_handles_labels()[0]:  # no onnxruntime row yet: nothing to name
+        right.legend(fontsize=5, ncol=2)
     if gaps:  # where one generation's time goes: GPU kernels, and everything else
         gap_axis = axes[2]
         names = [name for name, _ in gaps]

@@ -59,9 +59,9 @@ def test_pipeline_equals_pytorch_generator(pipeline, tiny_generator, reference_p
     assert np.abs(ours.image.astype(int) - np.asarray(theirs.image).astype(int)).max() <= PIXEL_LEVELS
 
 
-def test_cache_hit_skips_the_vae_encoder(engines_dir, reference_photos):
-    """With the reference K/V cached, the second call never runs the VAE encoder engine, and gives the same
-    image; a prompt-embedding cache serves the repeated prompt."""
+def test_cache_hit_skips_the_vae_encoder(engines_dir, reference_photos, monkeypatch):
+    """With the reference K/V cached, the second call never runs the VAE encoder engine or the token selection, and
+    gives the same image; a prompt-embedding cache serves the repeated prompt."""
     from sparse_context.engines.pipeline import EnginePipeline
     from sparse_context.runtime.kv_cache import ReferenceKVCache
     from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
@@ -71,8 +71,15 @@ def test_cache_hit_skips_the_vae_encoder(engines_dir, reference_photos):
     kwargs = dict(keep_fraction=0.1, strategy="edge", use_kv=True, num_steps=2, height=64, width=64, seed=3)
     first = pipe.generate("a harbour", reference_photos, **kwargs)
     pipe.parts.vae_encoder = None  # any use would raise InputError("vae_encoder export ...")
+    import sparse_context.runtime.selection as selection
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the cache hit scored the references again")
+
+    monkeypatch.setattr(selection, "select_references", no_scoring)
     second = pipe.generate("a harbour", reference_photos, **kwargs)
-    assert not first.cache_hit and second.cache_hit
+    assert not first.cache_hit and second.cache_hit and pipe.runtime.kv_cache.selection_stats.hits == 1
+    assert [s.tolist() for s in second.selections] == [s.tolist() for s in first.selections]
     np.testing.assert_array_equal(second.latents, first.latents)
     np.testing.assert_array_equal(second.image, first.image)
     assert pipe.prompt_cache.stats.hits >= 1

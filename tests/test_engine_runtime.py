@@ -69,6 +69,32 @@ def test_persistent_cache_second_call(engines_dir, conditioning):
     np.testing.assert_allclose(second.latents, first.latents, atol=1e-6, rtol=0)
     other_prompt = runtime.generate_latents(embeds * 0.5, grids, **kwargs)  # K/V do not depend on the prompt
     assert other_prompt.cache_hit and not np.allclose(other_prompt.latents, first.latents)
+    # The repeated requests took their kept tokens from the cache: scored once, for the first call.
+    assert (runtime.kv_cache.selection_stats.misses, runtime.kv_cache.selection_stats.hits) == (1, 2)
+    assert [s.tolist() for s in second.selections] == [s.tolist() for s in first.selections]
+    mirrored = [np.ascontiguousarray(np.asarray(image)[:, ::-1]) for image in prepared]
+    other_images = runtime.generate_latents(embeds, grids, **{**kwargs, "reference_images": mirrored})
+    assert runtime.kv_cache.selection_stats.misses == 2 and not other_images.cache_hit  # scored images differ
+
+
+def test_digests_only_when_the_cache_is_consulted(engines_dir, conditioning, monkeypatch):
+    from sparse_context.engines import runtime as runtime_module
+    from sparse_context.engines.runtime import EngineRuntime
+    from sparse_context.runtime.kv_cache import ReferenceKVCache
+
+    _, embeds, grids, prepared, noise = conditioning
+    hashed = []
+    real = runtime_module.array_digests
+    monkeypatch.setattr(runtime_module, "array_digests", lambda arrays: hashed.append(len(arrays)) or real(arrays))
+    kwargs = dict(reference_images=prepared, keep_fraction=0.1, strategy="edge", height=96, width=96, num_steps=1,
+                  latents=noise)
+    runtime = EngineRuntime.from_engines(engines_dir)
+    runtime.generate_latents(embeds, grids, use_kv=True, **kwargs)  # no cache
+    runtime.kv_cache = ReferenceKVCache(64 << 20)
+    runtime.generate_latents(embeds, grids, use_kv=False, **kwargs)  # a cache, but no KV: not consulted
+    assert hashed == []
+    runtime.generate_latents(embeds, grids, use_kv=True, **kwargs)
+    assert hashed == [len(grids)]  # the reference latents, once
 
 
 def test_runtime_runs_without_torch(engines_dir):
