@@ -332,8 +332,8 @@ class _Check:
                 self.report.row(name, row, seconds=seconds, wall_s=wall, ref_tokens=self.inputs.ref_tokens(row),
                                 tflops=flops / seconds / 1e12, finite=bool(np.isfinite(latents).all()),
                                 samples_s=runner.samples)
-            if depth == options.ladder[0] and not tag:
-                phase["kernels"] = self._kernel_profiles(runner, sync)
+            if not tag and depth != "full":  # both reduced depths: busy and outside-kernel time extrapolate apart
+                phase["kernels"] = self._kernel_profiles(runner, sync, depth)
             runner.release()
             del runner, model
             self._free()
@@ -420,23 +420,23 @@ class _Check:
                                 samples_s=runner.samples, **compared)
             phase["host_steps"] = self._host_steps(backend, runner, timed)
             phase["waits_per_run"] = self._waits_per_run(backend, runner, timed)
-            if depth == self.options.ladder[0]:
-                phase["kernels"] = self._kernel_profiles(runner, lambda: None)
+            phase["kernels"] = self._kernel_profiles(runner, lambda: None, depth)  # both depths, as for PyTorch
             runner.release()
             del runner, backend
             shutil.rmtree(profile_dir, ignore_errors=True)
             self._free()
 
-    def _kernel_profiles(self, runner: LoopRunner, sync: Callable[[], None]) -> dict[str, Any]:
+    def _kernel_profiles(self, runner: LoopRunner, sync: Callable[[], None], depth: str) -> dict[str, Any]:
         """GPU kernel time per category for one generation of the target-only row, the acceptance KV row and its
-        persistent-cache call (``reference.kernel_profile``): where the cached call's time over target-only goes."""
+        persistent-cache call (``reference.kernel_profile``): where the cached call's time over target-only goes.
+        Profiled at both depths, so GPU busy time and the time outside kernels extrapolate to full depth apart."""
         from sparse_context.reference.kernel_profile import profile_kernels
 
         rows = [RowKey(0, 1.0, False), RowKey(self.options.refs, ACCEPTANCE_KEEP, True),
                 RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True)]
         if not self.options.cuda:
             return {"status": "skipped", "reason": "kernel times need CUPTI on a GPU"}
-        if not self.budget.fits(3 * 2.0 * self.torch_wall.get(self.options.ladder[0], 0.0) / 9 + 10.0):
+        if not self.budget.fits(3 * 2.0 * self.torch_wall.get(depth, 0.0) / 9 + 10.0):
             return {"status": "skipped", "reason": "does not fit the budget"}
         profiles = {}
         try:

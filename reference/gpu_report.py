@@ -9,7 +9,7 @@ import json
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from sparse_context.reference.benchmark_configs import CONFIGS
 from sparse_context.reference.gpu_plan import ACCEPTANCE_KEEP, depth_units, extrapolate
@@ -206,7 +206,39 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
                                  for label, row in torch_at[depths[0]].items()
                                  if label in bf16 and row.get("seconds")}
     derived["outside_kernels"] = outside_kernels(data)
+    derived["kernels_at_full_depth"] = kernels_at_full_depth(derived["outside_kernels"], depths, units)
     return derived
+
+
+def kernels_at_full_depth(outside: dict[str, dict[str, dict[str, float]]], depths: Sequence[str],
+                          units: dict[str, float]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per backend and profiled row, GPU busy time and time outside kernels, each extrapolated from the two
+    depths to full depth like the row times, with what each adds per unit of depth: whether a row's extra time
+    over another grows with the blocks (kernels, or per-block gaps between them) or is paid once per generation."""
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    first, second = depths[0], depths[1]
+    partners = {f"torch_{first}": (f"torch_{second}", "torch")}
+    for name in outside:
+        if name.startswith(f"ort_{first}_"):
+            variant = name[len(f"ort_{first}_"):]
+            partners[name] = (f"ort_{second}_{variant}", f"ort {variant}")
+    for name, (partner, backend) in partners.items():
+        for label, at_first in outside.get(name, {}).items():
+            at_second = outside.get(partner, {}).get(label)
+            if at_second is not None:
+                result.setdefault(backend, {})[label] = _split_at_full(at_first, at_second, units[first],
+                                                                       units[second], units["full"])
+    return result
+
+
+def _split_at_full(a: dict[str, float], b: dict[str, float], units_a: float, units_b: float,
+                   units_full: float) -> dict[str, float]:
+    per_unit = units_b - units_a
+    return {"busy_full_ms": extrapolate(a["busy_ms"], units_a, b["busy_ms"], units_b, units_full),
+            "outside_full_ms": extrapolate(a["outside_kernels_ms"], units_a, b["outside_kernels_ms"], units_b,
+                                           units_full),
+            "busy_per_unit_ms": (b["busy_ms"] - a["busy_ms"]) / per_unit,
+            "outside_per_unit_ms": (b["outside_kernels_ms"] - a["outside_kernels_ms"]) / per_unit}
 
 
 def outside_kernels(data: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
@@ -314,6 +346,11 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
                 f" ({entry['idle_in_runs_ms']:.1f} idle inside runs, {entry['outside_runs_ms']:.1f} outside them)")
             lines.append(f"{name} {label}: {entry['row_ms']:.1f} ms = {entry['busy_ms']:.1f} GPU busy + "
                          f"{entry['outside_kernels_ms']:.1f} outside kernels{split}")
+    for backend, entries in data["derived"].get("kernels_at_full_depth", {}).items():
+        for label, entry in entries.items():
+            lines.append(f"{backend} {label} at full depth (extrapolated): {entry['busy_full_ms']:.1f} ms GPU busy "
+                         f"({entry['busy_per_unit_ms']:+.1f} per unit) + {entry['outside_full_ms']:.1f} outside "
+                         f"kernels ({entry['outside_per_unit_ms']:+.1f} per unit)")
     for label, check in data["derived"].get("torch_extrapolation_check", {}).items():
         lines.append(f"extrapolation check (PyTorch) {label}: predicted {check['predicted_s']:.3f}s, measured "
                      f"{check['measured_s']:.3f}s ({100 * check['error']:+.1f} %)")

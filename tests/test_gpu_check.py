@@ -478,3 +478,30 @@ def test_time_outside_kernels_from_the_h200_report():
     from sparse_context.reference.gpu_report import plot_png
 
     assert plot_png(report).startswith(b"\x89PNG")  # a third panel: busy vs outside kernels per profiled row
+
+
+def test_busy_and_outside_kernel_time_extrapolate_apart_to_full_depth():
+    """With kernel profiles at both depths, GPU busy time and the time outside kernels each go to full depth on
+    their own line (klein-9b = 8 units of d4, d8 = 2), with what each adds per unit; rows or phases profiled at
+    one depth only are left out."""
+    from sparse_context.reference.gpu_report import kernels_at_full_depth
+
+    def entry(row_ms, busy_ms):
+        return {"row_ms": row_ms, "busy_ms": busy_ms, "outside_kernels_ms": row_ms - busy_ms}
+
+    outside = {"torch_d4": {"target only": entry(90.0, 82.0)}, "torch_d8": {"target only": entry(178.0, 162.0)},
+               "ort_d4_mha-split": {"cached": entry(89.0, 78.0), "kv on": entry(95.0, 85.0)},
+               "ort_d8_mha-split": {"cached": entry(176.0, 158.0)}, "ort_d4_mha": {"cached": entry(97.0, 86.0)}}
+    result = kernels_at_full_depth(outside, ("d4", "d8"), {"d4": 1.0, "d8": 2.0, "full": 8.0})
+    assert set(result) == {"torch", "ort mha-split"} and set(result["ort mha-split"]) == {"cached"}
+    cached = result["ort mha-split"]["cached"]
+    assert cached == pytest.approx({"busy_full_ms": 78.0 + 7 * 80.0, "outside_full_ms": 11.0 + 7 * 7.0,
+                                    "busy_per_unit_ms": 80.0, "outside_per_unit_ms": 7.0})
+    assert result["torch"]["target only"]["outside_per_unit_ms"] == pytest.approx(8.0)
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "reference" / "measured" / "gpu_check_h200_2026-11-27_run6.json").read_text())
+    report["derived"]["kernels_at_full_depth"] = result
+    text = "\n".join(summary_lines(report))
+    assert ("ort mha-split cached at full depth (extrapolated): 638.0 ms GPU busy (+80.0 per unit) + 60.0 outside "
+            "kernels (+7.0 per unit)") in text
+
