@@ -482,7 +482,8 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
                        help="`gpu`: the two reduced depths (default: d4 d8; tiny: d2 d4)")
     bench.add_argument("--variants", nargs="+", default=None,
                        help="`gpu`: onnxruntime graph variants, first one first: mha, fused, mha-split (mha with "
-                       "the fused projections split into one product per slice) (default: mha mha-split)")
+                       "the fused projections split into one product per slice), mha-split-plain (its kv graph "
+                       "without If nodes: --ref-stream plain) (default: mha-split mha-split-plain)")
     bench.add_argument("--export-workers", type=int, default=None,
                        help="`gpu`: export processes beside the GPU phases (default 3 on cuda, 2 on cpu; 0 = in-process)")
     bench.add_argument("--no-bf16", action="store_true", help="`gpu`: skip the PyTorch bf16 row set")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from sparse_context.export.exporter import DEFAULT_OPSET, ExportOptions, export_graphs
-from sparse_context.export.graphs import ATTENTION_FORMS, PROJECTION_FORMS
+from sparse_context.export.graphs import ATTENTION_FORMS, PROJECTION_FORMS, REF_STREAM_FORMS
 from sparse_context.export.spec import DEFAULT_MAX_REF_TOKENS, GRAPHS, PRECISIONS
 from sparse_context.runtime.errors import SparseContextError, bad_value
 
@@ -35,6 +35,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projections", choices=PROJECTION_FORMS, default="fused",
                         help="split: one matrix product per slice of each fused projection, so onnxruntime copies "
                         "no slices (same numbers up to summation order)")
+    parser.add_argument("--ref-stream", choices=REF_STREAM_FORMS, default="guarded",
+                        help="kv graph with --attention mha/fused: guarded (fused RoPE and attention for the "
+                        "references, each behind an If on their count) or plain (elementwise RoPE and "
+                        "MatMul-Softmax-MatMul for them: no If node in the graph)")
     parser.add_argument("--opset", type=int, help=f"default {DEFAULT_OPSET['matmul']} (matmul) / "
                         f"{DEFAULT_OPSET['fused']} (fused)")
     parser.add_argument("--max-ref-tokens", type=int, default=DEFAULT_MAX_REF_TOKENS,
@@ -54,7 +58,8 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         graphs = GRAPHS if args.graph == "both" else (args.graph,)
         options = ExportOptions(model_dir=args.model, graph=graphs[0], precision=args.precision,
-                                attention=args.attention, projections=args.projections, opset=args.opset,
+                                attention=args.attention, projections=args.projections,
+                                ref_stream=args.ref_stream, opset=args.opset,
                                 lora=args.lora,
                                 lora_scale=args.lora_scale, transformer_file=args.transformer,
                                 max_ref_tokens=args.max_ref_tokens, target_sizes=tuple(args.target_size),

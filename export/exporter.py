@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from sparse_context.export.errors import ExportConfigError, ExportError
 from sparse_context.export.graphs import (
-    ATTENTION_FORMS, PROJECTION_FORMS, FullGraph, KVGraph, attention_form, projection_form,
+    ATTENTION_FORMS, PROJECTION_FORMS, REF_STREAM_FORMS, FullGraph, KVGraph, attention_form, projection_form,
+    ref_stream_form,
 )
 from sparse_context.export.spec import (
     DEFAULT_MAX_REF_TOKENS, DEFAULT_TARGET_SIZES, GRAPHS, PRECISIONS, ExportSpec, ModelDims, build_spec,
@@ -48,6 +49,7 @@ class ExportOptions:
     precision: str = "fp16"
     attention: str = "matmul"
     projections: str = "fused"  # "split": one matrix product per slice of a fused projection (graphs.projection_form)
+    ref_stream: str = "guarded"  # "plain": the kv graph's reference RoPE/attention without If nodes (ref_stream_form)
     opset: int | None = None  # None: DEFAULT_OPSET of the attention form
     lora: Path | None = None
     lora_scale: float = 1.0
@@ -56,6 +58,13 @@ class ExportOptions:
     target_sizes: tuple[tuple[int, int], ...] = DEFAULT_TARGET_SIZES
     text_tokens: int | None = None  # None: the folder's max_sequence_length (sparse_context.json) or 512
     out_dir: Path = Path("onnx")
+
+    @property
+    def graph_ref_stream(self) -> str:
+        """The reference stream form this graph is traced with: 'plain' only changes the kv graph's fused forms
+        (the full graph attends jointly, and MatMul attention has no guards), so the full graph is shared."""
+        plain = self.ref_stream == "plain" and self.graph == "kv" and self.attention != "matmul"
+        return "plain" if plain else "guarded"
 
     @property
     def resolved_opset(self) -> int:
@@ -73,6 +82,9 @@ class ExportOptions:
         if self.projections not in PROJECTION_FORMS:
             raise ExportConfigError(bad_value("projection form", self.projections, " or ".join(PROJECTION_FORMS),
                                               "--projections"))
+        if self.ref_stream not in REF_STREAM_FORMS:
+            raise ExportConfigError(bad_value("reference stream form", self.ref_stream, " or ".join(REF_STREAM_FORMS),
+                                              "--ref-stream"))
         low, high = OPSET_RANGE[self.attention]
         if not low <= self.resolved_opset <= high:
             raise ExportConfigError(bad_value(f"opset for --attention {self.attention}", self.resolved_opset,
@@ -174,11 +186,14 @@ def cache_key(options: ExportOptions, spec: ExportSpec, weights: str, lora: str 
             "versions": exporter_versions()}
     if options.projections != "fused":  # keys of the default form stay what they were
         blob["projections"] = options.projections
+    if options.graph_ref_stream != "guarded":
+        blob["ref_stream"] = options.graph_ref_stream
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def _final_dir(options: ExportOptions, key: str) -> Path:
     split = "-split" if options.projections == "split" else ""
+    split += "-plain" if options.graph_ref_stream == "plain" else ""
     name = f"{options.graph}-{options.precision}-{options.attention}{split}-op{options.resolved_opset}-{key[:16]}"
     return Path(options.out_dir) / name
 
@@ -219,7 +234,8 @@ def _trace(transformer: Any, spec: ExportSpec, options: ExportOptions, path: Pat
         dims[symbol] = torch.export.Dim(symbol, min=1)
     dynamic_shapes = tuple({axis: dims[symbol] for axis, symbol in t.dynamic_axes().items()} or None
                            for t in spec.inputs)
-    with torch.no_grad(), attention_form(options.attention), projection_form(options.projections):
+    with torch.no_grad(), attention_form(options.attention), projection_form(options.projections), \
+            ref_stream_form(options.graph_ref_stream):
         try:
             program = torch.onnx.export(module, args, dynamo=True, opset_version=options.resolved_opset,
                                         dynamic_shapes=dynamic_shapes, input_names=spec.input_names,
@@ -286,7 +302,7 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256_memo(p)} for p in sorted(staging.iterdir())}
         manifest = {
             "cache_key": key, "graph": spec.graph, "precision": spec.precision, "attention": options.attention,
-            "projections": options.projections,
+            "projections": options.projections, "ref_stream": options.graph_ref_stream,
             "opset": summary["opset"], "for_tensorrt": options.attention == "matmul", "ops": summary["ops"],
             "files": files, "onnx_sha256": files[ONNX_FILE]["sha256"], "base_weights_sha256": weights,
             "lora": {"sha256": lora_sha, "scale": options.lora_scale, **(lora_info or {})} if lora_sha else None,

@@ -73,6 +73,32 @@ def attention_form(form: str) -> Iterator[None]:
         _ATTENTION["fn"] = previous
 
 
+REF_STREAM_FORMS = ("guarded", "plain")
+_REF_STREAM = {"form": "guarded"}
+
+
+@contextlib.contextmanager
+def ref_stream_form(form: str) -> Iterator[None]:
+    """Trace/run the reference stream's RoPE and attention (the operations that see 0 reference tokens in a cached
+    step) as ``form``; restores the previous one.
+
+    'guarded': the active attention form's fused RoPE and attention, each behind an ONNX ``If`` on the token count
+    (onnxruntime's fused kernels refuse 0 tokens). 'plain': the elementwise RoPE and MatMul-Softmax-MatMul, which
+    take 0 tokens as they are: no ``If`` node, at the cost of an unfused attention over the new references in the
+    extract step. Only the fused forms ('mha', 'fused') have guards to remove."""
+    if form not in REF_STREAM_FORMS:
+        from sparse_context.export.errors import ExportConfigError
+        from sparse_context.runtime.errors import bad_value
+
+        raise ExportConfigError(bad_value("reference stream form", form, " or ".join(REF_STREAM_FORMS),
+                                          "--ref-stream"))
+    previous, _REF_STREAM["form"] = _REF_STREAM["form"], form
+    try:
+        yield
+    finally:
+        _REF_STREAM["form"] = previous
+
+
 PROJECTION_FORMS = ("fused", "split")
 _PROJECTIONS = {"form": "fused"}
 
@@ -166,6 +192,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, may_be_e
     MatMul-Softmax-MatMul handles empty axes as is.
     """
     function = _ATTENTION["fn"]
+    if may_be_empty and _REF_STREAM["form"] == "plain":
+        return matmul_attention(query, key, value)  # takes 0 queries as they are: no guard
     tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
     guarded = function is not matmul_attention
     if may_be_empty and guarded and not tracing:
@@ -181,7 +209,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, may_be_empty: bo
     """RoPE with the active form: onnxruntime's fused ``RotaryEmbedding`` for 'mha' (one kernel instead of the
     reshape/stack/cast/multiply chain below), :func:`apply_rope` otherwise. ``may_be_empty``: the token axis can be
     0 at run time (references), guarded like :func:`attend`."""
-    if _ATTENTION["fn"] is matmul_attention or _ATTENTION["fn"] is fused_attention:
+    if _ATTENTION["fn"] is matmul_attention or _ATTENTION["fn"] is fused_attention or (
+            may_be_empty and _REF_STREAM["form"] == "plain"):
         return apply_rope(x, cos, sin)
     from sparse_context.export.ort_attention import fused_rope
 

@@ -42,7 +42,7 @@ from sparse_context.reference.engine_benchmark import (
 from sparse_context.reference.gpu_plan import (
     ACCEPTANCE_KEEP, BUILD_SECONDS_PER_GB, CACHE_HIT_REPEAT_FACTOR, ORT_OVER_TORCH_GUESS,
     RAM_PER_EXPORT_BYTES_PER_PARAM, SESSION_SECONDS, Geometry, GpuCheckOptions, check_rows, depth_units,
-    estimate_plan, variant_export,
+    estimate_plan, export_variant, variant_export,
 )
 from sparse_context.reference.gpu_report import CheckReport
 from sparse_context.runtime.errors import InputError, bad_value
@@ -136,9 +136,13 @@ class ExportQueue:
 
 
 def export_job(options: GpuCheckOptions, depth: str, variant: str, graph: str) -> dict[str, Any]:
+    """The export of ``variant``'s ``graph`` at ``depth``, named by what it exports (mha-split-plain's full graph is
+    mha-split's job)."""
     grid = Geometry.of(options, CONFIGS[options.config]).ref_grid_tokens
-    attention, projections = variant_export(variant)
-    return {"name": f"{depth}-{variant}-{graph}", "graph": graph, "attention": attention, "projections": projections,
+    source = export_variant(variant, graph)
+    attention, projections, ref_stream = variant_export(source)
+    return {"name": f"{depth}-{source}-{graph}", "graph": graph, "attention": attention, "projections": projections,
+            "ref_stream": ref_stream,
             "precision": options.precision, "model_dir": str(model_folder(options, depth)),
             "out_dir": str(options.work / "onnx"), "max_ref_tokens": options.refs * grid,
             "target_px": options.target_px, "text_tokens": options.text_tokens}
@@ -149,6 +153,7 @@ def export_options(job: dict[str, Any]) -> Any:
 
     return ExportOptions(model_dir=Path(job["model_dir"]), graph=job["graph"], precision=job["precision"],
                          attention=job["attention"], projections=job.get("projections", "fused"),
+                         ref_stream=job.get("ref_stream", "guarded"),
                          max_ref_tokens=job["max_ref_tokens"],
                          target_sizes=((job["target_px"], job["target_px"]),), text_tokens=job["text_tokens"],
                          out_dir=Path(job["out_dir"]))
@@ -248,8 +253,9 @@ class _Check:
                 with _timed(phase, f"{depth}_s"):
                     write_model_folder(options, depth)
             self._free()
-        jobs = [export_job(options, depth, variant, graph)
-                for variant in options.variants for depth in options.ladder for graph in ("full", "kv")]
+        jobs = list({job["name"]: job for job in (export_job(options, depth, variant, graph)
+                                                  for variant in options.variants for depth in options.ladder
+                                                  for graph in ("full", "kv"))}.values())  # shared exports once
         self.report.data["exports"] = {job["name"]: {} for job in jobs}
         if options.workers:
             self.queue = ExportQueue(jobs, self._workers_that_fit(), options.work / "logs", self.log)

@@ -271,3 +271,44 @@ def test_unknown_projection_form_names_its_flag(tiny_model_dir, out_dir):
     with pytest.raises(ExportConfigError,
                        match="projection form: got 'packed'; allowed: fused or split.*--projections"):
         _options(tiny_model_dir, out_dir, projections="packed").validate()
+
+
+def test_plain_reference_stream_has_no_if_nodes_and_equals_pytorch(tiny_model_dir, out_dir, torch_transformer):
+    """``--ref-stream plain`` (kv graph, contrib attention, split projections): the references' RoPE is elementwise
+    and their attention MatMul-Softmax-MatMul, so the graph holds no ``If`` node; it equals diffusers at 0, 1, 39 and
+    40 reference tokens, extract and cached steps. The full graph ignores the option: the same export is reused."""
+    import onnx
+
+    guarded = export_onnx(_options(tiny_model_dir, out_dir, graph="kv", attention="mha", projections="split"))
+    plain = export_onnx(_options(tiny_model_dir, out_dir, graph="kv", attention="mha", projections="split",
+                                 ref_stream="plain"))
+    assert plain.manifest["ref_stream"] == "plain" and guarded.manifest["ref_stream"] == "guarded"
+    assert plain.path.parent.name.startswith("kv-fp32-mha-split-plain-") and plain.path != guarded.path
+
+    def count(path, op):
+        return sum(node.op_type == op for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+    assert count(guarded.path, "If") > 0 and count(plain.path, "If") == 0
+    assert count(plain.path, "MultiHeadAttention") == count(guarded.path, "MultiHeadAttention")  # text + target
+    report = validate_export(plain.path, torch_transformer)
+    _assert_passed(report, [0, 1, 39, 40])
+    assert max(r.max_abs for r in report.records) < 1e-5
+    full = export_onnx(_options(tiny_model_dir, out_dir, graph="full", attention="mha", projections="split"))
+    again = export_onnx(_options(tiny_model_dir, out_dir, graph="full", attention="mha", projections="split",
+                                 ref_stream="plain"))
+    assert again.reused and again.path == full.path and again.manifest["ref_stream"] == "guarded"
+    matmul = _options(tiny_model_dir, out_dir, graph="kv", ref_stream="plain")  # MatMul attention: nothing to remove
+    assert matmul.graph_ref_stream == "guarded"
+    from sparse_context.export.errors import ExportConfigError
+
+    with pytest.raises(ExportConfigError, match="reference stream form: got 'bare'; allowed: guarded or plain.*"
+                                                "--ref-stream"):
+        _options(tiny_model_dir, out_dir, ref_stream="bare").validate()
+
+
+def test_plain_reference_stream_fp16_within_fp16_tolerance(tiny_model_dir, out_dir, torch_transformer):
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph="kv", precision="fp16", attention="mha",
+                                  projections="split", ref_stream="plain"))
+    report = validate_export(result.path, torch_transformer, ref_token_counts=[0, 7, 40])
+    assert not report.failures, "\n".join(report.lines())
+    assert report.atol == pytest.approx(3e-2)

@@ -32,7 +32,8 @@ def test_klein_9b_plan_fits_480_s_on_an_80_gb_gpu_with_the_exports():
     plan = estimate_plan(GpuCheckOptions(config="klein-9b", budget_s=480.0), gpu_memory_gb=80)
     names = [phase.name for phase in plan.phases]
     assert plan.total_s <= 480.0
-    assert "torch_full (PyTorch, full depth)" in names and "export d4 mha full" in names
+    assert "torch_full (PyTorch, full depth)" in names and "export d4 mha-split full" in names
+    assert "export d4 mha-split-plain kv" in names and "export d4 mha-split-plain full" not in names  # shared
     assert all(phase.fits for phase in plan.phases if phase.name.startswith(("torch", "ort_d4_mha", "ort_d8_mha")))
     assert all(phase.parallel for phase in plan.phases if phase.name.startswith("export"))
 
@@ -47,7 +48,7 @@ def test_plan_marks_what_does_not_fit_and_full_depth_that_needs_more_memory():
 def test_dry_run_prints_the_plan_without_torch_work(capsys):
     assert main(["bench", "gpu", "--dry-run", "--gpu-memory-gb", "80"]) == 0
     printed = capsys.readouterr().out
-    assert "planned total" in printed and "export d8 mha kv" in printed and "of a 480 s budget" in printed
+    assert "planned total" in printed and "export d8 mha-split kv" in printed and "of a 480 s budget" in printed
 
 
 def test_split_projection_variant_plans_and_exports_mha_with_split_projections(capsys, tmp_path):
@@ -63,6 +64,15 @@ def test_split_projection_variant_plans_and_exports_mha_with_split_projections(c
     exported = export_options(job).validate()
     assert (job["name"], exported.attention, exported.projections) == ("d2-mha-split-kv", "mha", "split")
     assert export_options(export_job(options, "d2", "mha", "kv")).projections == "fused"
+    # mha-split-plain: its own kv graph without If guards; its full graph is mha-split's job (exported once)
+    plain_kv, plain_full = (export_job(options, "d2", "mha-split-plain", graph) for graph in ("kv", "full"))
+    assert plain_kv["name"] == "d2-mha-split-plain-kv" and export_options(plain_kv).graph_ref_stream == "plain"
+    assert plain_full == export_job(options, "d2", "mha-split", "full")
+    assert export_options(plain_full).graph_ref_stream == "guarded"
+    only_plain = estimate_plan(GpuCheckOptions(config="klein-9b", variants=("mha-split-plain",), export_workers=0),
+                               gpu_memory_gb=80)
+    names = [phase.name for phase in only_plain.phases]
+    assert "export d4 mha-split full" in names and "export d4 mha-split-plain kv" in names
 
 
 def test_depth_units_follow_the_weights_and_extrapolation_is_exact_for_linear_costs():
