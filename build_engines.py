@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sparse_context.engines.buckets import add_bucket_arguments
     from sparse_context.engines.build import (
         FLAG_BACKEND, FLAG_GRAPHS, FLAG_LORA, FLAG_LORA_SCALE, FLAG_MODEL, FLAG_OUT, FLAG_PRECISION, FLAG_PROJECTIONS,
-        FLAG_TRANSFORMER, PROJECTIONS,
+        FLAG_REF_STREAM, FLAG_TRANSFORMER, PROJECTIONS, REF_STREAMS,
     )
     from sparse_context.engines.index import BACKENDS
 
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(no Split copies in onnxruntime; same numbers up to summation order; not with int8/fp8). "
                         "Default: split for ort-cuda (0.83-0.91x PyTorch eager on an H200 against 0.91-0.97x), "
                         "fused otherwise")
+    parser.add_argument(FLAG_REF_STREAM, choices=REF_STREAMS, default="guarded",
+                        help="ort-cuda: the kv graph's reference RoPE and attention behind If guards (guarded) or "
+                        "elementwise RoPE and MatMul attention without them (plain; not yet timed on a GPU)")
     parser.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder memory limit")
     parser.add_argument(FLAG_OUT, type=Path, default=Path("engines_out"), help="engines folder (default engines_out)")
     add_bucket_arguments(parser)
@@ -92,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lora=args.lora, lora_scale=args.lora_scale, transformer_file=args.transformer, graphs=tuple(args.graphs),
             workspace_bytes=int(args.workspace_gb * 2**30) if args.workspace_gb else None,
             calibration=options_from_args(args, args.demo, reference_generator) if precision in QUANTIZED_PRECISIONS
-            else None, projections=args.projections).validate()
+            else None, projections=args.projections, ref_stream=args.ref_stream).validate()
         default = "the --demo default" if args.demo else "the default for a model folder"
         chosen = "given" if args.precision else default
         print(f"[build] precision {precision} ({chosen}; change it with {FLAG_PRECISION})", file=sys.stderr, flush=True)

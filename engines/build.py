@@ -45,6 +45,11 @@ ATTENTION_BY_BACKEND = {"trt": "matmul", "ort-trt": "matmul", "ort-cuda": "mha",
 # TensorRT fuses its own layers, and the int8/fp8 recipes name the fused projections' layers: fused elsewhere.
 PROJECTIONS = ("fused", "split")
 PROJECTIONS_BY_BACKEND = {"ort-cuda": "split"}
+# The kv graph's reference stream (export.graphs.ref_stream_form): "plain" removes its If guards (onnxruntime's fused
+# RoPE and attention need them for 0 tokens); only ort-cuda's contrib attention has guards. Opt-in until `bench gpu`
+# has timed it (variant mha-split-plain).
+REF_STREAMS = ("guarded", "plain")
+FLAG_REF_STREAM = "--ref-stream"
 QUANTIZED = ("int8", "fp8")
 FLAG_PROJECTIONS = "--projections"
 PARTS = ("text_encoder", "vae_encoder", "vae_decoder")
@@ -65,6 +70,7 @@ class BuildRequest:
     workspace_bytes: int | None = None
     calibration: Any = None  # calibration.build.CalibrationOptions for precision int8/fp8 (None: defaults)
     projections: str | None = None  # None: default_projections(backend, precision)
+    ref_stream: str = "guarded"
 
     def __post_init__(self) -> None:
         if self.projections is None:
@@ -75,6 +81,14 @@ class BuildRequest:
         if self.projections not in PROJECTIONS:
             raise BuildOptionError(bad_value("projection form", self.projections, " or ".join(PROJECTIONS),
                                              FLAG_PROJECTIONS))
+        if self.ref_stream not in REF_STREAMS:
+            raise BuildOptionError(bad_value("reference stream form", self.ref_stream, " or ".join(REF_STREAMS),
+                                             FLAG_REF_STREAM))
+        if self.ref_stream == "plain" and (ATTENTION_BY_BACKEND[self.backend] == "matmul"
+                                           or self.precision in QUANTIZED):
+            raise BuildOptionError(bad_value(f"reference stream form for {self.backend} {self.precision}", "plain",
+                                             "guarded (plain removes the If guards of onnxruntime's fused attention: "
+                                             "ort-cuda at fp32/fp16/bf16 only)", FLAG_REF_STREAM))
         if self.projections != "fused" and self.precision in QUANTIZED:
             raise BuildOptionError(bad_value(f"projection form for {self.precision}", self.projections, "fused (the "
                                              "quantization recipe names the fused projections' layers)",
@@ -224,7 +238,8 @@ def _build_locked(request: BuildRequest, out_dir: Path,
     # 1. Export (reused when the same weights, LoRA and options were exported before)
     options = ExportOptions(
         model_dir=Path(request.model_dir), precision=export_precision(request.precision),
-        attention=ATTENTION_BY_BACKEND[request.backend], projections=request.projections, lora=request.lora,
+        attention=ATTENTION_BY_BACKEND[request.backend], projections=request.projections,
+        ref_stream=request.ref_stream, lora=request.lora,
         lora_scale=request.lora_scale, transformer_file=request.transformer_file, max_ref_tokens=plan.max_ref_tokens,
         target_sizes=tuple((r.width_px, r.height_px) for r in plan.target_resolutions), text_tokens=plan.text_tokens,
         out_dir=out_dir / "onnx")
@@ -259,7 +274,8 @@ def _build_locked(request: BuildRequest, out_dir: Path,
         transformer_file=str(Path(request.transformer_file).resolve()) if request.transformer_file else None,
         parts=parts, steps=steps, files=files, calibration=calibration,
         graph_optimization_level="basic" if calibration is not None else None,
-        scheduler_config=scheduler, is_distilled=is_distilled, projections=options.projections)
+        scheduler_config=scheduler, is_distilled=is_distilled, projections=options.projections,
+        ref_stream=request.ref_stream)
     index.write(out_dir)
     return replace(index, folder=str(out_dir.resolve()))
 
@@ -291,6 +307,9 @@ def build_command(index: EnginesIndex, out_dir: str | Path, **changes: Any) -> s
     projections = "fused" if values["precision"] in QUANTIZED else index.projections
     if projections != default_projections(values["backend"], values["precision"]):
         words += [FLAG_PROJECTIONS, projections]
+    if index.ref_stream != "guarded" and ATTENTION_BY_BACKEND.get(values["backend"]) != "matmul" and \
+            values["precision"] not in QUANTIZED:
+        words += [FLAG_REF_STREAM, index.ref_stream]
     words += [*index.plan.build_args(), FLAG_OUT, str(out_dir)]
     return " ".join(words)
 

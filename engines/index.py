@@ -91,6 +91,7 @@ class EnginesIndex:
     scheduler_config: Mapping[str, Any] | None = None  # the model folder's, so the engines run without it
     is_distilled: bool = True
     projections: str = "fused"  # export.graphs.projection_form of the transformer graphs (absent before: fused)
+    ref_stream: str = "guarded"  # export.graphs.ref_stream_form of the kv graph (absent before: guarded)
     format: int = field(default=FORMAT_VERSION)
     folder: str = field(default="", compare=False)  # where engines.json was read; not written
 
@@ -148,7 +149,8 @@ class EnginesIndex:
                    steps={p: GraphEntry.from_json(p, e) for p, e in (data.get("steps") or {}).items()},
                    files={str(k): str(v) for k, v in (data.get("files") or {}).items()},
                    calibration=data.get("calibration"), graph_optimization_level=data.get("graph_optimization_level"),
-                   projections=str(data.get("projections", "fused")), format=int(version))
+                   projections=str(data.get("projections", "fused")),
+                   ref_stream=str(data.get("ref_stream", "guarded")), format=int(version))
 
     @classmethod
     def read(cls, engines_dir: str | Path) -> EnginesIndex:

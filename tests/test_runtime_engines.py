@@ -412,3 +412,38 @@ def test_sync_option_errors(engines_dir, tmp_path, capsys):
     # The CLI: --sync belongs to --engines.
     code = main(["generate", "--prompt", "x", "--sync", "image", "--out", str(tmp_path / "x.png")])
     assert code == 2 and "synchronization: got 'image'; allowed: set only with --engines" in capsys.readouterr().err
+
+
+def test_ref_stream_option_of_the_build(tiny_model_dir, tmp_path, capsys):
+    """build_engines.py --ref-stream plain: ort-cuda only (the other backends' MatMul attention has no guards to
+    remove; the quantized recipes keep the graph they name), recorded in the index and repeated by its rebuild
+    command; an index written before the option reads as guarded."""
+    from dataclasses import replace
+
+    from sparse_context.build_engines import main
+    from sparse_context.engines.buckets import BucketPlan
+    from sparse_context.engines.build import BuildRequest, build_command
+    from sparse_context.engines.errors import BuildOptionError
+    from sparse_context.engines.index import EnginesIndex, GraphEntry
+
+    request = dict(model_dir=tiny_model_dir, plan=BucketPlan(), out_dir=tmp_path / "e")
+    assert BuildRequest(backend="ort-cuda", ref_stream="plain", **request).validate().ref_stream == "plain"
+    for backend, precision in (("ort-cpu", "fp32"), ("trt", "fp16"), ("ort-cuda", "int8")):
+        with pytest.raises(BuildOptionError, match=f"reference stream form for {backend} {precision}: got 'plain'; "
+                                                   "allowed: guarded.*ort-cuda.*--ref-stream"):
+            BuildRequest(backend=backend, precision=precision, ref_stream="plain", **request).validate()
+    with pytest.raises(BuildOptionError, match="reference stream form: got 'bare'; allowed: guarded or plain"):
+        BuildRequest(backend="ort-cuda", ref_stream="bare", **request).validate()
+    assert main(["--demo", "--ref-stream", "plain", "--out", str(tmp_path / "d")]) == 2  # ort-cpu: refused
+    assert "--ref-stream" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    index = EnginesIndex(backend="ort-cuda", model_dir="/m", precision="fp16", attention="mha", plan=BucketPlan(),
+                         graphs={}, providers=("CUDAExecutionProvider",), projections="split", ref_stream="plain")
+    entry = GraphEntry(onnx="onnx/kv/model.onnx", onnx_sha256="0" * 64, reused_export=False, profiles=())
+    written = replace(index, graphs={"kv": entry}).to_json()
+    assert EnginesIndex.from_json(written).ref_stream == "plain"
+    older = dict(written)
+    del older["ref_stream"]
+    assert EnginesIndex.from_json(older).ref_stream == "guarded"
+    assert "--ref-stream plain" in build_command(index, "/o")
+    assert "--ref-stream" not in build_command(replace(index, ref_stream="guarded"), "/o")
+    assert "--ref-stream" not in build_command(index, "/o", backend="trt")  # not a TensorRT option
