@@ -137,3 +137,27 @@ def test_attention_form_restores_and_refuses_unknown():
     with pytest.raises(ExportConfigError, match="--attention"):
         with graphs.attention_form("flash"):
             pass
+
+
+def test_ref_stream_form_restores_and_refuses_unknown():
+    """The reference stream form is restored after an error; 'plain' makes the reference stream's attention and RoPE
+    the plain ones (0 tokens in, 0 tokens out, no guard) even under the contrib attention form."""
+    torch = pytest.importorskip("torch")
+    from sparse_context.export import graphs
+
+    with pytest.raises(RuntimeError):
+        with graphs.ref_stream_form("plain"):
+            assert graphs._REF_STREAM["form"] == "plain"
+            raise RuntimeError("inside")
+    assert graphs._REF_STREAM["form"] == "guarded"
+    with pytest.raises(ExportConfigError, match="reference stream form: got 'bare'.*--ref-stream"):
+        with graphs.ref_stream_form("bare"):
+            pass
+    empty, keys = torch.zeros(1, 0, 2, 8), torch.randn(1, 3, 2, 8)
+    with graphs.attention_form("mha"), graphs.ref_stream_form("plain"):
+        assert graphs.attend(empty, keys, keys, may_be_empty=True).shape == (1, 0, 2, 8)
+        table = torch.ones(0, 8)
+        assert graphs.rope(empty, table, table, may_be_empty=True).shape == (1, 0, 2, 8)
+        query = torch.randn(1, 3, 2, 8)
+        torch.testing.assert_close(graphs.attend(query, keys, keys, may_be_empty=True),
+                                   graphs.matmul_attention(query, keys, keys))
