@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fused otherwise")
     parser.add_argument(FLAG_REF_STREAM, choices=REF_STREAMS, default="guarded",
                         help="ort-cuda: the kv graph's reference RoPE and attention behind If guards (guarded) or "
-                        "elementwise RoPE and MatMul attention without them (plain; not yet timed on a GPU)")
+                        "elementwise RoPE and MatMul attention without them (plain; not yet timed on a GPU; only for "
+                        "plans whose largest KV extract keeps the unfused scores under 2 GiB per layer, e.g. keep "
+                        "fractions up to 0.10)")
     parser.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder memory limit")
     parser.add_argument(FLAG_OUT, type=Path, default=Path("engines_out"), help="engines folder (default engines_out)")
     add_bucket_arguments(parser)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from sparse_context.engines.buckets import BucketPlan, CACHED_TOKENS
+from sparse_context.engines.buckets import FLAG_KEEPS, FLAG_MAX_REFS, BucketPlan, CACHED_TOKENS
 from sparse_context.engines.errors import REBUILD_PROGRAM, BuildOptionError
 from sparse_context.engines.index import BACKENDS, EnginesIndex, GraphEntry
 from sparse_context.engines.model_files import copy_model_files
@@ -50,6 +50,9 @@ PROJECTIONS_BY_BACKEND = {"ort-cuda": "split"}
 # has timed it (variant mha-split-plain).
 REF_STREAMS = ("guarded", "plain")
 FLAG_REF_STREAM = "--ref-stream"
+# The plain form's unfused reference attention holds (heads, N, N) scores, and their softmax, at the largest KV
+# extract of the plan: fine at keep 0.10 (6 x 410 tokens at klein-9b: 0.4 GB), 39 GB at 6 dense references.
+PLAIN_SCORES_LIMIT_BYTES = 2 << 30
 QUANTIZED = ("int8", "fp8")
 FLAG_PROJECTIONS = "--projections"
 PARTS = ("text_encoder", "vae_encoder", "vae_decoder")
@@ -76,6 +79,16 @@ class BuildRequest:
         if self.projections is None:
             object.__setattr__(self, "projections", default_projections(self.backend, self.precision))
 
+    def _check_plain_scores(self) -> None:
+        tokens = self.plan.max_ref_tokens
+        scores = plain_scores_bytes(self.model_dir, self.precision, tokens)
+        if scores > PLAIN_SCORES_LIMIT_BYTES:
+            raise BuildOptionError(bad_value(
+                f"reference stream form for a plan of up to {tokens} reference tokens", "plain",
+                f"guarded: the plain form's unfused reference attention would hold {scores / 2**30:.1f} GiB of "
+                f"scores per layer (at most {PLAIN_SCORES_LIMIT_BYTES / 2**30:g} GiB); or a plan with fewer reference "
+                f"tokens ({FLAG_KEEPS}, {FLAG_MAX_REFS})", FLAG_REF_STREAM))
+
     def validate(self) -> "BuildRequest":
         check_backend_precision(self.backend, self.precision)
         if self.projections not in PROJECTIONS:
@@ -98,6 +111,8 @@ class BuildRequest:
 
             check_backend(self.precision, self.backend)
         self.plan.validate()
+        if self.ref_stream == "plain":
+            self._check_plain_scores()
         # Inputs checked before the folder is created or anything heavy imported
         from sparse_context.export.model_folder import read_model_index, read_settings
         from sparse_context.runtime.limits import check_lora_scale
@@ -108,6 +123,16 @@ class BuildRequest:
         check_lora_scale(self.lora_scale)
         check_out_folder(self.out_dir)
         return self
+
+
+def plain_scores_bytes(model_dir: Path, precision: str, ref_tokens: int) -> int:
+    """Bytes of one (heads, N, N) score tensor of the plain reference attention at ``ref_tokens`` (heads from the
+    folder's transformer config; 32, klein-9b's, when it has none)."""
+    try:
+        heads = int(json.loads((Path(model_dir) / "transformer" / "config.json").read_text())["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        heads = 32
+    return heads * ref_tokens * ref_tokens * (4 if precision == "fp32" else 2)
 
 
 def default_projections(backend: str, precision: str) -> str:

@@ -38,7 +38,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ref-stream", choices=REF_STREAM_FORMS, default="guarded",
                         help="kv graph with --attention mha/fused: guarded (fused RoPE and attention for the "
                         "references, each behind an If on their count) or plain (elementwise RoPE and "
-                        "MatMul-Softmax-MatMul for them: no If node in the graph)")
+                        "MatMul-Softmax-MatMul for them: no If node in the graph; its extract step holds heads x "
+                        "N x N scores for N new reference tokens)")
     parser.add_argument("--opset", type=int, help=f"default {DEFAULT_OPSET['matmul']} (matmul) / "
                         f"{DEFAULT_OPSET['fused']} (fused)")
     parser.add_argument("--max-ref-tokens", type=int, default=DEFAULT_MAX_REF_TOKENS,

@@ -426,8 +426,14 @@ def test_ref_stream_option_of_the_build(tiny_model_dir, tmp_path, capsys):
     from sparse_context.engines.errors import BuildOptionError
     from sparse_context.engines.index import EnginesIndex, GraphEntry
 
-    request = dict(model_dir=tiny_model_dir, plan=BucketPlan(), out_dir=tmp_path / "e")
+    request = dict(model_dir=tiny_model_dir, plan=BucketPlan(keep_fractions=(0.1,)), out_dir=tmp_path / "e")
     assert BuildRequest(backend="ort-cuda", ref_stream="plain", **request).validate().ref_stream == "plain"
+    # The unfused reference attention's scores at the plan's largest extract: the default plan (6 dense 1024^2
+    # references, 24,576 tokens) would need 2.2 GiB per layer at the tiny model's 2 heads in fp16.
+    with pytest.raises(BuildOptionError, match=r"plan of up to 24576 reference tokens: got 'plain'; allowed: "
+                                               r"guarded: .* 2\.2 GiB of scores .*--keeps, --max-refs.*--ref-stream"):
+        BuildRequest(backend="ort-cuda", ref_stream="plain", **{**request, "plan": BucketPlan()}).validate()
+    assert BuildRequest(backend="ort-cuda", **{**request, "plan": BucketPlan()}).validate().ref_stream == "guarded"
     for backend, precision in (("ort-cpu", "fp32"), ("trt", "fp16"), ("ort-cuda", "int8")):
         with pytest.raises(BuildOptionError, match=f"reference stream form for {backend} {precision}: got 'plain'; "
                                                    "allowed: guarded.*ort-cuda.*--ref-stream"):
