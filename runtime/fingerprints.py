@@ -99,18 +99,18 @@ def array_digest(array: Any) -> str:
 _DIGEST_POOL: list[Any] = []  # one thread pool for array_digests, created on first use
 
 
-def array_digests(arrays: Sequence[Any], threads: int | None = None) -> tuple[str, ...]:
+def array_digests(arrays: Sequence[Any]) -> tuple[str, ...]:
     """:func:`array_digest` of each array, several at once: hashlib releases the GIL while it hashes a large
     buffer, so six 1024^2 references hash in about the time of one on a machine with six free cores."""
     arrays = list(arrays)
-    threads = min(len(arrays), threads or os.cpu_count() or 1)
-    if threads <= 1:
+    cores = os.cpu_count() or 1
+    if min(len(arrays), cores) <= 1:
         return tuple(array_digest(array) for array in arrays)
     with _DIGEST_LOCK:
         if not _DIGEST_POOL:
             from concurrent.futures import ThreadPoolExecutor
 
-            _DIGEST_POOL.append(ThreadPoolExecutor(max(os.cpu_count() or 1, 1), "sparse-context-digest"))
+            _DIGEST_POOL.append(ThreadPoolExecutor(cores, "sparse-context-digest"))
     return tuple(_DIGEST_POOL[0].map(array_digest, arrays))
 
 
@@ -149,8 +149,8 @@ def text_digest(blob: Any) -> str:
 
 
 def selection_key(reference_digests: Sequence[str], settings: Mapping[str, Any]) -> str:
-    """Key of one token selection: the references it scored (digests, in order) and every setting it depends on
-    (strategy, keep fraction or count, allocation, seed, masks' digests, token grid)."""
+    """Key of one token selection: the references it scored (digests, in order; their shapes give the token
+    grids) and every other setting it depends on (strategy, keep fraction or count, allocation, seed, ...)."""
     blob = json.dumps({"references": list(reference_digests), "settings": dict(settings)}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -79,44 +79,36 @@ class ByteCappedLRU:
 class ReferenceKVCache(ByteCappedLRU):
     """Reference K/V states (a backend's ``kv_state``) keyed by :func:`~sparse_context.runtime.fingerprints.
     reference_key`, and the token selections made for the references they belong to (keyed by
-    :func:`~sparse_context.runtime.fingerprints.selection_key`; a few KB each, at most ``SELECTION_ENTRIES``, outside
-    the byte cap), so a repeated request finds its kept tokens without scoring the references again."""
+    :func:`~sparse_context.runtime.fingerprints.selection_key`, in an LRU of their own capped at
+    ``SELECTION_BYTES``, outside the K/V byte cap), so a repeated request finds its kept tokens without scoring the
+    references again."""
 
     what = "reference K/V cache size"
-    SELECTION_ENTRIES = 1024
+    SELECTION_BYTES = 32 << 20  # int64 indices: ~160 selections of six dense 1024^2 references, thousands sparse
 
     def __init__(self, max_bytes: int):
         super().__init__(max_bytes)
-        self._selections: OrderedDict[str, tuple[np.ndarray, ...]] = OrderedDict()
-        self.selection_stats = CacheStats()
+        self._selections = ByteCappedLRU(self.SELECTION_BYTES)
+
+    @property
+    def selection_stats(self) -> CacheStats:
+        return self._selections.stats
 
     def recall_selections(self, key: str) -> tuple[np.ndarray, ...] | None:
         """The kept indices remembered for ``key`` (read-only arrays), or None."""
-        found = self._selections.get(key)
-        if found is None:
-            self.selection_stats.misses += 1
-            return None
-        self._selections.move_to_end(key)
-        self.selection_stats.hits += 1
-        return found
+        return self._selections.get(key)
 
     def remember_selections(self, key: str, selections: Any) -> tuple[np.ndarray, ...]:
         """Keep read-only int64 copies of ``selections`` under ``key`` (the least recently used go past
-        ``SELECTION_ENTRIES``); returns them."""
+        ``SELECTION_BYTES``); returns them."""
         kept = []
         for indices in selections:
             copy = np.array(indices, dtype=np.int64)
             copy.flags.writeable = False
             kept.append(copy)
-        self._selections[key] = tuple(kept)
-        self._selections.move_to_end(key)
-        while len(self._selections) > self.SELECTION_ENTRIES:
-            self._selections.popitem(last=False)
-            self.selection_stats.evictions += 1
-        self.selection_stats.entries = len(self._selections)
-        return self._selections[key]
+        self._selections.put(key, tuple(kept), sum(copy.nbytes for copy in kept))
+        return tuple(kept)
 
     def clear(self) -> None:
         super().clear()
         self._selections.clear()
-        self.selection_stats.entries = 0

@@ -77,14 +77,14 @@ def test_array_digests_equal_one_by_one_and_the_bytes_they_hash():
         assert array_digest(array) == expected.hexdigest()
     assert array_digest(Image.new("RGB", (5, 4), (9, 8, 7))) == array_digest(arrays[-1])
     assert array_digests(arrays) == tuple(array_digest(a) for a in arrays)
-    assert array_digests(arrays, threads=1) == array_digests(arrays) and array_digests([]) == ()
+    assert array_digests(arrays[:1]) == (array_digest(arrays[0]),) and array_digests([]) == ()
 
 
 def test_selection_memo_keeps_read_only_copies_and_evicts_the_oldest(monkeypatch):
     from sparse_context.runtime.fingerprints import selection_key
 
+    monkeypatch.setattr(ReferenceKVCache, "SELECTION_BYTES", 24)  # room for three int64 indices
     cache = ReferenceKVCache(max_bytes=1)
-    monkeypatch.setattr(ReferenceKVCache, "SELECTION_ENTRIES", 2)
     given = [np.array([3, 1], np.int32)]
     kept = cache.remember_selections("a", given)
     given[0][0] = 99  # the caller's array changes: the memo does not

@@ -81,10 +81,11 @@ class OrtTransformerBackend:
 
     ``sync``: ``"run"`` (this class's default) lets onnxruntime wait for the device at the end of every run, as it
     does by default; engines folders opened with :func:`~sparse_context.engines.index.open_backend` default to
-    ``"image"`` on onnxruntime CUDA (:func:`~sparse_context.engines.index.default_sync`). ``"image"`` runs every session of the backend on one stream it owns (:mod:`~sparse_context.engines.
-    streams`; the ``user_compute_stream`` provider option), queues the runs of a device-steps loop without waiting,
-    writes host values into device buffers as copies queued on that stream, and waits once per image, before the
-    final latents (or anything else) are read. The two give the same latents bit for bit; ``session_seconds`` then
+    ``"image"`` on onnxruntime CUDA (:func:`~sparse_context.engines.index.default_sync`). ``"image"`` runs every
+    session of the backend on one stream it owns (:mod:`~sparse_context.engines.streams`; the
+    ``user_compute_stream`` provider option), queues the runs of a device-steps loop without waiting, writes host
+    values into device buffers as copies queued on that stream, and waits once per image, before the final latents
+    (or anything else) are read. The two give the same latents bit for bit; ``session_seconds`` then
     counts the time to queue the runs, not to run them.
     """
 
