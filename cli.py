@@ -28,6 +28,7 @@ FLAG_LORA_SCALE = "--lora-scale"
 FLAG_DTYPE = "--dtype"
 FLAG_DEVICE = "--device"
 FLAG_SYNC = "--sync"
+FLAG_CUDA_GRAPHS = "--cuda-graphs"
 FLAG_REF = "--ref"
 FLAG_MASK = "--mask"
 FLAG_STRATEGY = "--strategy"
@@ -181,7 +182,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from sparse_context.engines.pipeline import EnginePipeline
 
         check_engine_options(args)
-        generator = EnginePipeline.from_engines(args.engines, device=args.device, sync=args.sync)
+        generator = EnginePipeline.from_engines(args.engines, device=args.device, sync=args.sync,
+                                                cuda_graphs=args.cuda_graphs)
     else:
         check_torch_device(args.device)
         from sparse_context.reference.generator import SparseContextGenerator  # torch: after the checks
@@ -227,6 +229,9 @@ def check_generate_options(args: argparse.Namespace) -> None:
     if args.sync is not None and args.engines is None:
         raise InputError(bad_value("synchronization", args.sync, "set only with --engines (onnxruntime engines "
                                    "wait for their device after every run or once per image)", FLAG_SYNC))
+    if args.cuda_graphs and args.engines is None:
+        raise InputError(bad_value("CUDA graphs", "on without engines", "set only with --engines (onnxruntime CUDA "
+                                   "engines replay their cached KV calls as CUDA graphs)", FLAG_CUDA_GRAPHS))
     if args.engines is not None:
         if not Path(args.engines).is_dir():
             raise InputError(bad_value("engines folder", args.engines, "an existing folder from build_engines.py",
@@ -447,6 +452,10 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
                           help="with --engines on onnxruntime: wait for the device after every run (run) or queue "
                           "the whole generation on one CUDA stream and wait once (image). Default: image on "
                           "ort-cuda engines when cuda-python is installed, run otherwise")
+    generate.add_argument(FLAG_CUDA_GRAPHS, action="store_true",
+                          help="with --engines on onnxruntime CUDA: replay the KV graph's cached calls (every step of "
+                          "a persistent-cache hit, steps 2+ of a KV generation) as CUDA graphs; the engines must be "
+                          "built with --ref-stream plain")
     generate.add_argument(FLAG_DTYPE, choices=("fp32", "fp16", "bf16"), default=None,
                           help="default: fp32 (with --engines: the engines' precision)")
     generate.add_argument(FLAG_OUT, default="out/generated.png",

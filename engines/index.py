@@ -169,13 +169,20 @@ class EnginesIndex:
         return path
 
 
-def open_backend(index: EnginesIndex, memory: Any = None, device: str | None = None, sync: str | None = None) -> Any:
+def open_backend(index: EnginesIndex, memory: Any = None, device: str | None = None, sync: str | None = None,
+                 cuda_graphs: bool = False) -> Any:
     """The transformer backend an index describes: TensorRT engines, or onnxruntime sessions with the recorded
     providers (the TensorRT EP gets its per-bucket profiles and engine cache). ``device``: ``"cpu"``,
     ``"cuda"`` or ``"cuda:N"``; it must be where the engines run (the GPU index is honoured). ``sync``: when
     onnxruntime waits for the device, ``"run"`` or ``"image"`` (see ``OrtTransformerBackend``); None:
-    :func:`default_sync`. TensorRT engines always queue a generation on one stream and wait once."""
+    :func:`default_sync`. TensorRT engines always queue a generation on one stream and wait once. ``cuda_graphs``:
+    replay cached KV calls as CUDA graphs (onnxruntime CUDA engines built with ``--ref-stream plain``; see
+    :mod:`~sparse_context.engines.ort.graphs`)."""
     device_id = check_device(index, device)
+    if cuda_graphs and index.backend != "ort-cuda":
+        raise BackendOptionError(bad_value("CUDA graphs", f"on for engines built with --backend {index.backend}",
+                                           "onnxruntime CUDA engines (build_engines.py --backend ort-cuda "
+                                           "--ref-stream plain), or leave CUDA graphs off", "--cuda-graphs"))
     if index.backend == "trt" and sync not in (None, "image"):
         raise BackendOptionError(bad_value("synchronization", sync, "image, or leave it out: TensorRT engines "
                                            "queue a whole generation on one stream and wait once", "--sync"))
@@ -202,7 +209,7 @@ def open_backend(index: EnginesIndex, memory: Any = None, device: str | None = N
                                  providers=providers, session_options=session_options, plan=index.plan,
                                  strict_shapes=index.backend == "ort-trt", device_id=device_id,
                                  expected_sha256={g: e.onnx_sha256 for g, e in index.graphs.items()},
-                                 sync=sync or default_sync(index))
+                                 sync=sync or default_sync(index), cuda_graphs=cuda_graphs)
 
 
 def default_sync(index: EnginesIndex) -> str:

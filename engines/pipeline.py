@@ -101,10 +101,11 @@ class EnginePipeline:
     @classmethod
     def from_engines(cls, engines_dir: str | Path, device: str | None = None,
                      kv_cache: ReferenceKVCache | None = None, prompt_cache: PromptEmbeddingCache | None = None,
-                     memory: Any = None, sync: str | None = None) -> EnginePipeline:
+                     memory: Any = None, sync: str | None = None, cuda_graphs: bool = False) -> EnginePipeline:
         """Open every engine of ``engines_dir``. ``device``: ``cpu``, ``cuda`` or ``cuda:N``, checked against where
         the engines run. ``memory``: the TensorRT runners' device-memory object (default: cuda-python). ``sync``:
-        when onnxruntime waits for the device (:func:`~sparse_context.engines.index.open_backend`)."""
+        when onnxruntime waits for the device; ``cuda_graphs``: replay cached KV calls as CUDA graphs (both:
+        :func:`~sparse_context.engines.index.open_backend`)."""
         from sparse_context.engines.build import build_command
         from sparse_context.engines.model_files import checked_model_folder
         from sparse_context.runtime.tokenizer import PromptTokenizer
@@ -126,7 +127,7 @@ class EnginePipeline:
 
         # 2. The transformer backend and the parts, on the same device
         device_id = check_device(index, device)
-        backend = open_backend(index, memory=memory, device=device, sync=sync)
+        backend = open_backend(index, memory=memory, device=device, sync=sync, cuda_graphs=cuda_graphs)
         parts = open_parts(index, tokenizer, device_id, getattr(backend, "memory", memory))
         runtime = EngineRuntime(backend, scheduler, kv_cache, index)
         text = index.parts["text_encoder"].onnx_sha256 + "".join(sorted(index.files.values()))

@@ -95,16 +95,18 @@ class EngineRuntime:
 
     @classmethod
     def from_engines(cls, engines_dir: str | Path, kv_cache: ReferenceKVCache | None = None,
-                     memory: Any = None, device: str | None = None, sync: str | None = None) -> EngineRuntime:
-        """``device``: ``cpu``, ``cuda`` or ``cuda:N``, checked against where the engines run. ``sync``: see
-        :func:`~sparse_context.engines.index.open_backend`."""
+                     memory: Any = None, device: str | None = None, sync: str | None = None,
+                     cuda_graphs: bool = False) -> EngineRuntime:
+        """``device``: ``cpu``, ``cuda`` or ``cuda:N``, checked against where the engines run. ``sync``,
+        ``cuda_graphs``: see :func:`~sparse_context.engines.index.open_backend`."""
         from sparse_context.engines.build import build_command
         from sparse_context.engines.model_files import checked_model_folder
 
         index = EnginesIndex.read(engines_dir)
         model_folder = checked_model_folder(engines_dir, index.files, build_command(index, engines_dir))
         scheduler, _ = read_model_settings(model_folder)
-        return cls(open_backend(index, memory=memory, device=device, sync=sync), scheduler, kv_cache, index)
+        return cls(open_backend(index, memory=memory, device=device, sync=sync, cuda_graphs=cuda_graphs), scheduler,
+                   kv_cache, index)
 
     def generate_latents(
         self,

@@ -9,7 +9,8 @@ latents.
 That only holds if every host write into a buffer the queued work reads is queued on the same stream too (an
 in-place synchronous copy would overwrite a timestep the previous step has not read yet), and if nothing is read
 back or freed before the stream has drained. :class:`CudaStream` and :class:`HostStream` give the backend exactly
-those two operations, on a GPU and on the host. ``cuda-python`` is imported on use.
+those two operations, on a GPU and on the host, plus the device-to-device copies that feed CUDA graph replays
+(:mod:`~sparse_context.engines.ort.graphs`). ``cuda-python`` is imported on use.
 """
 
 from __future__ import annotations
@@ -54,13 +55,16 @@ class HostStream:
     handle = None
 
     def __init__(self) -> None:
-        self.writes = 0
-        self.synchronizations = 0
+        self.writes = self.copies = self.synchronizations = 0
 
     def write(self, pointer: int, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
         ctypes.memmove(int(pointer), array.ctypes.data, array.nbytes)
         self.writes += 1
+
+    def copy(self, destination: int, source: int, nbytes: int) -> None:
+        ctypes.memmove(int(destination), int(source), int(nbytes))
+        self.copies += 1
 
     def synchronize(self) -> None:
         self.synchronizations += 1
@@ -91,8 +95,7 @@ class CudaStream:
         cuda_check(self.cudart, self.cudart.cudaSetDevice(int(device_id)), "cudaSetDevice")
         self.stream = cuda_check(self.cudart, self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._queued: list[np.ndarray] = []
-        self.writes = 0
-        self.synchronizations = 0
+        self.writes = self.copies = self.synchronizations = 0
 
     @property
     def handle(self) -> int:
@@ -106,6 +109,13 @@ class CudaStream:
         cuda_check(self.cudart, self.cudart.cudaMemcpyAsync(int(pointer), array.ctypes.data, array.nbytes, kind,
                                                             self.stream), "cudaMemcpyAsync")
         self.writes += 1
+
+    def copy(self, destination: int, source: int, nbytes: int) -> None:
+        """Queue a device-to-device copy of ``nbytes`` from ``source`` to ``destination``."""
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        cuda_check(self.cudart, self.cudart.cudaMemcpyAsync(int(destination), int(source), int(nbytes), kind,
+                                                            self.stream), "cudaMemcpyAsync")
+        self.copies += 1
 
     def synchronize(self) -> None:
         cuda_check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")

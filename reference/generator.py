@@ -117,18 +117,20 @@ class SparseContextGenerator:
 
     @classmethod
     def from_engines(cls, engines_dir: Any, device: str | None = None, kv_cache: ReferenceKVCache | None = None,
-                     memory: Any = None, sync: str | None = None) -> "SparseContextGenerator":
+                     memory: Any = None, sync: str | None = None, cuda_graphs: bool = False
+                     ) -> "SparseContextGenerator":
         """The transformer runs in the engines ``build_engines.py`` wrote (TensorRT or onnxruntime); the text
         encoder and VAE come from the model folder recorded there and run on the CPU. Every request maps to
         exactly one bucket of the recorded plan, or fails with the build option that would cover it.
         ``device``: where the engines run (``cpu``, ``cuda``, ``cuda:N``), checked against the engines.
         ``memory``: the TensorRT runner's device-memory object (default: torch CUDA, else cuda-python).
-        ``sync``: when onnxruntime waits for the device (:func:`~sparse_context.engines.index.open_backend`)."""
+        ``sync``: when onnxruntime waits for the device; ``cuda_graphs``: replay cached KV calls as CUDA graphs
+        (both: :func:`~sparse_context.engines.index.open_backend`)."""
         from sparse_context.engines.index import EnginesIndex, open_backend
         from sparse_context.export.loading import load_generator_parts
 
         index = EnginesIndex.read(engines_dir)
-        backend = open_backend(index, memory=memory, device=device, sync=sync)
+        backend = open_backend(index, memory=memory, device=device, sync=sync, cuda_graphs=cuda_graphs)
         parts = load_generator_parts(index.model_dir, device="cpu", with_transformer=False)
         generator = cls(backend=backend, kv_cache=kv_cache, **parts)
         generator.engines_index = index

@@ -18,8 +18,9 @@ import numpy as np
 
 from sparse_context.engines.errors import BackendOptionError
 from sparse_context.engines.feeds import KV_INPUTS, KV_OUTPUTS, STATIC_ENTRIES, CallFeed, Empty, FeedBuilder
+from sparse_context.engines.ort.graphs import NO_GRAPH, CachedCallGraphs, check_cuda_graphs, with_cuda_graphs
 from sparse_context.engines.ort.loader import (
-    check_providers_available, graph_exports, import_onnxruntime, providers_device, session_from_onnx,
+    NO_SYNC_AFTER_RUN, check_providers_available, graph_exports, import_onnxruntime, providers_device, session_from_onnx,
     with_default_options,
 )
 from sparse_context.engines.streams import SYNC_MODES, CudaStream, HostStream
@@ -31,7 +32,6 @@ from sparse_context.runtime.kv_buffers import EngineKVState, KVBufferPool
 from sparse_context.runtime.memo import IdentityMemo
 from sparse_context.runtime.schedule import euler_step
 
-NO_SYNC_AFTER_RUN = "disable_synchronize_execution_providers"  # onnxruntime's run option: no stream wait at the end
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,11 @@ class OrtTransformerBackend:
     Otherwise, and for direct calls, each call returns a host velocity and the step runs in numpy: a copy out, a
     copy in and ~5 ms of numpy float16 arithmetic per step at 1024^2.
 
+    ``cuda_graphs``: the kv graph's calls without new references (cached steps, persistent-cache calls) are
+    captured once per shape and K/V buffers and replayed as CUDA graphs (:mod:`~sparse_context.engines.ort.graphs`);
+    onnxruntime CUDA only, and the kv graph must have no control flow (export it with ``--ref-stream plain``).
+    :meth:`set_cuda_graphs` turns the replays off and on again on the same sessions.
+
     ``sync``: ``"run"`` (this class's default) lets onnxruntime wait for the device at the end of every run, as it
     does by default; engines folders opened with :func:`~sparse_context.engines.index.open_backend` default to
     ``"image"`` on onnxruntime CUDA (:func:`~sparse_context.engines.index.default_sync`). ``"image"`` runs every
@@ -94,7 +99,8 @@ class OrtTransformerBackend:
     def __init__(self, full: str | Path | None = None, kv: str | Path | None = None,
                  providers: Sequence[Any] = ("CPUExecutionProvider",), session_options: Any = None, *,
                  plan: Any = None, strict_shapes: bool = False, device_id: int = 0,
-                 expected_sha256: dict[str, str] | None = None, device_steps: bool = True, sync: str = "run"):
+                 expected_sha256: dict[str, str] | None = None, device_steps: bool = True, sync: str = "run",
+                 cuda_graphs: bool = False):
         self._ort = import_onnxruntime()
         self.device = providers_device(providers)
         check_providers_available(self._ort, providers)
@@ -102,17 +108,25 @@ class OrtTransformerBackend:
         if sync not in SYNC_MODES:
             raise BackendOptionError(bad_value("synchronization", sync, " or ".join(SYNC_MODES), "--sync"))
         self.sync = sync
-        # The stream exists from the start or never: sessions are bound to it when they are created.
-        self.stream = None if sync == "run" else HostStream() if self.device == "cpu" else CudaStream(self.device_id)
+        exports = graph_exports(full, kv, expected_sha256)
+        if cuda_graphs:
+            check_cuda_graphs(providers, exports)
+        # The stream exists from the start or never: sessions are bound to it when they are created. CUDA graph
+        # replays need it too, for the copies into their fixed buffers.
+        self.stream = None if sync == "run" and not cuda_graphs else \
+            HostStream() if self.device == "cpu" else CudaStream(self.device_id)
         self._pending = False  # work queued on the stream since it last drained
         self._queued_runs = self._ort.RunOptions()
         self._queued_runs.add_run_config_entry(NO_SYNC_AFTER_RUN, "1")
         providers = with_default_options(providers, self.device_id, self._stream_handle)
-        exports = graph_exports(full, kv, expected_sha256)
         self.manifests = {graph: manifest for graph, (_, manifest) in exports.items()}
         self.fingerprint = engines_fingerprint(self.manifests)  # the files were just checked against these
-        self.sessions = {graph: session_from_onnx(path, providers, session_options)
+        self.sessions = {graph: session_from_onnx(path, with_cuda_graphs(providers) if cuda_graphs and graph == "kv"
+                                                  else providers, session_options)
                          for graph, (path, _) in exports.items()}
+        # Cached KV calls replayed as CUDA graphs (engines.ort.graphs); None without --cuda-graphs.
+        self.graphs = CachedCallGraphs(self) if cuda_graphs else None
+        self.generation = 0  # images finished (release_static): a static input is the same only within one
         manifest = next(iter(self.manifests.values()))
         weights = {(m["base_weights_sha256"][:12], (m.get("lora") or {}).get("sha256"))
                    for m in self.manifests.values()}
@@ -164,6 +178,15 @@ class OrtTransformerBackend:
             raise BackendOptionError(bad_value("synchronization", sync, allowed, "--sync"))
         self.drain()
         self.sync = sync
+
+    def set_cuda_graphs(self, on: bool) -> None:
+        """Replay cached KV calls as CUDA graphs (``on``) or run them ordinarily, on the same sessions (benchmarks
+        time both). Only for a backend created with ``cuda_graphs=True``."""
+        if self.graphs is None:
+            raise BackendOptionError(bad_value("CUDA graphs", "turned on for a backend created without them",
+                                               "a backend created with cuda_graphs=True", "--cuda-graphs"))
+        self.drain()
+        self.graphs.enabled = bool(on)
 
     @property
     def queues(self) -> bool:
@@ -276,6 +299,7 @@ class OrtTransformerBackend:
         self.drain()
         self.feeds.clear()
         self.static.clear()
+        self.generation += 1
 
     # -- binding ---------------------------------------------------------------------------------------------
 
@@ -328,8 +352,15 @@ class OrtTransformerBackend:
         # as an array that owns its memory (its buffer is reused two calls later).
         return tensor if self._looping else tensor.numpy()
 
-    def _run_binding(self, session: Any, binding: Any) -> None:
-        if self.queues:
+    def _run_binding(self, session: Any, binding: Any, graph_id: int | None = None) -> None:
+        """``graph_id``: the CUDA graph to capture or replay; every run of a graph-enabled session names one
+        (:data:`~sparse_context.engines.ort.graphs.NO_GRAPH` for an ordinary run)."""
+        if graph_id is None and self.graphs is not None and session is self.sessions.get("kv"):
+            graph_id = NO_GRAPH
+        if graph_id is not None:
+            session.run_with_iobinding(binding, self.graphs.run_options(graph_id, self.queues))
+            self._pending = self._pending or self.queues
+        elif self.queues:
             session.run_with_iobinding(binding, self._queued_runs)
             self._pending = True
         else:
@@ -355,6 +386,9 @@ class OrtTransformerBackend:
         feed = self.feeds.kv(target, target_ids, refs, ref_ids, text, text_ids, timestep)
         if into is None and feed.ref_tokens:
             raise BackendOptionError("run_kv: new reference K/V need buffers (`into`)")
+        graph = None if self.graphs is None else self.graphs.prepare(session, feed, cached)
+        if graph is not None:
+            return self._replay(session, graph)
         binding = session.io_binding()
         velocity = self._bind_feed(binding, feed)
         for name, which in zip(KV_INPUTS, ("keys", "values")):
@@ -367,6 +401,16 @@ class OrtTransformerBackend:
             pointer = self._pointer(self._scratch if into is None else getattr(into, which))
             self._bind_pointer(binding, name, pointer, self.feeds.kv_shape(feed.ref_tokens), output=True)
         return self._run(session, binding, velocity)
+
+    def _replay(self, session: Any, graph: Any) -> Any:
+        """One call through a CUDA graph (its inputs already copied in): run it, copy its velocity to the ring."""
+        start = time.perf_counter()
+        self._run_binding(session, graph.binding, graph.id)
+        self.session_seconds += time.perf_counter() - start
+        velocity = self._ring_value("velocity", graph.shape, self.dtype)
+        self.graphs.velocity_into(graph, velocity)
+        tensor = self._wrap(velocity, graph.shape)
+        return tensor if self._looping else tensor.numpy()
 
     # -- TransformerBackend ----------------------------------------------------------------------------------
 

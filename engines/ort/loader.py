@@ -16,6 +16,7 @@ from sparse_context.runtime.errors import bad_value
 PROVIDERS = {"ort-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
              "ort-trt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
              "ort-cpu": ("CPUExecutionProvider",)}
+NO_SYNC_AFTER_RUN = "disable_synchronize_execution_providers"  # onnxruntime's run option: no stream wait at the end
 DEVICE_BY_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda",
                       "CPUExecutionProvider": "cpu"}
 
