@@ -356,7 +356,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
         device=args.device, precision=args.dtype, budget_s=args.budget_s, seed=args.seed, out=Path(args.out),
         work_dir=Path(args.work_dir) if args.work_dir else None, export_workers=args.export_workers,
         bf16=not args.no_bf16, full=not args.no_full, gpu_memory_gb=args.gpu_memory_gb,
-        sync=args.sync or "image").validate()
+        sync=args.sync or "image", cuda_graphs=not args.no_cuda_graphs).validate()
     if args.dry_run:
         print("\n".join(estimate_plan(options).lines()))
         return 0
@@ -498,6 +498,9 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--no-bf16", action="store_true", help="`gpu`: skip the PyTorch bf16 row set")
     bench.add_argument("--no-full", action="store_true",
                        help="`gpu`: skip PyTorch at full depth (a shorter run comparing the two reduced depths)")
+    bench.add_argument("--no-cuda-graphs", action="store_true",
+                       help="`gpu`: run the plain kv graph's cached calls without CUDA graphs (by default they are "
+                       "replayed as CUDA graphs and also timed without, side by side)")
     bench.add_argument(FLAG_SYNC, choices=SYNC_MODES, default=None,
                        help="`gpu`: onnxruntime rows wait for the GPU once per image (image, the default; the KV "
                        "row and its persistent-cache call are also timed waiting after every run) or after every run")

@@ -408,12 +408,16 @@ class _Check:
                     exports[job["graph"]] = run_export_job(job, self.log)
             phase["exports"] = {g: {"path": str(r.path), "reused": r.reused, "ops": r.manifest.get("ops")}
                                 for g, r in exports.items()}
+            graphs = self.options.graphs_for(variant)
             with _timed(phase, "sessions_s"):
-                backend, profile_dir = self._open(exports, name, phase)
+                backend, profile_dir = self._open(exports, name, phase, graphs)
             phase["providers_used"] = {g: list(s.get_providers()) for g, s in backend.sessions.items()}
             with _timed(phase, "probe_s"):
                 phase["placement"] = self._probe_with_fallbacks(backend, phase, name)
             runner = LoopRunner(backend, self.inputs, read_only)
+            if backend.graphs is not None:
+                with _timed(phase, "graphs_probe_s"):
+                    backend, runner = self._probe_graphs(backend, runner, exports, name, phase)
             timed: dict[RowKey, tuple[float, np.ndarray]] = {}
             for row, seconds, wall, latents in self._rows(name, runner):
                 timed[row] = (seconds, latents)
@@ -426,6 +430,8 @@ class _Check:
                                 samples_s=runner.samples, **compared)
             phase["host_steps"] = self._host_steps(backend, runner, timed)
             phase["waits_per_run"] = self._waits_per_run(backend, runner, timed)
+            if graphs:
+                phase["without_graphs"] = self._without_graphs(backend, runner, timed)
             phase["kernels"] = self._kernel_profiles(runner, lambda: None, depth)  # both depths, as for PyTorch
             runner.release()
             del runner, backend
@@ -501,37 +507,115 @@ class _Check:
             backend.set_sync("image")
         return {"status": "done", "rows": compared}
 
-    def _open(self, exports: dict[str, Any], name: str, phase: dict[str, Any]) -> tuple[Any, Path]:
+    def _open(self, exports: dict[str, Any], name: str, phase: dict[str, Any], graphs: bool = False,
+              profile: bool = True) -> tuple[Any, Path]:
         """Sessions on one stream of the backend's own, queued runs and one wait per image (``sync="image"``);
         if they cannot be made (no cuda-python, a provider refusing the stream), the default waits after every run,
-        and the phase says why."""
+        and the phase says why. ``graphs``: the kv session with CUDA graphs (on the CPU, the same fixed-address
+        calls without capture), turned off until :meth:`_probe_graphs`; if onnxruntime refuses them, without, and
+        the phase says why. ``profile``: onnxruntime profiles every node until the probe ends it."""
         import onnxruntime as ort
 
         from sparse_context.engines.buckets import BucketPlan, Resolution
-        from sparse_context.engines.ort.loader import PROVIDERS
         from sparse_context.engines.ort.backend import OrtTransformerBackend
+        from sparse_context.engines.ort.graphs import CachedCallGraphs
+        from sparse_context.engines.ort.loader import PROVIDERS
 
         options = self.options
         profile_dir = options.work / "profiles" / name
         profile_dir.mkdir(parents=True, exist_ok=True)
         session_options = ort.SessionOptions()
-        session_options.enable_profiling = True  # ended after the probe call: the timed rows run unprofiled
+        session_options.enable_profiling = profile  # ended after the probe call: the timed rows run unprofiled
         session_options.profile_file_prefix = str(profile_dir / "ort")
         plan = BucketPlan(keep_fractions=(1.0, ACCEPTANCE_KEEP), max_refs=options.refs,
                           ref_resolution=Resolution(options.ref_px, options.ref_px),
                           target_resolutions=(Resolution(options.target_px, options.target_px),),
                           text_tokens=options.text_tokens)
         providers = PROVIDERS["ort-cuda" if options.cuda else "ort-cpu"]
-        graphs = dict(full=exports["full"].path, kv=exports["kv"].path, providers=providers, plan=plan)
-        if options.sync == "run":
-            return OrtTransformerBackend(**graphs, session_options=session_options), profile_dir
+        given = dict(full=exports["full"].path, kv=exports["kv"].path, providers=providers, plan=plan,
+                     session_options=session_options)
+        capture = graphs and options.cuda
+
+        def backend_with(**extra: Any) -> Any:
+            made = OrtTransformerBackend(**given, **extra)
+            if graphs and not capture:
+                made.graphs = CachedCallGraphs(made, capture=False)
+            if made.graphs is not None:
+                made.set_cuda_graphs(False)  # the placement probe runs every node ordinarily, profiled
+            return made
+
+        sync = {} if options.sync == "run" else {"sync": "image"}
+        if capture:
+            try:
+                return backend_with(**sync, cuda_graphs=True), profile_dir
+            except Exception as error:  # onnxruntime's own error types (a node it will not capture)
+                phase["cuda_graphs_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+                self.log(f"{name}: cuda_graphs_error ({phase['cuda_graphs_error']}); retrying without CUDA graphs")
+        if not sync:
+            return backend_with(), profile_dir
         try:
-            backend = OrtTransformerBackend(**graphs, session_options=session_options, sync="image")
+            return backend_with(sync="image"), profile_dir
         except Exception as error:  # a provider's or cuda-python's own error types
             phase["sync_error"] = f"{type(error).__name__}: {str(error)[:500]}"
             self.log(f"{name}: sync_error ({phase['sync_error']}); retrying with a wait after every run")
-            backend = OrtTransformerBackend(**graphs, session_options=session_options)
-        return backend, profile_dir
+            return backend_with(), profile_dir
+
+    def _probe_graphs(self, backend: Any, runner: LoopRunner, exports: dict[str, Any], name: str,
+                      phase: dict[str, Any]) -> tuple[Any, LoopRunner]:
+        """The acceptance KV row once without graphs, then twice with (capture, then replay), latents compared.
+        If a capture fails, the sessions (and their stream) are made again without graphs, unprofiled, so the rows
+        still run; the phase says why."""
+        row = RowKey(self.options.refs, ACCEPTANCE_KEEP, True)
+        entry: dict[str, Any] = {"capture": bool(backend.graphs.capture)}
+        try:
+            _, _, ordinary = runner.run(row, repeats=0)
+            backend.set_cuda_graphs(True)
+            _, entry["first_s"], captured = runner.run(row, repeats=0)
+            _, entry["second_s"], replayed = runner.run(row, repeats=0)
+        except Exception as error:  # onnxruntime's or CUDA's own error types
+            phase["cuda_graphs_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+            self.log(f"{name}: cuda_graphs_error ({phase['cuda_graphs_error']}); new sessions without CUDA graphs")
+            runner.release()
+            runner = backend = None  # the caller's names go when this returns; then the old sessions are freed
+            self._free()
+            backend, _ = self._open(exports, name, phase, graphs=False, profile=False)
+            return backend, LoopRunner(backend, self.inputs, read_only)
+        entry.update(ordinary_equal=bool(np.array_equal(ordinary, captured)),
+                     replay_equal=bool(np.array_equal(captured, replayed)),
+                     rel_diff=compare_latents(ordinary, replayed).get("rel_diff"),
+                     stats=asdict(backend.graphs.stats))
+        phase["cuda_graphs"] = entry
+        self.log(f"{name}: CUDA graphs {'captured' if entry['capture'] else 'fixed addresses (no capture)'}: "
+                 f"first {entry['first_s']:.3f}s, then {entry['second_s']:.3f}s; latents "
+                 f"{'equal' if entry['ordinary_equal'] else 'DIFFER from'} ordinary runs")
+        return backend, runner
+
+    def _without_graphs(self, backend: Any, runner: LoopRunner, timed: dict[RowKey, tuple[float, np.ndarray]]
+                        ) -> dict[str, Any]:
+        """The acceptance KV row and its persistent-cache call again on the same sessions with CUDA graphs off:
+        what replaying the cached calls buys, side by side, and whether the latents are the same."""
+        rows = [RowKey(self.options.refs, ACCEPTANCE_KEEP, True),
+                RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True)]
+        if backend.graphs is None or not backend.graphs.enabled:
+            return {"status": "skipped", "reason": "CUDA graphs did not run (see cuda_graphs_error)"}
+        if any(row not in timed for row in rows):
+            return {"status": "skipped", "reason": "the rows did not run"}
+        if not self.budget.fits(1.5 * sum((self.repeats_for(row) + 1) * timed[row][0] for row in rows)):
+            return {"status": "skipped", "reason": "does not fit the budget"}
+        compared: dict[str, Any] = {}
+        backend.set_cuda_graphs(False)
+        try:
+            for row in rows:  # the KV row first: the cache-hit call reuses its K/V
+                seconds, _, latents = runner.run(row, repeats=self.repeats_for(row))
+                graphs_s, graphs_latents = timed[row]
+                compared[row.label] = {"refs": row.refs, "off_s": seconds, "on_s": graphs_s,
+                                       "off_over_on": seconds / graphs_s,
+                                       "samples_s": runner.samples,
+                                       "latents_equal": bool(np.array_equal(latents, graphs_latents))}
+                self.log(f"without graphs     {row.label:26s} {seconds:8.3f}s  (with CUDA graphs {graphs_s:.3f}s)")
+        finally:
+            backend.set_cuda_graphs(True)
+        return {"status": "done", "capture": bool(backend.graphs.capture), "rows": compared}
 
     def _probe_with_fallbacks(self, backend: Any, phase: dict[str, Any], name: str) -> dict[str, Any]:
         """The probe with one wait per image, device steps and device buffers; if it fails, again waiting after

@@ -110,6 +110,7 @@ class GpuCheckOptions:
     full: bool = True  # time PyTorch at full depth (off: a shorter run that only compares the two depths)
     gpu_memory_gb: float | None = None  # dry-run: the GPU to plan for (None: the one present, else 80)
     sync: str = "image"  # onnxruntime rows: one wait per image (side rows wait per run), or a wait after every run
+    cuda_graphs: bool = True  # plain-kv variants replay cached calls as CUDA graphs (side rows: without them)
 
     @property
     def cuda(self) -> bool:
@@ -127,6 +128,12 @@ class GpuCheckOptions:
     @property
     def work(self) -> Path:
         return Path(self.work_dir) if self.work_dir is not None else Path(self.out) / "work"
+
+    def graphs_for(self, variant: str) -> bool:
+        """Whether ``variant``'s cached KV calls run through CUDA graphs (engines.ort.graphs): only a kv graph
+        without If nodes can be captured. On the CPU the same fixed-address calls run without capture, so the tiny
+        plan covers every line of the GPU run's graph phases."""
+        return self.cuda_graphs and variant_export(variant)[2] == "plain"
 
     def depth_config(self, depth: str) -> str:
         return f"{self.config}-{depth}"
@@ -259,11 +266,14 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
         calls = lambda row: options.repeats * (CACHE_HIT_REPEAT_FACTOR if row.cache_hit else 1) + 1  # noqa: E731
         return sum(calls(row) * scale * geometry.call_flops(row, config, options.steps) for row in rows) / rate
 
-    def side_rows_seconds(config: dict[str, Any]) -> float:
+    def side_rows_seconds(config: dict[str, Any], variant: str) -> float:
         kv, hit = (Row(options.refs, ACCEPTANCE_KEEP, True, cache_hit) for cache_hit in (False, True))
-        calls = {kv: options.repeats + 1}  # host steps
+        calls = {kv: options.repeats + 1, hit: 0}  # host steps
         if options.sync == "image":  # and the rows waiting after every run
             calls = {kv: 2 * (options.repeats + 1), hit: CACHE_HIT_REPEAT_FACTOR * options.repeats + 1}
+        if options.graphs_for(variant):  # the graph probe (3 KV calls), then both rows without graphs
+            calls[kv] += 3 + options.repeats + 1
+            calls[hit] += CACHE_HIT_REPEAT_FACTOR * options.repeats + 1
         return sum(n * scale * geometry.call_flops(row, config, options.steps) for row, n in calls.items()) / rate
 
     clock = 2.0
@@ -318,9 +328,10 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
         for depth in options.ladder:
             config = CONFIGS[options.depth_config(depth)]
             sessions = 2 * (SESSION_SECONDS[0] + SESSION_SECONDS[1] * geometry.weights_gb(config))
-            # + the placement probe, and the side rows: host steps (KV row) and a wait after every run (KV row and
-            # its persistent-cache call)
-            seconds = sessions + ORT_OVER_TORCH_GUESS * (rows_seconds(config) * 1.2 + side_rows_seconds(config))
+            # + the placement probe, and the side rows: host steps (KV row), a wait after every run (KV row and
+            # its persistent-cache call) and, for a plain kv graph, the CUDA graph probe and both rows without graphs
+            seconds = sessions + ORT_OVER_TORCH_GUESS * (rows_seconds(config) * 1.2
+                                                         + side_rows_seconds(config, variant))
             if options.workers == 0:  # exported in-process just before its sessions
                 own = [f"export {depth} {export_variant(variant, graph)} {graph}" for graph in ("full", "kv")
                        if export_variant(variant, graph) == variant or export_variant(variant, graph) not in

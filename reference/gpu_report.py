@@ -207,7 +207,33 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
                                  if label in bf16 and row.get("seconds")}
     derived["outside_kernels"] = outside_kernels(data)
     derived["kernels_at_full_depth"] = kernels_at_full_depth(derived["outside_kernels"], depths, units)
+    derived["without_graphs"] = without_graphs_at_full_depth(data, depths, units, variants)
     return derived
+
+
+def without_graphs_at_full_depth(data: dict[str, Any], depths: Sequence[str], units: dict[str, float],
+                                 ort: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per variant whose cached KV calls ran as CUDA graphs: its side rows with and without them, each extrapolated
+    to full depth like the rows, and the speedup over the variant's own dense row either way."""
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    first, second = depths[0], depths[1]
+    for variant, entry in ort.items():
+        sides = [((data.get("phases", {}).get(f"ort_{d}_{variant}") or {}).get("without_graphs") or {}).get("rows")
+                 or {} for d in (first, second)]
+        for label, a in sides[0].items():
+            b = sides[1].get(label)
+            if b is None:
+                continue
+            full = {key: extrapolate(a[f"{key}_s"], units[first], b[f"{key}_s"], units[second], units["full"])
+                    for key in ("on", "off")}
+            values: dict[str, Any] = {"on_full_s": full["on"], "off_full_s": full["off"],
+                                      "off_over_on_full": full["off"] / full["on"],
+                                      "latents_equal": bool(a["latents_equal"] and b["latents_equal"])}
+            dense = entry["rows"].get(_dense_label(a), {}).get("predicted_full_s")
+            if dense:
+                values.update(speedup_on=dense / full["on"], speedup_off=dense / full["off"])
+            result.setdefault(variant, {})[label] = values
+    return result
 
 
 def kernels_at_full_depth(outside: dict[str, dict[str, dict[str, float]]], depths: Sequence[str],
@@ -335,6 +361,17 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             lines.append(f"{name} {label}: a wait after every run {row['run_s']:.3f}s, one per image "
                          f"{row['image_s']:.3f}s ({row['run_over_image']:.3f}x), latents "
                          f"{'equal' if row['latents_equal'] else 'DIFFER'}")
+        probe = phase.get("cuda_graphs") or {}
+        if probe:
+            how = "captured" if probe.get("capture") else "fixed addresses, no capture (CPU)"
+            lines.append(f"{name} CUDA graphs ({how}): KV row first {probe['first_s']:.3f}s, then "
+                         f"{probe['second_s']:.3f}s; latents {'equal' if probe['ordinary_equal'] else 'DIFFER'} "
+                         f"(rel diff {probe['rel_diff']:.2g}), replay {'equal' if probe['replay_equal'] else 'DIFFERS'}")
+        if phase.get("cuda_graphs_error"):
+            lines.append(f"{name} CUDA graphs failed, rows ran without: {phase['cuda_graphs_error'][:200]}")
+        for label, row in ((phase.get("without_graphs") or {}).get("rows") or {}).items():
+            lines.append(f"{name} {label}: without CUDA graphs {row['off_s']:.3f}s, with {row['on_s']:.3f}s "
+                         f"({row['off_over_on']:.3f}x), latents {'equal' if row['latents_equal'] else 'DIFFER'}")
         host = phase.get("host_steps") or {}
         if host.get("status") == "done":
             lines.append(f"{name} {host['row']}: host steps {host['host_steps_s']:.3f}s, device steps "
@@ -351,6 +388,13 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             lines.append(f"{backend} {label} at full depth (extrapolated): {entry['busy_full_ms']:.1f} ms GPU busy "
                          f"({entry['busy_per_unit_ms']:+.1f} per unit) + {entry['outside_full_ms']:.1f} outside "
                          f"kernels ({entry['outside_per_unit_ms']:+.1f} per unit)")
+    for variant, entries in data["derived"].get("without_graphs", {}).items():
+        for label, entry in entries.items():
+            speedups_shown = "" if "speedup_on" not in entry else (
+                f"; over dense {entry['speedup_on']:.2f}x with, {entry['speedup_off']:.2f}x without")
+            lines.append(f"ort {variant} {label} at full depth (extrapolated): with CUDA graphs "
+                         f"{entry['on_full_s']:.3f}s, without {entry['off_full_s']:.3f}s "
+                         f"({entry['off_over_on_full']:.3f}x){speedups_shown}")
     for label, check in data["derived"].get("torch_extrapolation_check", {}).items():
         lines.append(f"extrapolation check (PyTorch) {label}: predicted {check['predicted_s']:.3f}s, measured "
                      f"{check['measured_s']:.3f}s ({100 * check['error']:+.1f} %)")

@@ -515,3 +515,141 @@ def test_busy_and_outside_kernel_time_extrapolate_apart_to_full_depth():
     assert ("ort mha-split cached at full depth (extrapolated): 638.0 ms GPU busy (+80.0 per unit) + 60.0 outside "
             "kernels (+7.0 per unit)") in text
 
+
+
+class _GraphBackend:
+    """What the checker reads of a backend with CUDA graphs: whether they are on, and the switch."""
+
+    def __init__(self, enabled=True, capture=True):
+        from types import SimpleNamespace
+
+        from sparse_context.engines.ort.graphs import GraphStats
+
+        self.graphs = SimpleNamespace(enabled=enabled, capture=capture, stats=GraphStats(graphs=1, calls=3))
+        self.switches, self.sync = [], "image"
+
+    def set_cuda_graphs(self, on):
+        self.switches.append(on)
+        self.graphs.enabled = on
+
+
+class _GraphRunner(_ReplayRunner):
+    """Rows whose time and latents depend on whether CUDA graphs are on; ``fail`` raises with graphs on."""
+
+    def run(self, row, repeats=None):
+        on = self.backend.graphs.enabled
+        self.calls.append((row.label, repeats, on))
+        if self.fail and on:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.samples = [0.2] * (repeats or 1)
+        return (0.1 if on else 0.2), 0.3, self.latents[row.cache_hit]
+
+
+@pytest.mark.parametrize("case", ["done", "differ", "graphs failed", "rows missing", "over budget", "fails"])
+def test_without_graphs_side_rows(case):
+    """The KV row and its persistent-cache call again with CUDA graphs off, on the same sessions: both times, the
+    ratio and whether the latents are identical; graphs go back on, also when a row fails; skipped (saying why)
+    when there is nothing to compare."""
+    from sparse_context.reference.engine_benchmark import RowKey
+    from sparse_context.reference.gpu_check import _Check
+
+    checker = _waits_checker(budget_s=0.5 if case == "over budget" else 100.0)
+    backend = _GraphBackend(enabled=case != "graphs failed")
+    kv, hit = RowKey(6, 0.1, True), RowKey(6, 0.1, True, cache_hit=True)
+    latents = {False: np.zeros(3), True: np.ones(3)}
+    timed = {kv: (0.1, latents[False]), hit: (0.05, latents[True] + (case == "differ"))}
+    if case == "rows missing":
+        del timed[hit]
+    runner = _GraphRunner(backend, latents)
+    if case == "fails":
+        runner.run = lambda row, repeats=None: (_ for _ in ()).throw(RuntimeError("kernel failure"))
+        with pytest.raises(RuntimeError, match="kernel failure"):
+            _Check._without_graphs(checker, backend, runner, timed)
+        assert backend.switches == [False, True] and backend.graphs.enabled
+        return
+    result = _Check._without_graphs(checker, backend, runner, timed)
+    reasons = {"graphs failed": "see cuda_graphs_error", "rows missing": "did not run",
+               "over budget": "does not fit the budget"}
+    if case in reasons:
+        assert result["status"] == "skipped" and reasons[case] in result["reason"] and not runner.calls
+        return
+    assert runner.calls == [(kv.label, 2, False), (hit.label, 6, False)] and backend.graphs.enabled
+    rows = result["rows"]
+    assert rows[kv.label]["off_over_on"] == pytest.approx(2.0) and rows[hit.label]["off_over_on"] == \
+        pytest.approx(4.0) and rows[hit.label]["refs"] == 6
+    assert rows[kv.label]["latents_equal"] and rows[hit.label]["latents_equal"] == (case == "done")
+    assert result["capture"] and len(checker.lines) == 2
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_graph_probe_compares_with_ordinary_runs_or_reopens_without_graphs(fails):
+    """The KV row once ordinarily, then captured and replayed; latents compared. A failed capture makes new
+    sessions without graphs (unprofiled) and says why, so the rows still run."""
+    from sparse_context.reference.engine_benchmark import RowKey
+    from sparse_context.reference.gpu_check import _Check
+
+    from types import SimpleNamespace
+
+    checker = _waits_checker()
+    checker._free = lambda: None  # what a new LoopRunner reads of the shared inputs:
+    checker.inputs = SimpleNamespace(text=np.zeros((1, 2, 3)), text_ids=np.zeros((2, 4)), latents=np.zeros((1, 2, 3)),
+                                     grids=[])
+    reopened = []
+
+    def reopen(exports, name, phase, graphs=False, profile=True):
+        reopened.append((graphs, profile))
+        return _GraphBackend(enabled=False), None
+    checker._open = reopen
+    backend, phase = _GraphBackend(enabled=False), {}
+    runner = _GraphRunner(backend, {False: np.ones(3), True: np.ones(3)}, fail=fails)
+    runner.release = lambda: None
+    new_backend, new_runner = _Check._probe_graphs(checker, backend, runner, {}, "ort_d4_mha-split-plain", phase)
+    kv = RowKey(6, 0.1, True).label
+    if fails:
+        assert "stream is capturing" in phase["cuda_graphs_error"] and reopened == [(False, False)]
+        assert new_backend is not backend and new_runner is not runner and "cuda_graphs" not in phase
+        assert "new sessions without CUDA graphs" in checker.lines[0]
+        return
+    assert runner.calls == [(kv, 0, False), (kv, 0, True), (kv, 0, True)] and (new_backend, new_runner) == (
+        backend, runner)
+    entry = phase["cuda_graphs"]
+    assert entry["ordinary_equal"] and entry["replay_equal"] and entry["rel_diff"] == 0 and entry["capture"]
+    assert entry["stats"]["calls"] == 3 and not reopened and "captured" in checker.lines[0]
+
+
+def test_graphs_only_for_plain_kv_variants_and_planned_as_side_rows():
+    options = GpuCheckOptions(variants=("mha-split", "mha-split-plain"))
+    assert options.graphs_for("mha-split-plain") and not options.graphs_for("mha-split")
+    assert not GpuCheckOptions(cuda_graphs=False).graphs_for("mha-split-plain")
+    phases = {p.name: p.seconds for p in estimate_plan(options, 141).phases}
+    without = {p.name: p.seconds for p in estimate_plan(GpuCheckOptions(
+        variants=("mha-split", "mha-split-plain"), cuda_graphs=False), 141).phases}
+    # The plain variant's phase carries the graph probe and both rows again without graphs; nothing else changes.
+    assert phases["ort_d8_mha-split-plain"] > without["ort_d8_mha-split-plain"] == pytest.approx(
+        without["ort_d8_mha-split"])
+    assert phases["ort_d8_mha-split"] == without["ort_d8_mha-split"]
+
+
+def test_without_graphs_extrapolate_to_full_depth_with_speedups_over_dense():
+    from sparse_context.reference.gpu_report import without_graphs_at_full_depth
+
+    def side(on, off):
+        return {"refs": 6, "on_s": on, "off_s": off, "off_over_on": off / on, "latents_equal": True}
+
+    cached = "refs 6 keep 0.1 kv cached"
+    data = {"phases": {"ort_d4_mha-split-plain": {"without_graphs": {"rows": {cached: side(0.080, 0.089)}}},
+                       "ort_d8_mha-split-plain": {"without_graphs": {"rows": {cached: side(0.150, 0.170)}}},
+                       "ort_d4_mha-split": {}}}
+    ort = {"mha-split-plain": {"rows": {"refs 6 keep 1 kv off": {"predicted_full_s": 6.5}}},
+           "mha-split": {"rows": {}}}
+    result = without_graphs_at_full_depth(data, ("d4", "d8"), {"d4": 5.0, "d8": 10.0, "full": 40.0}, ort)
+    entry = result["mha-split-plain"][cached]
+    on, off = 0.080 + 7 * 0.070, 0.089 + 7 * 0.081  # 40 units = d4 + 7 x (d8 - d4)
+    assert entry["on_full_s"] == pytest.approx(on) and entry["off_full_s"] == pytest.approx(off)
+    assert entry["speedup_on"] == pytest.approx(6.5 / on) and entry["speedup_off"] == pytest.approx(6.5 / off)
+    assert entry["latents_equal"] and set(result) == {"mha-split-plain"}
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "reference" / "measured" / "gpu_check_h200_2026-11-27_run6.json").read_text())
+    report["derived"]["without_graphs"] = result
+    assert ("ort mha-split-plain refs 6 keep 0.1 kv cached at full depth (extrapolated): with CUDA graphs 0.570s, "
+            "without 0.656s (1.151x); over dense 11.40x with, 9.91x without") in "\n".join(summary_lines(report))

@@ -27,6 +27,9 @@ def test_host_stream_copies_at_once_and_counts():
     stream.write(target.ctypes.data, np.float32([7, 8]))  # a shorter write overwrites the first elements only
     stream.synchronize()
     assert target.tolist() == [7, 8, 3, 2, 1, 0] and (stream.writes, stream.synchronizations) == (2, 1)
+    copy = np.zeros(6, np.float32)
+    stream.copy(copy.ctypes.data + 8, target.ctypes.data, 12)  # device-to-device on a GPU: 3 floats, 2 in
+    assert copy.tolist() == [0, 0, 7, 8, 3, 0] and stream.copies == 1
     assert stream.handle is None  # no provider gets a stream option on the CPU
 
 
@@ -49,12 +52,13 @@ def test_cuda_stream_writes_land_in_order():
     pointer = cuda_check(cudart, cudart.cudaMalloc(64), "cudaMalloc")
     try:
         for value in range(50):  # queued back to back; each overwrites the last
-            stream.write(pointer, np.full(16, value, np.float32))
+            stream.write(pointer, np.full(8, value, np.float32))
+        stream.copy(pointer + 32, pointer, 32)  # then the first half onto the second, after the writes
         stream.synchronize()
         out = np.empty(16, np.float32)
         cuda_check(cudart, cudart.cudaMemcpy(out.ctypes.data, pointer, out.nbytes,
                                              cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy")
-        assert out.tolist() == [49.0] * 16 and (stream.writes, stream.synchronizations) == (50, 1)
+        assert out.tolist() == [49.0] * 16 and (stream.writes, stream.copies, stream.synchronizations) == (50, 1, 1)
     finally:
         cuda_check(cudart, cudart.cudaFree(pointer), "cudaFree")
         stream.close()
