@@ -432,6 +432,8 @@ class _Check:
             phase["waits_per_run"] = self._waits_per_run(backend, runner, timed)
             if graphs:
                 phase["without_graphs"] = self._without_graphs(backend, runner, timed)
+            if backend.graphs is not None:  # graphs made, calls replayed, calls past the limit, copies
+                phase["cuda_graph_stats"] = asdict(backend.graphs.stats)
             phase["kernels"] = self._kernel_profiles(runner, lambda: None, depth)  # both depths, as for PyTorch
             runner.release()
             del runner, backend
