@@ -87,8 +87,8 @@ def with_cuda_graphs(providers: list[Any]) -> list[Any]:
 
 @dataclass
 class GraphStats:
-    graphs: int = 0  # graphs made (each captured by onnxruntime on its second run)
-    calls: int = 0  # calls that ran as a graph (the first two of each graph run ordinarily inside onnxruntime)
+    graphs: int = 0  # graphs made (onnxruntime captures each inside its first call, after two runs that size its arena)
+    calls: int = 0  # calls through a graph's buffers (the first of each graph captured, the rest replayed)
     over_limit: int = 0  # calls that ran ordinarily because MAX_GRAPHS graphs exist
     copies: int = 0  # inputs copied into graph buffers
     kept: int = 0  # static inputs the buffer already held
@@ -100,7 +100,6 @@ class _Graph:
     binding: Any
     velocity: Any  # the graph's own output buffer (OrtValue)
     shape: tuple[int, ...]
-    runs: int = 0
 
 
 @dataclass
@@ -155,7 +154,6 @@ class CachedCallGraphs:
         for name, value in feed.inputs.items():
             if not isinstance(value, Empty):
                 self._fill(name, value, feed)
-        graph.runs += 1
         self.stats.calls += 1
         return graph
 
