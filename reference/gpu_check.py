@@ -50,6 +50,7 @@ from sparse_context.runtime.errors import InputError, bad_value
 Event = Callable[[str], None]
 SELECTION_STRATEGIES = ("uniform", "edge", "saliency")
 SELECTION_REPEATS = 10
+GRAPH_REL_TOLERANCE = 1e-3  # graph replays run the ordinary runs' kernels: any larger difference is a wrong replay
 PROBE_BYTES = 4096  # a CPU node whose output is larger than this is real work, not shape arithmetic
 
 
@@ -417,7 +418,14 @@ class _Check:
             runner = LoopRunner(backend, self.inputs, read_only)
             if backend.graphs is not None:
                 with _timed(phase, "graphs_probe_s"):
-                    backend, runner = self._probe_graphs(backend, runner, exports, name, phase)
+                    captured = self._probe_graphs(backend, runner, name, phase)
+                if not captured:  # new sessions and stream, without graphs, unprofiled; the old ones freed first
+                    runner.release()
+                    runner = backend = None
+                    self._free()
+                    with _timed(phase, "sessions_again_s"):
+                        backend, _ = self._reopen(exports, name, phase)
+                    runner = LoopRunner(backend, self.inputs, read_only)
             timed: dict[RowKey, tuple[float, np.ndarray]] = {}
             for row, seconds, wall, latents in self._rows(name, runner):
                 timed[row] = (seconds, latents)
@@ -428,10 +436,12 @@ class _Check:
                 self.report.row(name, row, seconds=seconds, wall_s=wall, ref_tokens=self.inputs.ref_tokens(row),
                                 in_session_s=runner.session_seconds, in_steps_s=runner.step_seconds,
                                 samples_s=runner.samples, **compared)
-            phase["host_steps"] = self._host_steps(backend, runner, timed)
-            phase["waits_per_run"] = self._waits_per_run(backend, runner, timed)
+            # Side measurements: a failure is recorded in its entry, and the phase's rows and the check go on.
+            phase["host_steps"] = self._side(name, "host_steps", self._host_steps, backend, runner, timed)
+            phase["waits_per_run"] = self._side(name, "waits_per_run", self._waits_per_run, backend, runner, timed)
             if graphs:
-                phase["without_graphs"] = self._without_graphs(backend, runner, timed)
+                phase["without_graphs"] = self._side(name, "without_graphs", self._without_graphs, backend, runner,
+                                                     timed)
             if backend.graphs is not None:  # graphs made, calls replayed, calls past the limit, copies
                 phase["cuda_graph_stats"] = asdict(backend.graphs.stats)
             phase["kernels"] = self._kernel_profiles(runner, lambda: None, depth)  # both depths, as for PyTorch
@@ -562,35 +572,63 @@ class _Check:
             self.log(f"{name}: sync_error ({phase['sync_error']}); retrying with a wait after every run")
             return backend_with(), profile_dir
 
-    def _probe_graphs(self, backend: Any, runner: LoopRunner, exports: dict[str, Any], name: str,
-                      phase: dict[str, Any]) -> tuple[Any, LoopRunner]:
+    def _probe_graphs(self, backend: Any, runner: LoopRunner, name: str, phase: dict[str, Any]) -> bool:
         """The acceptance KV row once without graphs, then twice with (capture, then replay), latents compared.
-        If a capture fails, the sessions (and their stream) are made again without graphs, unprofiled, so the rows
-        still run; the phase says why."""
+        False if a graph call failed: the caller makes the sessions (and their stream) again without graphs, so the
+        rows still run, and the phase says why. Graphs that ran but gave other latents (beyond
+        :data:`GRAPH_REL_TOLERANCE`), or that no call used, are turned off on these sessions, saying why."""
         row = RowKey(self.options.refs, ACCEPTANCE_KEEP, True)
         entry: dict[str, Any] = {"capture": bool(backend.graphs.capture)}
+        phase["cuda_graphs"] = entry
         try:
             _, _, ordinary = runner.run(row, repeats=0)
             backend.set_cuda_graphs(True)
             _, entry["first_s"], captured = runner.run(row, repeats=0)
             _, entry["second_s"], replayed = runner.run(row, repeats=0)
+            if backend.graphs.error:  # a graph call failed; the backend ran it ordinarily and turned graphs off
+                raise RuntimeError(backend.graphs.error)
         except Exception as error:  # onnxruntime's or CUDA's own error types
             phase["cuda_graphs_error"] = f"{type(error).__name__}: {str(error)[:500]}"
             self.log(f"{name}: cuda_graphs_error ({phase['cuda_graphs_error']}); new sessions without CUDA graphs")
-            runner.release()
-            runner = backend = None  # the caller's names go when this returns; then the old sessions are freed
-            self._free()
-            backend, _ = self._open(exports, name, phase, graphs=False, profile=False)
-            return backend, LoopRunner(backend, self.inputs, read_only)
+            return False
         entry.update(ordinary_equal=bool(np.array_equal(ordinary, captured)),
                      replay_equal=bool(np.array_equal(captured, replayed)),
-                     rel_diff=compare_latents(ordinary, replayed).get("rel_diff"),
+                     rel_diff=max(compare_latents(ordinary, captured)["rel_diff"],
+                                  compare_latents(ordinary, replayed)["rel_diff"]),
                      stats=asdict(backend.graphs.stats))
-        phase["cuda_graphs"] = entry
+        if not entry["stats"]["calls"]:
+            phase["cuda_graphs_off"] = "no call went through a graph (the probe fell back to host I/O?)"
+        elif entry["rel_diff"] > GRAPH_REL_TOLERANCE:
+            phase["cuda_graphs_off"] = (f"graph latents differ from ordinary runs by {entry['rel_diff']:.2g} "
+                                        f"(relative; allowed {GRAPH_REL_TOLERANCE:g})")
+        if "cuda_graphs_off" in phase:
+            backend.set_cuda_graphs(False)
+            self.log(f"{name}: CUDA graphs off: {phase['cuda_graphs_off']}")
+            return True
         self.log(f"{name}: CUDA graphs {'captured' if entry['capture'] else 'fixed addresses (no capture)'}: "
                  f"first {entry['first_s']:.3f}s, then {entry['second_s']:.3f}s; latents "
-                 f"{'equal' if entry['ordinary_equal'] else 'DIFFER from'} ordinary runs")
-        return backend, runner
+                 f"{'equal' if entry['ordinary_equal'] else 'close'} to ordinary runs (rel diff "
+                 f"{entry['rel_diff']:.2g})")
+        return True
+
+    def _reopen(self, exports: dict[str, Any], name: str, phase: dict[str, Any]) -> tuple[Any, Path]:
+        """Sessions without graphs after a failed capture; a failure here fails this phase only (not the check,
+        as an engine error of the package would)."""
+        try:
+            return self._open(exports, name, phase, graphs=False, profile=False)
+        except Exception as error:  # out of memory, or anything the provider raises
+            raise RuntimeError(f"sessions without CUDA graphs after a failed capture: {type(error).__name__}: "
+                               f"{str(error)[:300]}") from None
+
+    def _side(self, name: str, what: str, measure: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        """``measure(*args)``, a side measurement of a phase; if it fails, its entry says so and the phase (and
+        the check) go on."""
+        try:
+            return measure(*args)
+        except Exception as error:  # a provider's kernel, CUDA or the package's own errors
+            reason = f"{type(error).__name__}: {str(error)[:300]}"
+            self.log(f"{name} {what} failed: {reason}")
+            return {"status": "failed", "reason": reason}
 
     def _without_graphs(self, backend: Any, runner: LoopRunner, timed: dict[RowKey, tuple[float, np.ndarray]]
                         ) -> dict[str, Any]:
@@ -599,7 +637,7 @@ class _Check:
         rows = [RowKey(self.options.refs, ACCEPTANCE_KEEP, True),
                 RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True)]
         if backend.graphs is None or not backend.graphs.enabled:
-            return {"status": "skipped", "reason": "CUDA graphs did not run (see cuda_graphs_error)"}
+            return {"status": "skipped", "reason": "CUDA graphs are off (see cuda_graphs_error or cuda_graphs_off)"}
         if any(row not in timed for row in rows):
             return {"status": "skipped", "reason": "the rows did not run"}
         if not self.budget.fits(1.5 * sum((self.repeats_for(row) + 1) * timed[row][0] for row in rows)):

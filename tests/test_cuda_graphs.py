@@ -25,8 +25,8 @@ def _backend(engines_dir, capture=False, limit=None, **options):
     from sparse_context.engines.ort.graphs import MAX_GRAPHS, CachedCallGraphs
 
     index = EnginesIndex.read(engines_dir)
-    backend = OrtTransformerBackend(kv=index.path(index.graphs["kv"].onnx), plan=index.plan, sync="image",
-                                    **options)
+    options.setdefault("sync", "image")
+    backend = OrtTransformerBackend(kv=index.path(index.graphs["kv"].onnx), plan=index.plan, **options)
     backend.graphs = CachedCallGraphs(backend, capture=capture, limit=MAX_GRAPHS if limit is None else limit)
     return backend
 
@@ -77,7 +77,7 @@ def test_fixed_address_calls_equal_ordinary_runs(engines_dir, tokens):
 
 def test_generation_and_persistent_cache_hit_bit_equal(engines_dir, reference_photos):
     """A KV generation (steps 2+ through the graph) and its persistent-cache call (every step), queued once per image
-    with device Euler steps: the same latents as without; one graph serves both images and the next request."""
+    with device Euler steps: the same latents as without; one graph serves both images."""
     from sparse_context.reference.generator import SparseContextGenerator
     from sparse_context.runtime.kv_cache import ReferenceKVCache
 
@@ -96,7 +96,9 @@ def test_generation_and_persistent_cache_hit_bit_equal(engines_dir, reference_ph
         results[graphs] = [np.asarray(r.image.numpy()) for r in (first, second, other)]
         if graphs:
             stats = ours.backend.graphs.stats
-            assert stats.graphs == 1 and stats.calls == 3 + 4 + 4 and stats.over_limit == 0
+            # The first prompt's graph serves both of its images; the new prompt takes the second prompt slot
+            # (where a negative prompt would sit), with its own graph.
+            assert stats.graphs == 2 and stats.calls == 3 + 4 + 4 and stats.over_limit == 0
     for ordinary, fixed in zip(results[False], results[True]):
         assert fixed.tobytes() == ordinary.tobytes()
     assert results[True][1].tobytes() != results[True][2].tobytes()  # the new prompt was copied in, not kept
@@ -118,6 +120,79 @@ def test_a_prompt_changed_in_place_between_images_is_copied_again(engines_dir):
     text[:] = np.random.default_rng(9).standard_normal(text.shape)
     ordinary, fixed = _both(backend, call)
     assert fixed.tobytes() == ordinary.tobytes() and fixed.tobytes() != before.tobytes()
+
+
+def test_a_prompt_and_its_negative_keep_a_buffer_each(engines_dir):
+    """With guidance the positive and the negative prompt alternate at every step: each keeps its own buffer (and
+    graph), so neither is copied again within the image; the results equal ordinary runs."""
+    backend = _backend(engines_dir)
+    target, target_ids, positive, text_ids = _call_inputs(backend, 3)
+    negative = _call_inputs(backend, 4)[2]
+    state = _state(backend, 37, 5)
+    for step in range(3):
+        for text in (positive, negative):
+            ordinary, fixed = _both(backend, lambda: backend.kv_cached(target, target_ids, state, text, text_ids,
+                                                                        np.float32(0.5 - 0.1 * step)))
+            assert fixed.tobytes() == ordinary.tobytes()
+    stats = backend.graphs.stats
+    # 6 calls: the prompts are copied on their first call only (2 copies, 4 kept), the RoPE tables once (kept 5 x 2)
+    assert (stats.graphs, stats.calls, stats.kept) == (2, 6, 4 + 10)
+
+
+def test_a_read_only_prompt_made_writeable_and_changed_is_copied_again(engines_dir):
+    """A lasting (read-only) prompt stays in its buffer across images only while it is read-only: made writeable
+    and changed in place, it is copied again (the float32 engines use the array itself, without a cast)."""
+    backend = _backend(engines_dir)
+    target, target_ids, text, text_ids = _call_inputs(backend, 3)
+    state = _state(backend, 37, 5)
+    text.flags.writeable = False
+
+    def call():
+        return backend.kv_cached(target, target_ids, state, text, text_ids, np.float32(0.5))
+
+    before = np.array(call(), copy=True)
+    backend.release_static()
+    text.flags.writeable = True
+    text[:] = np.random.default_rng(9).standard_normal(text.shape)
+    ordinary, fixed = _both(backend, call)
+    assert fixed.tobytes() == ordinary.tobytes() and fixed.tobytes() != before.tobytes()
+
+
+def test_waiting_after_every_run_has_a_stream_for_the_copies(engines_dir):
+    backend = _backend(engines_dir, sync="run")
+    target, target_ids, text, text_ids = _call_inputs(backend, 3)
+    state = _state(backend, 1, 5)
+    ordinary, fixed = _both(backend, lambda: backend.kv_cached(target, target_ids, state, text, text_ids,
+                                                                np.float32(0.5)))
+    assert fixed.tobytes() == ordinary.tobytes() and backend.stream.copies > 0 and backend.sync == "run"
+
+
+def test_a_failed_graph_call_turns_graphs_off_and_runs_ordinarily(engines_dir):
+    """A kernel onnxruntime cannot capture fails the graph's run: the backend warns once (naming the flag), turns
+    graphs off, and that call and every later one run ordinarily with the same results."""
+    from sparse_context.engines.ort.graphs import NO_GRAPH
+
+    backend = _backend(engines_dir)
+    target, target_ids, text, text_ids = _call_inputs(backend, 3)
+    state = _state(backend, 37, 5)
+    backend.set_cuda_graphs(False)
+    expected = [np.array(backend.kv_cached(target, target_ids, state, text, text_ids, np.float32(t)), copy=True)
+                for t in (0.6, 0.3)]
+    backend.set_cuda_graphs(True)
+    ordinary_run = backend._run_binding
+
+    def capture_fails(session, binding, graph_id=None):
+        if graph_id is not None and graph_id != NO_GRAPH:
+            raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+        return ordinary_run(session, binding, graph_id)
+    backend._run_binding = capture_fails
+    with pytest.warns(RuntimeWarning, match=r"CUDA graphs are off for this backend: a graph call failed "
+                                            r"\(RuntimeError: CUDA failure 900.*leave out --cuda-graphs"):
+        first = backend.kv_cached(target, target_ids, state, text, text_ids, np.float32(0.6))
+    second = backend.kv_cached(target, target_ids, state, text, text_ids, np.float32(0.3))
+    assert first.tobytes() == expected[0].tobytes() and second.tobytes() == expected[1].tobytes()
+    assert not backend.graphs.enabled and "operation not permitted" in backend.graphs.error
+    assert backend.graphs.stats.calls == 1  # the failed call only; the next ran ordinarily
 
 
 def test_new_buffers_make_new_graphs_up_to_the_limit(engines_dir):
@@ -202,11 +277,53 @@ def _cuda_ready():
                                                         "(pip install .[onnxruntime-gpu])")
 
 
+def _replay_checks(backend):
+    """Cached calls at 0, 1, odd and the largest cached token counts (three each: on a GPU the first captures,
+    the next two replay), then a whole KV generation and its persistent-cache call queued on the stream with device
+    steps and one wait per image: everything equal to ordinary runs bit for bit (the same kernels)."""
+    from sparse_context.runtime.sampler import Conditioning, denoise
+    from sparse_context.runtime.schedule import flow_match_schedule
+
+    target, target_ids, text, text_ids = _call_inputs(backend, 3)
+    for tokens in (0, 1, 37, 768):
+        state = _state(backend, tokens, 5) if tokens else None
+        for timestep in (0.6, 0.3, 0.1):
+            def call():
+                if state is None:
+                    return backend.run_kv(target, target_ids, None, None, text, text_ids, np.float32(timestep))
+                return backend.kv_cached(target, target_ids, state, text, text_ids, np.float32(timestep))
+
+            ordinary, replayed = _both(backend, call)
+            assert np.isfinite(replayed).all()
+            np.testing.assert_array_equal(replayed, ordinary)
+    assert backend.graphs.stats.graphs == 4 and backend.graphs.stats.calls == 12
+    tokens = 37
+    ids = np.concatenate([grid_position_ids(16, 16, reference_time(i)) for i in range(3)])[:tokens]
+    refs = np.random.default_rng(8).standard_normal((1, tokens, backend.dims.in_channels)).astype(np.float32)
+    schedule = flow_match_schedule(4, target.shape[1])
+    conditioning = Conditioning(text, text_ids)
+    results = {}
+    for on in (False, True):
+        backend.set_cuda_graphs(on)
+        latents, kv = denoise(backend, target, target_ids, conditioning, schedule, refs, ids, use_kv=True)
+        hit, _ = denoise(backend, target, target_ids, conditioning, schedule, use_kv=True, kv_state=kv)
+        results[on] = (np.array(latents, copy=True), np.array(hit, copy=True))
+        kv = None  # its buffers go back to the pool
+    for ordinary, replayed in zip(results[False], results[True]):
+        assert np.isfinite(replayed).all()
+        np.testing.assert_array_equal(replayed, ordinary)
+    assert backend.graphs.stats.calls == 12 + 3 + 4 and backend.graphs.enabled
+
+
+def test_the_gpu_checks_on_the_cpu_path(engines_dir):
+    """The GPU test's checks, on onnxruntime CPU through the same fixed-address calls (no capture)."""
+    _replay_checks(_backend(engines_dir))
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_replay_on_the_gpu(tiny_model_dir, tmp_path):
-    """onnxruntime CUDA, a plain kv graph (no If): the cached calls captured and replayed as CUDA graphs give the
-    ordinary runs' velocities (bit for bit: the same kernels), at 0, 1, odd and the largest cached token counts,
-    with device steps queued once per image."""
+    """onnxruntime CUDA, a plain kv graph (no If): the cached calls captured and replayed as CUDA graphs
+    (:func:`_replay_checks`)."""
     _cuda_ready()
     from sparse_context.engines.ort.backend import OrtTransformerBackend
     from sparse_context.export.exporter import ExportOptions, export_onnx
@@ -217,16 +334,4 @@ def test_cuda_graphs_replay_on_the_gpu(tiny_model_dir, tmp_path):
                                          text_tokens=TEXT_TOKENS))
     backend = OrtTransformerBackend(kv=exported.path, providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
                                     sync="image", cuda_graphs=True)
-    target, target_ids, text, text_ids = _call_inputs(backend, 3)
-    for tokens in (0, 1, 37, 768):
-        state = _state(backend, tokens, 5) if tokens else None
-        for timestep in (0.6, 0.3, 0.1):  # the first call captures, the next two replay
-            def call():
-                if state is None:
-                    return backend.run_kv(target, target_ids, None, None, text, text_ids, np.float32(timestep))
-                return backend.kv_cached(target, target_ids, state, text, text_ids, np.float32(timestep))
-
-            ordinary, replayed = _both(backend, call)
-            assert np.isfinite(replayed).all()
-            np.testing.assert_array_equal(replayed, ordinary)
-    assert backend.graphs.stats.graphs == 4 and backend.graphs.stats.calls == 12
+    _replay_checks(backend)

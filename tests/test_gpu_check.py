@@ -581,40 +581,68 @@ def test_without_graphs_side_rows(case):
     assert result["capture"] and len(checker.lines) == 2
 
 
-@pytest.mark.parametrize("fails", [False, True])
-def test_graph_probe_compares_with_ordinary_runs_or_reopens_without_graphs(fails):
-    """The KV row once ordinarily, then captured and replayed; latents compared. A failed capture makes new
-    sessions without graphs (unprofiled) and says why, so the rows still run."""
+@pytest.mark.parametrize("case", ["equal", "raises", "turned off", "differ", "no calls"])
+def test_graph_probe_compares_with_ordinary_runs(case):
+    """The KV row once ordinarily, then captured and replayed; latents compared. A failed graph call (raised, or
+    caught by the backend, which turns graphs off) asks the caller for new sessions without graphs; latents beyond
+    the tolerance, or no call through a graph, turn graphs off on these sessions; each says why."""
     from sparse_context.reference.engine_benchmark import RowKey
-    from sparse_context.reference.gpu_check import _Check
-
-    from types import SimpleNamespace
+    from sparse_context.reference.gpu_check import GRAPH_REL_TOLERANCE, _Check
 
     checker = _waits_checker()
-    checker._free = lambda: None  # what a new LoopRunner reads of the shared inputs:
-    checker.inputs = SimpleNamespace(text=np.zeros((1, 2, 3)), text_ids=np.zeros((2, 4)), latents=np.zeros((1, 2, 3)),
-                                     grids=[])
-    reopened = []
-
-    def reopen(exports, name, phase, graphs=False, profile=True):
-        reopened.append((graphs, profile))
-        return _GraphBackend(enabled=False), None
-    checker._open = reopen
     backend, phase = _GraphBackend(enabled=False), {}
-    runner = _GraphRunner(backend, {False: np.ones(3), True: np.ones(3)}, fail=fails)
-    runner.release = lambda: None
-    new_backend, new_runner = _Check._probe_graphs(checker, backend, runner, {}, "ort_d4_mha-split-plain", phase)
+    backend.graphs.error = None
+    if case == "no calls":
+        backend.graphs.stats.calls = 0
+    latents = {False: np.ones(3), True: np.ones(3)}
+    runner = _GraphRunner(backend, latents, fail=case == "raises")
+    if case in ("turned off", "differ"):
+        plain_run = runner.run
+
+        def run(row, repeats=None):
+            seconds, wall, result = plain_run(row, repeats)
+            if backend.graphs.enabled and case == "turned off":
+                backend.graphs.error = "RuntimeError: operation not permitted when stream is capturing"
+            return seconds, wall, result * (1 + 10 * GRAPH_REL_TOLERANCE) if backend.graphs.enabled else result
+        runner.run = run
+    usable = _Check._probe_graphs(checker, backend, runner, "ort_d4_mha-split-plain", phase)
     kv = RowKey(6, 0.1, True).label
-    if fails:
-        assert "stream is capturing" in phase["cuda_graphs_error"] and reopened == [(False, False)]
-        assert new_backend is not backend and new_runner is not runner and "cuda_graphs" not in phase
+    if case in ("raises", "turned off"):
+        assert not usable and "stream is capturing" in phase["cuda_graphs_error"]
         assert "new sessions without CUDA graphs" in checker.lines[0]
         return
-    assert runner.calls == [(kv, 0, False), (kv, 0, True), (kv, 0, True)] and (new_backend, new_runner) == (
-        backend, runner)
+    assert usable and runner.calls[0] == (kv, 0, False) and len(runner.calls) == 3
     entry = phase["cuda_graphs"]
-    assert entry["ordinary_equal"] and entry["replay_equal"] and entry["rel_diff"] == 0 and entry["capture"]
-    assert entry["stats"]["calls"] == 3 and not reopened and "captured" in checker.lines[0]
+    if case == "equal":
+        assert entry["ordinary_equal"] and entry["replay_equal"] and entry["rel_diff"] == 0 and entry["capture"]
+        assert entry["stats"]["calls"] == 3 and backend.graphs.enabled and "captured" in checker.lines[0]
+        return
+    reason = {"differ": "differ from ordinary runs by 0.01 (relative; allowed 0.001)", "no calls": "no call went"}
+    assert reason[case] in phase["cuda_graphs_off"] and not backend.graphs.enabled
+    assert "CUDA graphs off" in checker.lines[0]
+
+
+def test_side_measurements_fail_alone_and_reopening_fails_the_phase_only():
+    """A side measurement's error goes into its entry (the phase and the check go on); new sessions that cannot be
+    made after a failed capture fail the phase with a plain error, never as the package's user error that would
+    end the whole check."""
+    from sparse_context.engines.errors import EngineCorruptError
+    from sparse_context.reference.gpu_check import _Check
+
+    checker = _waits_checker()
+
+    def broken(*args):
+        raise EngineCorruptError(f"a CUDA call failed {args}")
+    entry = _Check._side(checker, "ort_d4_mha-split-plain", "without_graphs", broken, 1, 2)
+    assert entry == {"status": "failed", "reason": "EngineCorruptError: a CUDA call failed (1, 2)"}
+    assert checker.lines == ["ort_d4_mha-split-plain without_graphs failed: EngineCorruptError: a CUDA call failed "
+                             "(1, 2)"]
+    assert _Check._side(checker, "x", "y", lambda a: {"status": "done", "a": a}, 3) == {"status": "done", "a": 3}
+    checker._open = lambda exports, name, phase, graphs=False, profile=True: broken()
+    with pytest.raises(RuntimeError, match="sessions without CUDA graphs after a failed capture: "
+                                           "EngineCorruptError") as raised:
+        _Check._reopen(checker, {}, "ort_d4_mha-split-plain", {})
+    assert type(raised.value) is RuntimeError
 
 
 def test_graphs_only_for_plain_kv_variants_and_planned_as_side_rows():

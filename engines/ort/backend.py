@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -113,8 +114,10 @@ class OrtTransformerBackend:
             check_cuda_graphs(providers, exports)
         # The stream exists from the start or never: sessions are bound to it when they are created. CUDA graph
         # replays need it too, for the copies into their fixed buffers.
+        hint = {} if not cuda_graphs else {"hint": "install it (pip install sparse-context[onnxruntime-gpu]) or leave "
+                                                   "out --cuda-graphs, whose copies need a stream of the backend's own"}
         self.stream = None if sync == "run" and not cuda_graphs else \
-            HostStream() if self.device == "cpu" else CudaStream(self.device_id)
+            HostStream() if self.device == "cpu" else CudaStream(self.device_id, **hint)
         self._pending = False  # work queued on the stream since it last drained
         self._queued_runs = self._ort.RunOptions()
         self._queued_runs.add_run_config_entry(NO_SYNC_AFTER_RUN, "1")
@@ -388,7 +391,9 @@ class OrtTransformerBackend:
             raise BackendOptionError("run_kv: new reference K/V need buffers (`into`)")
         graph = None if self.graphs is None else self.graphs.prepare(session, feed, cached)
         if graph is not None:
-            return self._replay(session, graph)
+            replayed = self._replay(session, graph)
+            if replayed is not None:
+                return replayed  # else the graph failed and graphs are off: this call runs ordinarily
         binding = session.io_binding()
         velocity = self._bind_feed(binding, feed)
         for name, which in zip(KV_INPUTS, ("keys", "values")):
@@ -403,9 +408,17 @@ class OrtTransformerBackend:
         return self._run(session, binding, velocity)
 
     def _replay(self, session: Any, graph: Any) -> Any:
-        """One call through a CUDA graph (its inputs already copied in): run it, copy its velocity to the ring."""
+        """One call through a CUDA graph (its inputs already copied in): run it, copy its velocity to the ring.
+        None if the run failed (graphs are then off)."""
         start = time.perf_counter()
-        self._run_binding(session, graph.binding, graph.id)
+        try:
+            self._run_binding(session, graph.binding, graph.id)
+        except Exception as error:  # onnxruntime's own error types: a kernel it cannot capture
+            self.graphs.fail(error)
+            warnings.warn(f"CUDA graphs are off for this backend: a graph call failed ({self.graphs.error}); this "
+                          "and every later call run ordinarily (leave out --cuda-graphs to skip the attempt)",
+                          RuntimeWarning, stacklevel=3)
+            return None
         self.session_seconds += time.perf_counter() - start
         velocity = self._ring_value("velocity", graph.shape, self.dtype)
         self.graphs.velocity_into(graph, velocity)
