@@ -30,7 +30,9 @@ call, and every later one, ordinarily.
 Every run of a session with CUDA graphs enabled names a graph id: onnxruntime treats a run without one as graph 0
 and would capture it, so ordinary runs of that session name :data:`NO_GRAPH`. onnxruntime runs a new id twice to
 size its memory arena, captures it and replays it, all inside the first call; it keeps graphs per host thread, so a
-backend used from several threads (one at a time) captures on each.
+backend used from several threads (one at a time) captures on each. It captures in CUDA's global mode: while a
+graph's first call runs, no other thread of the process may use the GPU's legacy default stream (a synchronous copy,
+an allocation), or the capture fails (and graphs turn off, as above).
 
 ``capture=False`` keeps the fixed buffers, the copies and the bound-once bindings without asking onnxruntime for
 graphs: that is how the CPU provider runs this exact code in the tests.
