@@ -269,6 +269,31 @@ def test_cuda_graph_options_and_errors(engines_dir, tmp_path, capsys):
     assert "--backend ort-cpu" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
+def test_cuda_graphs_without_cuda_python_name_the_extra_and_the_flag(engines_dir, monkeypatch):
+    """CUDA graphs copy on a stream of the backend's own (cuda-python): without it the error says how to install it
+    or which flag to leave out (not --sync, which cannot help here)."""
+    import sys
+
+    import onnxruntime
+
+    from sparse_context.engines.errors import BackendOptionError
+    from sparse_context.engines.index import EnginesIndex
+    from sparse_context.engines.ort import graphs
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
+
+    index = EnginesIndex.read(engines_dir)
+    available = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
+    monkeypatch.setattr(graphs, "CONTROL_FLOW", ())  # the CPU engines' kv graph keeps its If guards
+    for name in [name for name in sys.modules if name == "cuda" or name.startswith("cuda.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "cuda", None)  # import of a None entry raises ImportError
+    with pytest.raises(BackendOptionError, match=r"cuda-python is not installed; install it \(pip install "
+                                                 r"sparse-context\[onnxruntime-gpu\]\) or leave out --cuda-graphs"):
+        OrtTransformerBackend(kv=index.path(index.graphs["kv"].onnx), cuda_graphs=True,
+                              providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+
+
 def _cuda_ready():
     ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime-gpu")
     if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -396,16 +396,22 @@ class OrtTransformerBackend:
                 return replayed  # else the graph failed and graphs are off: this call runs ordinarily
         binding = session.io_binding()
         velocity = self._bind_feed(binding, feed)
+        self._bind_kv(binding, cached, into, feed.ref_tokens)
+        return self._run(session, binding, velocity)
+
+    def _bind_kv(self, binding: Any, cached: Any, into: Any, ref_tokens: int) -> None:
+        """The K/V tensors of a kv-graph call: ``cached`` read in place (none: 0 tokens at the scratch address),
+        ``ref_tokens`` new ones written into ``into`` (none: 0 tokens at the scratch address)."""
+        scratch = self._pointer(self._scratch)
         for name, which in zip(KV_INPUTS, ("keys", "values")):
             if cached is None:
-                self._bind_pointer(binding, name, self._pointer(self._scratch), self.feeds.kv_shape(0))
+                self._bind_pointer(binding, name, scratch, self.feeds.kv_shape(0))
             else:
                 self._bind_pointer(binding, name, self._pointer(getattr(cached.buffers, which)),
                                    self.feeds.kv_shape(cached.num_ref_tokens))
         for name, which in zip(KV_OUTPUTS, ("keys", "values")):
-            pointer = self._pointer(self._scratch if into is None else getattr(into, which))
-            self._bind_pointer(binding, name, pointer, self.feeds.kv_shape(feed.ref_tokens), output=True)
-        return self._run(session, binding, velocity)
+            pointer = scratch if into is None else self._pointer(getattr(into, which))
+            self._bind_pointer(binding, name, pointer, self.feeds.kv_shape(ref_tokens), output=True)
 
     def _replay(self, session: Any, graph: Any) -> Any:
         """One call through a CUDA graph (its inputs already copied in): run it, copy its velocity to the ring.

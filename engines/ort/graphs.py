@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from sparse_context.engines.errors import BackendOptionError
-from sparse_context.engines.feeds import KV_INPUTS, KV_OUTPUTS, CallFeed, Empty
+from sparse_context.engines.feeds import CallFeed, Empty
 from sparse_context.engines.ort.loader import NO_SYNC_AFTER_RUN, provider_name
 from sparse_context.engines.streams import HostStream
 from sparse_context.runtime.errors import bad_value
@@ -163,7 +163,8 @@ class CachedCallGraphs:
             return None
         static = {name: self._slot(name, value, feed) for name, value in feed.inputs.items()
                   if name in feed.static and not isinstance(value, Empty)}
-        key = self._key(feed, cached, {name: slot for name, (slot, _) in static.items()})
+        slots = {name: slot for name, (slot, _) in static.items()}
+        key = self._key(feed, cached, slots)
         graph = self._graphs.get(key)
         if graph is None:
             if self.stats.graphs >= self.limit:
@@ -171,7 +172,7 @@ class CachedCallGraphs:
                 return None
             # Ids are never reused: onnxruntime refuses to capture an id twice in a session.
             graph = self._graphs[key] = self._new_graph(session, feed, cached, FIRST_GRAPH + self.stats.graphs,
-                                                        {name: slot for name, (slot, _) in static.items()})
+                                                        slots)
             self.stats.graphs += 1
         for name, value in feed.inputs.items():
             if isinstance(value, Empty):
@@ -252,14 +253,7 @@ class CachedCallGraphs:
             else:
                 binding.bind_ortvalue_input(name, self._buffer(name, np.shape(value), value.dtype,
                                                                slots.get(name, 0)))
-        for name, which in zip(KV_INPUTS, ("keys", "values")):
-            if cached is None:
-                backend._bind_pointer(binding, name, scratch, backend.feeds.kv_shape(0))
-            else:
-                backend._bind_pointer(binding, name, backend._pointer(getattr(cached.buffers, which)),
-                                      backend.feeds.kv_shape(cached.num_ref_tokens))
-        for name in KV_OUTPUTS:
-            backend._bind_pointer(binding, name, scratch, backend.feeds.kv_shape(0), output=True)
+        backend._bind_kv(binding, cached, None, 0)
         shape = tuple(np.shape(feed.inputs["target"]))
         velocity = self._buffer("velocity", shape, backend.dtype)
         binding.bind_ortvalue_output("velocity", velocity)
