@@ -169,40 +169,57 @@ def _feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ff.linear_out(_swiglu(*_products(x, _row_slices(ff.linear_in, (hidden, hidden)))))
 
 
-def _empty_like_query(query, key, value):
+def _empty_like_query(query, *keys_and_values):
     return (query * 0).contiguous()  # (B, 0, H, D): there is nothing to attend with
 
 
-def _fused_contiguous(query, key, value):
-    return fused_attention(query, key, value).contiguous()  # both branches of the cond must agree on strides
+def _joined(function):
+    """``function`` over keys and values given in parts, joined inside the branch: (query, k_1..k_n, v_1..v_n)."""
+
+    def attend_joined(query, *keys_and_values):
+        half = len(keys_and_values) // 2
+        key, value = _join(keys_and_values[:half]), _join(keys_and_values[half:])
+        return function(query, key, value).contiguous()  # both branches of the cond must agree on strides
+
+    return attend_joined
 
 
-def _mha_contiguous(query, key, value):
+def _join(parts) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), 1)
+
+
+def _mha(query, key, value):
     from sparse_context.export.ort_attention import mha_attention
 
-    return mha_attention(query, key, value).contiguous()
+    return mha_attention(query, key, value)
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, may_be_empty: bool = False) -> torch.Tensor:
-    """Attention with the active form. ``may_be_empty``: the query axis can be 0 at run time (reference queries).
+def attend(query: torch.Tensor, key, value, may_be_empty: bool = False) -> torch.Tensor:
+    """Attention with the active form. ``key``/``value``: a tensor, or a tuple of parts along the token axis, joined
+    only where the attention runs. ``may_be_empty``: the query axis can be 0 at run time (reference queries).
 
     onnxruntime's ``Attention`` kernel refuses empty queries ("Q sequence length must be greater than 0"), and
     torch.export assumes traced sizes are >= 2, so a shape-based guard is folded away; a ``torch.cond`` on the
     runtime length (an ONNX ``If``) skips the op instead. The contrib ``MultiHeadAttention`` gets the same guard.
-    MatMul-Softmax-MatMul handles empty axes as is.
+    The parts are joined inside the guard, so a KV graph's cached step (no reference queries) does not copy the
+    cached keys a second time for an attention it skips. MatMul-Softmax-MatMul handles empty axes as is.
     """
+    key_parts = tuple(key) if isinstance(key, (tuple, list)) else (key,)
+    value_parts = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     function = _ATTENTION["fn"]
     if may_be_empty and _REF_STREAM["form"] == "plain":
-        return matmul_attention(query, key, value)  # takes 0 queries as they are: no guard
+        return matmul_attention(query, _join(key_parts), _join(value_parts))  # takes 0 queries as is: no guard
     tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
     guarded = function is not matmul_attention
     if may_be_empty and guarded and not tracing:
-        return _empty_like_query(query, key, value) if query.shape[1] == 0 else function(query, key, value)
+        if query.shape[1] == 0:
+            return _empty_like_query(query)
+        return function(query, _join(key_parts), _join(value_parts))
     if may_be_empty and guarded:
         is_empty = torch._shape_as_tensor(query)[1] == 0  # a tensor, so the check survives tracing
-        otherwise = _fused_contiguous if function is fused_attention else _mha_contiguous
-        return torch.cond(is_empty, _empty_like_query, otherwise, (query, key, value))
-    return function(query, key, value)
+        otherwise = _joined(fused_attention if function is fused_attention else _mha)
+        return torch.cond(is_empty, _empty_like_query, otherwise, (query, *key_parts, *value_parts))
+    return function(query, _join(key_parts), _join(value_parts))
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, may_be_empty: bool = False) -> torch.Tensor:
@@ -414,11 +431,13 @@ class KVGraph(_Flux2Streams):
 
         def split_attention(qkv, layer):
             (qt, kt, vt), (qr, kr, vr), (qi, ki, vi) = qkv
-            k_refs = torch.cat([cached_keys[layer], kr], 1)  # (1, N_cached + N_new, H, D)
-            v_refs = torch.cat([cached_values[layer], vr], 1)
-            # Text and target see text, every reference and the target; references see only references.
-            out = attend(torch.cat([qt, qi], 1), torch.cat([kt, k_refs, ki], 1), torch.cat([vt, v_refs, vi], 1))
-            out_refs = attend(qr, k_refs, v_refs, may_be_empty=True)
+            k_cached, v_cached = cached_keys[layer], cached_values[layer]  # (1, N_cached, H, D)
+            # Text and target see text, every reference (cached, then new) and the target; references see only
+            # references. Each key tensor is joined once: the references' own attention joins its keys inside its
+            # guard, so a cached step (no new references) copies the cached keys only into the joint attention's.
+            out = attend(torch.cat([qt, qi], 1), torch.cat([kt, k_cached, kr, ki], 1),
+                         torch.cat([vt, v_cached, vr, vi], 1))
+            out_refs = attend(qr, (k_cached, kr), (v_cached, vr), may_be_empty=True)
             return (out[:, :num_text], out_refs, out[:, num_text:]), (kr, vr)
 
         velocity, layer_kv = self._run(target, refs, text, timestep, ropes, ref_timestep_mods=True,
