@@ -265,6 +265,42 @@ def test_split_projections_equal_pytorch_and_fold_their_weight_slices(tiny_model
     assert activation_ops(result.path, folded=True)["weight Slice"] == 0
 
 
+def test_cached_step_copies_the_cached_keys_once_per_layer(tiny_model_dir, out_dir):
+    """A cached KV step (no new references) joins the cached K/V into the joint attention's keys and nowhere else
+    when the references' own attention is guarded: onnxruntime's profile of one cached step shows the bytes its
+    Concat nodes write growing by exactly one copy of each layer's cached K and V per cached token (two before the
+    references' attention joined its keys inside its guard)."""
+    import json as json_module
+
+    import onnxruntime as ort
+
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph="kv", attention="mha", projections="split"))
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(out_dir / "cached-copies")
+    session = ort.InferenceSession(str(result.path), options, providers=["CPUExecutionProvider"])
+    layers, _, _, heads, head_dim = session.get_inputs()[-1].shape
+    sizes = {"target_tokens": 12, "ref_tokens": 0, "text_tokens": 7, "text_target_tokens": 19}
+    rng = np.random.default_rng(0)
+
+    def feeds(cached):
+        shapes = {**sizes, "cached_ref_tokens": cached}
+        return {i.name: rng.standard_normal([d if isinstance(d, int) else shapes[d] for d in i.shape]).astype(
+            np.float32) for i in session.get_inputs()}
+
+    for cached in (16, 48):  # two cached steps, profiled one after the other
+        session.run(None, feeds(cached))
+    events = json_module.loads(Path(session.end_profiling()).read_text())
+    concat_bytes = [0, 0]
+    runs = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(runs) // 2
+    for index, event in enumerate(runs):
+        if event["args"].get("op_name") == "Concat":
+            concat_bytes[index // per_run] += int(event["args"]["output_size"])
+    one_copy = (48 - 16) * layers * 2 * heads * head_dim * 4  # K and V, fp32
+    assert concat_bytes[1] - concat_bytes[0] == one_copy
+
+
 def test_unknown_projection_form_names_its_flag(tiny_model_dir, out_dir):
     from sparse_context.export.errors import ExportConfigError
 
