@@ -208,7 +208,48 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
     derived["outside_kernels"] = outside_kernels(data)
     derived["kernels_at_full_depth"] = kernels_at_full_depth(derived["outside_kernels"], depths, units)
     derived["without_graphs"] = without_graphs_at_full_depth(data, depths, units, variants)
+    derived["cached_over_target"] = cached_over_target(data, depths, units)
     return derived
+
+
+TARGET_ONLY = "target only"
+
+
+def cached_over_target(data: dict[str, Any], depths: Sequence[str],
+                       units: dict[str, float]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per backend, the GPU time (ms, one generation) the persistent-cache call adds to the target-only call, by
+    kernel category: at each profiled depth and, where both are profiled, extrapolated to full depth. Its only
+    extra work is attention over the cached reference keys, so whatever else grows here (copies, elementwise
+    kernels) is cost the cached path could shed; what attention adds is the price of the kept tokens."""
+    hit = f"refs {data['setup']['refs']} keep {ACCEPTANCE_KEEP:g} kv cached"
+    deltas: dict[str, dict[str, float]] = {}
+    for name, phase in data.get("phases", {}).items():
+        kernels = phase.get("kernels") or {}
+        base, cached = kernels.get(TARGET_ONLY), kernels.get(hit)
+        if not all(isinstance(p, dict) and p.get("ms_per_category") is not None and p.get("busy_ms") is not None
+                   for p in (base, cached)):
+            continue
+        categories = sorted(set(base["ms_per_category"]) | set(cached["ms_per_category"]))
+        deltas[name] = {"busy": cached["busy_ms"] - base["busy_ms"],
+                        **{c: cached["ms_per_category"].get(c, 0.0) - base["ms_per_category"].get(c, 0.0)
+                           for c in categories}}
+    first, second = depths[0], depths[1]
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for name, delta in deltas.items():
+        if name == f"torch_{first}":
+            partner, backend = f"torch_{second}", "torch"
+        elif name.startswith(f"ort_{first}_"):
+            variant = name[len(f"ort_{first}_"):]
+            partner, backend = f"ort_{second}_{variant}", f"ort {variant}"
+        else:
+            continue
+        entry = {first: delta}
+        if partner in deltas:
+            entry[second] = deltas[partner]
+            entry["full"] = {key: extrapolate(value, units[first], deltas[partner].get(key, 0.0), units[second],
+                                              units["full"]) for key, value in delta.items()}
+        result[backend] = entry
+    return result
 
 
 def without_graphs_at_full_depth(data: dict[str, Any], depths: Sequence[str], units: dict[str, float],
@@ -388,6 +429,13 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             lines.append(f"{backend} {label} at full depth (extrapolated): {entry['busy_full_ms']:.1f} ms GPU busy "
                          f"({entry['busy_per_unit_ms']:+.1f} per unit) + {entry['outside_full_ms']:.1f} outside "
                          f"kernels ({entry['outside_per_unit_ms']:+.1f} per unit)")
+    for backend, entry in data["derived"].get("cached_over_target", {}).items():
+        where = [d for d in (*data["depths"], "full") if d in entry]
+        parts = [f"{key} " + " · ".join(f"{entry[d].get(key, 0.0):+.1f}" for d in where)
+                 for key in entry[where[0]] if key != "busy"]
+        lines.append(f"{backend} persistent cache over target only, GPU ms at {' · '.join(where)}"
+                     f"{' (extrapolated)' if 'full' in where else ''}: busy "
+                     + " · ".join(f"{entry[d]['busy']:+.1f}" for d in where) + " = " + ", ".join(parts))
     for variant, entries in data["derived"].get("without_graphs", {}).items():
         for label, entry in entries.items():
             speedups_shown = "" if "speedup_on" not in entry else (

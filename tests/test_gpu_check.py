@@ -517,6 +517,36 @@ def test_busy_and_outside_kernel_time_extrapolate_apart_to_full_depth():
 
 
 
+def test_what_the_persistent_cache_call_adds_over_target_only_by_kernel_category():
+    """From the kernel profiles of run 7 (H200): the persistent-cache call's extra GPU time over the target-only
+    call per backend and kernel category, at d4, d8 and extrapolated to full depth; a phase profiled without one
+    of the two rows is left out, and a backend profiled at one depth keeps that depth only."""
+    from sparse_context.reference.gpu_report import cached_over_target
+
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "reference" / "measured" / "gpu_check_h200_2026-11-27_run7.json").read_text())
+    units = {"d4": 5.0, "d8": 10.0, "full": 40.0}
+    result = cached_over_target(report, ("d4", "d8"), units)
+    assert set(result) == {"torch", "ort mha-split", "ort mha-split-plain"}
+    plain = result["ort mha-split-plain"]
+    assert (round(plain["d8"]["busy"], 1), round(plain["d8"]["attention"], 1), round(plain["d8"]["copy"], 1)) == (
+        13.6, 12.5, 2.0)
+    for backend in result.values():  # categories add up to the busy time at every depth
+        for values in backend.values():
+            assert sum(v for k, v in values.items() if k != "busy") == pytest.approx(values["busy"])
+    torch = result["torch"]
+    assert torch["full"]["attention"] == pytest.approx(
+        torch["d4"]["attention"] + 7 * (torch["d8"]["attention"] - torch["d4"]["attention"]))
+    del report["phases"]["ort_d8_mha-split"]["kernels"]["target only"]
+    one_depth = cached_over_target(report, ("d4", "d8"), units)["ort mha-split"]
+    assert set(one_depth) == {"d4"}
+    report["derived"] = derive(report)
+    text = "\n".join(summary_lines(report))
+    assert "ort mha-split-plain persistent cache over target only, GPU ms at d4 · d8 · full (extrapolated): busy " \
+           "+6.3 · +13.6 · +57.3 = attention +5.5 · +12.5 · +54.2, copy +1.0 · +2.0 · +8.5" in text
+    assert "ort mha-split persistent cache over target only, GPU ms at d4: busy +6.8 = attention +6.0" in text
+
+
 class _GraphBackend:
     """What the checker reads of a backend with CUDA graphs: whether they are on, and the switch."""
 
