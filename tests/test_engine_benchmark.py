@@ -189,3 +189,45 @@ def test_loop_runner_single_untimed_call_and_its_cache_hit():
     assert runner.has_state_for(RowKey(2, 0.1, True, cache_hit=True))
     _, _, cached = runner.run(RowKey(2, 0.1, True, cache_hit=True), repeats=0)
     assert cached.shape == once.shape and np.isfinite(cached).all()
+
+
+def test_loop_runner_times_with_the_cycle_collector_paused():
+    """Python's cycle collector is off inside every timed call of a row (a collection there is host time the
+    engine did not spend) and back on afterwards, also when a call fails; left off if it was off."""
+    import gc
+
+    from sparse_context.reference.benchmark import build_transformer
+    from sparse_context.reference.engine_benchmark import BenchInputs, LoopRunner
+    from sparse_context.reference.torch_backend import TorchTransformerBackend
+
+    class Recording(TorchTransformerBackend):
+        def __init__(self, model):
+            super().__init__(model)
+            self.collector_on: list[bool] = []
+            self.fail = False
+
+        def full(self, *args, **kwargs):
+            self.collector_on.append(gc.isenabled())
+            if self.fail:
+                raise RuntimeError("engine failed")
+            return super().full(*args, **kwargs)
+
+    options = EngineBenchOptions(refs=(1,), target_px=64, ref_px=64, text_tokens=8, steps=2, repeats=2).validate()
+    model = build_transformer("tiny", "cpu", torch.float32)
+    inputs = BenchInputs.create(options, int(model.config.in_channels), int(model.config.joint_attention_dim))
+    backend = Recording(model)
+    runner = LoopRunner(backend, inputs, torch.from_numpy)
+    assert gc.isenabled()
+    runner.run(RowKey(1, 1.0, False))
+    assert backend.collector_on == [False] * 6 and gc.isenabled()  # 3 calls (1 warm-up) x 2 steps
+    backend.fail = True
+    with pytest.raises(RuntimeError, match="engine failed"):
+        runner.run(RowKey(1, 1.0, False))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        backend.fail = False
+        runner.run(RowKey(1, 1.0, False))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
