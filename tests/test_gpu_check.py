@@ -124,6 +124,32 @@ def test_the_deeper_pair_is_opt_in_and_plans_inside_the_budget():
     assert {p.name for p in plan.phases} >= {"export d16 mha kv", "torch_d16", "ort_d16_mha"}
 
 
+def test_the_persistent_cache_row_is_timed_more_often_where_it_is_extrapolated(monkeypatch):
+    """The persistent-cache row: 3x the timed calls in PyTorch phases and side rows, 6x in onnxruntime phases (the
+    extrapolated figure whose noise decided runs 5-7); the plan counts them, and the next run's d4/d16 command and
+    the default plan both stay inside 480 s on an 80 GB GPU."""
+    from types import SimpleNamespace
+
+    from sparse_context.reference import gpu_plan
+    from sparse_context.reference.engine_benchmark import RowKey
+    from sparse_context.reference.gpu_check import _Check
+
+    checker = SimpleNamespace(options=SimpleNamespace(repeats=5))
+    hit, kv = RowKey(6, 0.1, True, cache_hit=True), RowKey(6, 0.1, True)
+    assert [_Check.repeats_for(checker, hit, phase) for phase in ("ort_d8_mha-split", "torch_full", None)] == [
+        30, 15, 15]
+    assert _Check.repeats_for(checker, kv, "ort_d8_mha-split") == 5
+    next_run = GpuCheckOptions(config="klein-9b", depths=("d4", "d16"), variants=("mha-split",), repeats=5,
+                               bf16=False, export_workers=4).validate()
+    for options in (next_run, GpuCheckOptions(config="klein-9b", repeats=5, bf16=False, export_workers=4)):
+        plan = estimate_plan(options, gpu_memory_gb=80)
+        assert plan.total_s <= 480 and all(p.fits for p in plan.phases), [(p.name, p.seconds) for p in plan.phases]
+    ort_phase = lambda plan: {p.name: p.seconds for p in plan.phases}["ort_d16_mha-split"]  # noqa: E731
+    six = ort_phase(estimate_plan(next_run, gpu_memory_gb=80))
+    monkeypatch.setattr(gpu_plan, "ORT_CACHE_HIT_REPEAT_FACTOR", gpu_plan.CACHE_HIT_REPEAT_FACTOR)
+    assert ort_phase(estimate_plan(next_run, gpu_memory_gb=80)) < six
+
+
 def test_sync_option_of_the_check():
     from sparse_context.runtime.errors import InputError
 
