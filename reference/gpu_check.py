@@ -498,29 +498,42 @@ class _Check:
         """The acceptance KV row and its persistent-cache call again on the same sessions, with onnxruntime waiting
         for the GPU after every run (its default, ``--sync run``) instead of once per image: what queueing a whole
         generation on one stream buys, side by side, and whether the latents are the same."""
-        rows = [RowKey(self.options.refs, ACCEPTANCE_KEEP, True),
-                RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True)]
         if self.options.sync == "run":
             return {"status": "skipped", "reason": "--sync run: the rows already waited after every run"}
         if backend.sync != "image":
             return {"status": "skipped", "reason": "the rows already waited after every run (see sync_error)"}
+        skipped, results = self._rerun(runner, timed, lambda: backend.set_sync("run"),
+                                       lambda: backend.set_sync("image"), "waits per run", "one wait per image")
+        if skipped:
+            return {"status": "skipped", "reason": skipped}
+        return {"status": "done", "rows": {row.label: {"run_s": seconds, "image_s": image_s,
+                                                       "run_over_image": seconds / image_s, "samples_s": samples,
+                                                       "latents_equal": equal}
+                                           for row, seconds, image_s, samples, equal in results}}
+
+    def _rerun(self, runner: LoopRunner, timed: dict[RowKey, tuple[float, np.ndarray]], change: Callable[[], None],
+               undo: Callable[[], None], what: str, before: str) -> tuple[str | None, list[tuple[Any, ...]]]:
+        """The acceptance KV row and its persistent-cache call again on the same sessions with ``change`` in force
+        (``undo`` afterwards, also on failure): (why skipped or None, [(row, seconds, the timed row's seconds,
+        samples, latents equal)]). The KV row runs first: the cache-hit call reuses its K/V."""
+        rows = [RowKey(self.options.refs, ACCEPTANCE_KEEP, True),
+                RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True)]
         if any(row not in timed for row in rows):
-            return {"status": "skipped", "reason": "the rows did not run"}
+            return "the rows did not run", []
         if not self.budget.fits(1.5 * sum((self.repeats_for(row) + 1) * timed[row][0] for row in rows)):
-            return {"status": "skipped", "reason": "does not fit the budget"}
-        compared: dict[str, Any] = {}
-        backend.set_sync("run")
+            return "does not fit the budget", []
+        results = []
+        change()
         try:
-            for row in rows:  # the KV row first: the cache-hit call reuses its K/V
+            for row in rows:
                 seconds, _, latents = runner.run(row, repeats=self.repeats_for(row))
-                image_s, image_latents = timed[row]
-                compared[row.label] = {"run_s": seconds, "image_s": image_s, "run_over_image": seconds / image_s,
-                                       "samples_s": runner.samples,
-                                       "latents_equal": bool(np.array_equal(latents, image_latents))}
-                self.log(f"waits per run      {row.label:26s} {seconds:8.3f}s  (one wait per image {image_s:.3f}s)")
+                before_s, before_latents = timed[row]
+                results.append((row, seconds, before_s, runner.samples,
+                                bool(np.array_equal(latents, before_latents))))
+                self.log(f"{what:18s} {row.label:26s} {seconds:8.3f}s  ({before} {before_s:.3f}s)")
         finally:
-            backend.set_sync("image")
-        return {"status": "done", "rows": compared}
+            undo()
+        return None, results
 
     def _open(self, exports: dict[str, Any], name: str, phase: dict[str, Any], graphs: bool = False,
               profile: bool = True) -> tuple[Any, Path]:
@@ -637,28 +650,16 @@ class _Check:
                         ) -> dict[str, Any]:
         """The acceptance KV row and its persistent-cache call again on the same sessions with CUDA graphs off:
         what replaying the cached calls buys, side by side, and whether the latents are the same."""
-        rows = [RowKey(self.options.refs, ACCEPTANCE_KEEP, True),
-                RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True)]
         if backend.graphs is None or not backend.graphs.enabled:
             return {"status": "skipped", "reason": "CUDA graphs are off (see cuda_graphs_error or cuda_graphs_off)"}
-        if any(row not in timed for row in rows):
-            return {"status": "skipped", "reason": "the rows did not run"}
-        if not self.budget.fits(1.5 * sum((self.repeats_for(row) + 1) * timed[row][0] for row in rows)):
-            return {"status": "skipped", "reason": "does not fit the budget"}
-        compared: dict[str, Any] = {}
-        backend.set_cuda_graphs(False)
-        try:
-            for row in rows:  # the KV row first: the cache-hit call reuses its K/V
-                seconds, _, latents = runner.run(row, repeats=self.repeats_for(row))
-                graphs_s, graphs_latents = timed[row]
-                compared[row.label] = {"refs": row.refs, "off_s": seconds, "on_s": graphs_s,
-                                       "off_over_on": seconds / graphs_s,
-                                       "samples_s": runner.samples,
-                                       "latents_equal": bool(np.array_equal(latents, graphs_latents))}
-                self.log(f"without graphs     {row.label:26s} {seconds:8.3f}s  (with CUDA graphs {graphs_s:.3f}s)")
-        finally:
-            backend.set_cuda_graphs(True)
-        return {"status": "done", "capture": bool(backend.graphs.capture), "rows": compared}
+        skipped, results = self._rerun(runner, timed, lambda: backend.set_cuda_graphs(False),
+                                       lambda: backend.set_cuda_graphs(True), "without graphs", "with CUDA graphs")
+        if skipped:
+            return {"status": "skipped", "reason": skipped}
+        return {"status": "done", "capture": bool(backend.graphs.capture),
+                "rows": {row.label: {"refs": row.refs, "off_s": seconds, "on_s": graphs_s,
+                                     "off_over_on": seconds / graphs_s, "samples_s": samples, "latents_equal": equal}
+                         for row, seconds, graphs_s, samples, equal in results}}
 
     def _probe_with_fallbacks(self, backend: Any, phase: dict[str, Any], name: str) -> dict[str, Any]:
         """The probe with one wait per image, device steps and device buffers; if it fails, again waiting after

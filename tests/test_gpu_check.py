@@ -388,6 +388,7 @@ def _waits_checker(budget_s=100.0):
     checker = SimpleNamespace(options=options, budget=TimeBudget(budget_s), lines=[])
     checker.log = checker.lines.append
     checker.repeats_for = lambda row: _Check.repeats_for(checker, row)
+    checker._rerun = lambda *args: _Check._rerun(checker, *args)
     return checker
 
 
