@@ -20,8 +20,7 @@ from sparse_context.export.errors import ExportError
 ONNX_FILE = "model.onnx"
 MANIFEST = "manifest.json"
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap
-INSTALL_HINT = ('pip install "sparse-context[quantization]", then restore the CPU onnxruntime that ModelOpt\'s '
-                'onnxruntime-gpu replaces: pip uninstall -y onnxruntime-gpu onnxruntime && pip install onnxruntime')
+INSTALL_HINT = 'pip install "sparse-context[quantization]"'
 
 
 def import_modelopt_quantize() -> Any:

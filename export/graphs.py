@@ -4,8 +4,11 @@ The modules below reuse the weights and sub-modules of a diffusers ``Flux2Transf
 copied) but take every input as a tensor: RoPE cos/sin come from outside (computed in float64 by numpy or
 diffusers, fed as float32), so the graph holds no float64 and no position-id arithmetic.
 
-Tokens are kept as three streams (text, references, target) that share each layer's weights. That lets one
-code path express both graphs:
+Tokens are kept as three streams (text, references, target) through the double blocks, where text has weights of
+its own and references can have a modulation of their own. The single blocks give text and target the same weights
+and modulation, so those two streams are joined once after the double blocks (:class:`SingleStreams`): every single
+block then runs one set of kernels on them, and its attention needs no copy of their queries in and no slices of
+its output out. That lets one code path express both graphs:
 
 - :class:`FullGraph`: every token attends to every token and references are modulated with the real timestep;
   equals diffusers' dense forward on ``[target, references]``.
@@ -21,6 +24,7 @@ value zero"), while a 0 that copies a 0-length input axis is harmless.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -276,6 +280,21 @@ def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
+@dataclass(frozen=True)
+class SingleStreams:
+    """How a graph's single blocks see its tokens: the streams ``join`` makes of (text, references, target) after the
+    double blocks, their RoPE rows, which of them take the references' modulation and which can hold 0 tokens at run
+    time, the attention over them (called per layer with the layer's index, like the double blocks'), and where the
+    target's rows are in the joined streams (``target``)."""
+
+    join: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    ropes: list[tuple[torch.Tensor, torch.Tensor]]
+    ref_mods: tuple[bool, ...]
+    may_be_empty: tuple[bool, ...]
+    attention: Callable
+    target: Callable[[list[torch.Tensor]], torch.Tensor]
+
+
 class _Flux2Streams(torch.nn.Module):
     """Shared machinery: embeddings, modulations and the two block types over (text, refs, target) streams."""
 
@@ -340,8 +359,8 @@ class _Flux2Streams(torch.nn.Module):
             results.append(x)
         return results, ref_kv
 
-    def _single_block(self, block, streams, mods, ropes, attention):
-        """One ``Flux2SingleTransformerBlock`` (parallel attention + MLP) on streams (txt, ref, tgt)."""
+    def _single_block(self, block, streams, mods, ropes, attention, may_be_empty):
+        """One ``Flux2SingleTransformerBlock`` (parallel attention + MLP) on the streams of :class:`SingleStreams`."""
         attn = block.attn
         inner, hidden = attn.inner_dim, attn.mlp_hidden_dim
         sizes = (inner, inner, inner, hidden, attn.to_qkv_mlp_proj.out_features - 3 * inner - hidden)
@@ -359,7 +378,7 @@ class _Flux2Streams(torch.nn.Module):
                 projected = attn.to_qkv_mlp_proj(h)
                 q, k, v = projected[..., :inner], projected[..., inner:2 * inner], projected[..., 2 * inner:3 * inner]
                 mlp = attn.mlp_act_fn(projected[..., 3 * inner:])
-            q, k = self._qk_norm_rope(attn, q, k, stream_rope, may_be_empty=index == 1)
+            q, k = self._qk_norm_rope(attn, q, k, stream_rope, may_be_empty=may_be_empty[index])
             qkv.append((q, k, _heads(v, self.heads, self.head_dim)))
             mlps.append(mlp)
         outputs, ref_kv = attention(qkv)
@@ -370,8 +389,9 @@ class _Flux2Streams(torch.nn.Module):
             results.append(_clip_fp16(x + gate * projected))
         return results, ref_kv
 
-    def _run(self, target, refs, text, timestep, ropes, ref_timestep_mods: bool, attention):
-        """Embed, run every block with ``attention`` (called per layer with that layer's index), project out."""
+    def _run(self, target, refs, text, timestep, ropes, ref_timestep_mods: bool, attention, single: SingleStreams):
+        """Embed, run the double blocks on (text, references, target) with ``attention`` (called per layer with that
+        layer's index), the single blocks on ``single``'s streams, project the target out."""
         model = self.transformer
         temb = self._temb(timestep)
         mods = self._mods(temb)
@@ -384,17 +404,20 @@ class _Flux2Streams(torch.nn.Module):
             streams, kv = self._double_block(block, streams, block_mods, ropes, lambda qkv: attention(qkv, index))
             layer_kv.append(kv)
         offset = len(model.transformer_blocks)
+        streams = single.join(streams)
+        block_mods = tuple(ref_mods["single"] if ref else mods["single"] for ref in single.ref_mods)
         for index, block in enumerate(model.single_transformer_blocks):
-            block_mods = (mods["single"], ref_mods["single"], mods["single"])
-            streams, kv = self._single_block(block, streams, block_mods, ropes,
-                                             lambda qkv: attention(qkv, offset + index))
+            streams, kv = self._single_block(block, streams, block_mods, single.ropes,
+                                             lambda qkv: single.attention(qkv, offset + index), single.may_be_empty)
             layer_kv.append(kv)
-        hidden = model.norm_out(streams[2], temb)
+        hidden = model.norm_out(single.target(streams), temb)
         return model.proj_out(hidden), layer_kv  # (1, N_t, C)
 
 
 class FullGraph(_Flux2Streams):
-    """Dense forward on ``[text, target, references]``; rope rows in that order; returns the target velocity."""
+    """Dense forward on ``[text, target, references]``; rope rows in that order; returns the target velocity.
+
+    The single blocks see one stream, ``[text, target, references]``, as diffusers' dense forward does."""
 
     def forward(self, target, refs, text, timestep, rope_cos, rope_sin):
         num_text, num_target = text.shape[1], target.shape[1]
@@ -411,7 +434,16 @@ class FullGraph(_Flux2Streams):
             return (out[:, :num_text], out[:, num_text + num_target:num_text + num_target + n_ref],
                     out[:, num_text:num_text + num_target]), None
 
-        velocity, _ = self._run(target, refs, text, timestep, ropes, ref_timestep_mods=False, attention=joint)
+        def every_token(qkv, _layer):
+            ((query, key, value),) = qkv
+            return (attend(query, key, value),), None
+
+        single = SingleStreams(
+            join=lambda streams: [torch.cat([streams[0], streams[2], streams[1]], 1)],  # [text, target, refs]
+            ropes=[(rope_cos, rope_sin)], ref_mods=(False,), may_be_empty=(False,), attention=every_token,
+            target=lambda streams: streams[0][:, num_text:num_text + num_target])
+        velocity, _ = self._run(target, refs, text, timestep, ropes, ref_timestep_mods=False, attention=joint,
+                                single=single)
         return velocity
 
 
@@ -420,7 +452,8 @@ class KVGraph(_Flux2Streams):
 
     ``cached_keys``/``cached_values``: (layers, 1, N_cached, H, D) reference K/V after RoPE (double blocks then
     single blocks); ``rope_*``: rows for [text, target]; ``ref_rope_*``: rows for the new references.
-    Returns the target velocity and the new references' K/V, stacked like the cache inputs.
+    Returns the target velocity and the new references' K/V, stacked like the cache inputs. The single blocks see
+    two streams: ``[text, target]`` (on ``rope_*`` as they are) and the references.
     """
 
     def forward(self, target, refs, text, timestep, rope_cos, rope_sin, ref_rope_cos, ref_rope_sin, cached_keys,
@@ -440,8 +473,19 @@ class KVGraph(_Flux2Streams):
             out_refs = attend(qr, (k_cached, kr), (v_cached, vr), may_be_empty=True)
             return (out[:, :num_text], out_refs, out[:, num_text:]), (kr, vr)
 
+        def joined_attention(qkv, layer):
+            (qj, kj, vj), (qr, kr, vr) = qkv  # [text, target] and the new references
+            k_cached, v_cached = cached_keys[layer], cached_values[layer]
+            out = attend(qj, torch.cat([kj, k_cached, kr], 1), torch.cat([vj, v_cached, vr], 1))
+            out_refs = attend(qr, (k_cached, kr), (v_cached, vr), may_be_empty=True)
+            return (out, out_refs), (kr, vr)
+
+        single = SingleStreams(
+            join=lambda streams: [torch.cat([streams[0], streams[2]], 1), streams[1]],  # [text, target], refs
+            ropes=[(rope_cos, rope_sin), (ref_rope_cos, ref_rope_sin)], ref_mods=(False, True),
+            may_be_empty=(False, True), attention=joined_attention, target=lambda streams: streams[0][:, num_text:])
         velocity, layer_kv = self._run(target, refs, text, timestep, ropes, ref_timestep_mods=True,
-                                       attention=split_attention)
+                                       attention=split_attention, single=single)
         keys = torch.stack([k for k, _ in layer_kv], dim=0)  # (layers, 1, N_new, H, D)
         values = torch.stack([v for _, v in layer_kv], dim=0)
         return velocity, keys, values

@@ -301,6 +301,34 @@ def test_cached_step_copies_the_cached_keys_once_per_layer(tiny_model_dir, out_d
     assert concat_bytes[1] - concat_bytes[0] == one_copy
 
 
+@pytest.mark.parametrize("graph", ["full", "kv"])
+def test_single_blocks_attend_without_joining_queries(tiny_model_dir, out_dir, graph):
+    """Text and target are one stream through the single blocks (the full graph's references too): a single block's
+    attention takes its queries straight from RoPE, and only the double blocks' attention joins the streams'
+    queries with a ``Concat``. Values are the other tests' business (diffusers at 1e-5)."""
+    import onnx
+
+    from sparse_context.reference.tiny import TINY_TRANSFORMER
+
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph=graph, attention="mha", projections="split"))
+    nodes = onnx.load(str(result.path), load_external_data=False).graph.node
+    producer = {output: node for node in nodes for output in node.output}
+
+    def query_path(node):
+        ops, name = [], node.input[0]
+        while name in producer and producer[name].op_type in ("Reshape", "Concat"):
+            ops.append(producer[name].op_type)
+            name = producer[name].input[0]
+        return ops, producer[name].op_type if name in producer else name
+
+    paths = [query_path(node) for node in nodes if node.op_type == "MultiHeadAttention"]
+    assert len(paths) == TINY_TRANSFORMER["num_layers"] + TINY_TRANSFORMER["num_single_layers"]
+    joined = [ops for ops, _ in paths if "Concat" in ops]
+    assert len(joined) == TINY_TRANSFORMER["num_layers"]
+    assert [source for ops, source in paths if "Concat" not in ops] == ["RotaryEmbedding"] * TINY_TRANSFORMER[
+        "num_single_layers"]
+
+
 def test_unknown_projection_form_names_its_flag(tiny_model_dir, out_dir):
     from sparse_context.export.errors import ExportConfigError
 
