@@ -493,7 +493,7 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
                        help="`gpu`: onnxruntime graph variants, first one first: mha, fused, mha-split (mha with "
                        "the fused projections split into one product per slice), mha-split-plain (its kv graph "
                        "without If nodes: --ref-stream plain; its cached calls run as CUDA graphs) "
-                       "(default: mha-split-plain mha-split)")
+                       "(default: mha-split mha-split-plain)")
     bench.add_argument("--export-workers", type=int, default=None,
                        help="`gpu`: export processes beside the GPU phases (default 3 on cuda, 2 on cpu; 0 = in-process)")
     bench.add_argument("--no-bf16", action="store_true", help="`gpu`: skip the PyTorch bf16 row set")

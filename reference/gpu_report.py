@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from sparse_context.reference.benchmark_configs import CONFIGS
+from sparse_context.reference.engine_benchmark import RowKey
 from sparse_context.reference.gpu_plan import ACCEPTANCE_KEEP, depth_units, extrapolate
 from sparse_context.runtime.files import atomic_write_bytes
 
@@ -212,20 +213,18 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
     return derived
 
 
-TARGET_ONLY = "target only"
-
-
 def cached_over_target(data: dict[str, Any], depths: Sequence[str],
                        units: dict[str, float]) -> dict[str, dict[str, dict[str, float]]]:
     """Per backend, the GPU time (ms, one generation) the persistent-cache call adds to the target-only call, by
     kernel category: at each profiled depth and, where both are profiled, extrapolated to full depth. Its only
     extra work is attention over the cached reference keys, so whatever else grows here (copies, elementwise
     kernels) is cost the cached path could shed; what attention adds is the price of the kept tokens."""
-    hit = f"refs {data['setup']['refs']} keep {ACCEPTANCE_KEEP:g} kv cached"
+    hit = RowKey(data["setup"]["refs"], ACCEPTANCE_KEEP, True, cache_hit=True).label
+    target_only = RowKey(0, ACCEPTANCE_KEEP, True).label
     deltas: dict[str, dict[str, float]] = {}
     for name, phase in data.get("phases", {}).items():
         kernels = phase.get("kernels") or {}
-        base, cached = kernels.get(TARGET_ONLY), kernels.get(hit)
+        base, cached = kernels.get(target_only), kernels.get(hit)
         if not all(isinstance(p, dict) and p.get("ms_per_category") is not None and p.get("busy_ms") is not None
                    for p in (base, cached)):
             continue
