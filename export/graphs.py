@@ -264,6 +264,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _modulate(norm: torch.nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(1 + scale) * norm(x) + shift`` for diffusers' affine-free LayerNorms.
+
+    The graphs run one sample (batch 1), so the modulation is a per-channel affine: exactly LayerNormalization's
+    own scale and bias. Fed to it, the norm, the multiply and the add are one kernel instead of three (three passes
+    over the tokens fewer per modulated norm; onnxruntime and TensorRT take the scale and bias as tensors). In
+    fp16 the kernel rounds once where the written-out form rounds after each step."""
+    if isinstance(norm, torch.nn.LayerNorm) and norm.weight is None and norm.bias is None and scale.dim() == 1:
+        return F.layer_norm(x, (x.shape[-1],), 1 + scale, shift, norm.eps)
     return (1 + scale) * norm(x) + shift
 
 
@@ -316,11 +324,15 @@ class _Flux2Streams(torch.nn.Module):
     def _mods(self, temb: torch.Tensor) -> dict[str, tuple]:
         from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
+        def split(mod: torch.Tensor, sets: int) -> tuple:
+            # One sample (every graph's batch): per-channel vectors, which :func:`_modulate` hands to the norm.
+            return Flux2Modulation.split(mod.reshape(mod.shape[1]) if mod.shape[0] == 1 else mod, sets)
+
         model = self.transformer
         return {
-            "img": Flux2Modulation.split(model.double_stream_modulation_img(temb), 2),
-            "txt": Flux2Modulation.split(model.double_stream_modulation_txt(temb), 2),
-            "single": Flux2Modulation.split(model.single_stream_modulation(temb), 1)[0],
+            "img": split(model.double_stream_modulation_img(temb), 2),
+            "txt": split(model.double_stream_modulation_txt(temb), 2),
+            "single": split(model.single_stream_modulation(temb), 1)[0],
         }
 
     def _qk_norm_rope(self, attn, q, k, ropes, added: bool = False, may_be_empty: bool = False):

@@ -329,6 +329,36 @@ def test_single_blocks_attend_without_joining_queries(tiny_model_dir, out_dir, g
         "num_single_layers"]
 
 
+@pytest.mark.parametrize("graph, attention", [("full", "matmul"), ("kv", "mha")])
+def test_modulation_is_the_norms_own_scale_and_bias(tiny_model_dir, out_dir, graph, attention):
+    """Every modulated norm, ``(1 + scale) * norm(x) + shift``, is one ``LayerNormalization`` whose Scale and B are
+    the modulation (computed in the graph, not initializers), and its output goes straight into the projections: no
+    multiply or add over the tokens around it. Per double block each of the three streams has two such norms; per
+    single block each of its streams one (kv: [text, target] and references; full: one stream); the final norm
+    (diffusers' ``norm_out``) keeps its constant scale. Values are the other tests' business (diffusers at 1e-5)."""
+    import onnx
+
+    from sparse_context.reference.tiny import TINY_TRANSFORMER
+
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph=graph, attention=attention, projections="split",
+                                  precision="fp16"))
+    model = onnx.load(str(result.path), load_external_data=False).graph
+    constants = {tensor.name for tensor in model.initializer}
+    constants |= {node.output[0] for node in model.node if node.op_type == "Constant"}
+    consumers: dict[str, list[str]] = {}
+    for node in model.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    norms = [node for node in model.node if node.op_type == "LayerNormalization"]
+    modulated = [node for node in norms if not any(name in constants for name in node.input[1:])]
+    single_streams = 2 if graph == "kv" else 1
+    assert len(modulated) == 6 * TINY_TRANSFORMER["num_layers"] + single_streams * TINY_TRANSFORMER[
+        "num_single_layers"]
+    assert len(norms) == len(modulated) + 1
+    assert all(len(node.input) == 3 for node in modulated)  # scale and bias both fed
+    assert {op for node in modulated for op in consumers[node.output[0]]} == {"MatMul"}
+
+
 def test_unknown_projection_form_names_its_flag(tiny_model_dir, out_dir):
     from sparse_context.export.errors import ExportConfigError
 
