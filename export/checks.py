@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sparse_context.export.errors import GraphCheckError
 from sparse_context.export.spec import ExportSpec
@@ -57,13 +57,22 @@ def _float64_problems(model: Any) -> list[str]:
     problems = [f"initializer {t.name} is float64" for t in model.graph.initializer if t.data_type == double]
     values = list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
     problems += [f"tensor {v.name} is float64" for v in values if v.type.tensor_type.elem_type == double]
-    for node in model.graph.node:
+    for node in _all_nodes(model.graph):
         for attribute in node.attribute:
             if node.op_type in ("Cast", "CastLike") and attribute.name == "to" and attribute.i == double:
                 problems.append(f"node {node.name} casts to float64")
             if attribute.name == "value" and attribute.t.data_type == double:
                 problems.append(f"node {node.name} ({node.op_type}) holds a float64 constant")
     return problems
+
+
+def _all_nodes(graph: Any) -> Iterator[Any]:
+    """Every node of ``graph``, those of its control-flow subgraphs (If branches, at any depth) included."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _all_nodes(subgraph)
 
 
 def _opset(model: Any) -> int:
@@ -75,8 +84,9 @@ def _tensorrt_problems(model: Any) -> list[str]:
     if _opset(model) > MAX_OPSET:
         problems.append(f"opset {_opset(model)} > {MAX_OPSET}, the newest TensorRT {TENSORRT_PARSER_VERSION} parses "
                         "(export with --attention matmul --opset 19)")
-    ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
-    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    nodes = list(_all_nodes(model.graph))
+    ops = {n.op_type for n in nodes if n.domain in ("", "ai.onnx")}
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in ("", "ai.onnx")})
     problems += [f"operator {op} is not in TensorRT {TENSORRT_PARSER_VERSION}'s ONNX parser support list"
                  for op in unsupported_ops(ops)]
     problems += [f"operator {op} is outside the ONNX domain (TensorRT would need a plugin)" for op in foreign]
@@ -145,5 +155,6 @@ def check_graph(path: str | Path, spec: ExportSpec, for_tensorrt: bool = False) 
         problems += _tensorrt_problems(model)
     if problems:
         raise GraphCheckError(f"{path.name} ({spec.graph} graph) breaks its export contract", problems)
-    return {"opset": _opset(model), "ops": sorted({n.op_type for n in model.graph.node}),
+    # ops: every operator the graph runs, inside If branches too (the guarded graphs' attention lives there)
+    return {"opset": _opset(model), "ops": sorted({n.op_type for n in _all_nodes(model.graph)}),
             "nodes": len(model.graph.node)}

@@ -173,23 +173,67 @@ def _feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ff.linear_out(_swiglu(*_products(x, _row_slices(ff.linear_in, (hidden, hidden)))))
 
 
-def _empty_like_query(query, *keys_and_values):
-    return (query * 0).contiguous()  # (B, 0, H, D): there is nothing to attend with
+# Guards (ONNX ``If``) and what their branches return. onnxruntime allocates a subgraph's outputs apart from the
+# values inside it, so a branch whose value leaves through a view (Reshape, Squeeze, Transpose-free reshapes) pays a
+# copy of it; every branch below returns the tensor its op wrote, in that op's layout, and the view into the graphs'
+# (B, S, H, D) layout is taken after the ``If``, where onnxruntime aliases it.
 
 
-def _joined(function):
-    """``function`` over keys and values given in parts, joined inside the branch: (query, k_1..k_n, v_1..v_n)."""
+def _core_attention(function) -> tuple[Callable, Callable, Callable]:
+    """(core, empty, finish) of a guarded attention form: ``core(q, k, v)`` is the attention op's own output,
+    ``empty(q)`` the same layout with no queries, ``finish(out, q)`` the (B, S, H, D) view of either."""
+    if function is fused_attention:
+        def core(query, key, value):  # the ONNX Attention op's (B, H, S, D)
+            return F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
 
-    def attend_joined(query, *keys_and_values):
-        half = len(keys_and_values) // 2
-        key, value = _join(keys_and_values[:half]), _join(keys_and_values[half:])
-        return function(query, key, value).contiguous()  # both branches of the cond must agree on strides
+        return core, lambda query: query.transpose(1, 2) * 0, lambda out, query: out.transpose(1, 2)
 
-    return attend_joined
+    def core_mha(query, key, value):  # the contrib MultiHeadAttention's (B, S, H*D)
+        from sparse_context.export.ort_attention import ort_mha
+
+        return ort_mha(_flat(query), _flat(key), _flat(value), query.shape[2])
+
+    return core_mha, lambda query: _flat(query) * 0, lambda out, query: out.reshape(query.shape)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
 
 
 def _join(parts) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(list(parts), 1)
+
+
+def _attend_parts(core, query, key_parts, value_parts, optional: tuple[bool, ...]) -> torch.Tensor:
+    """``core(query, keys, values)`` with the parts joined, leaving out at run time each part flagged in ``optional``
+    that holds 0 tokens (an ONNX ``If`` per flagged part when traced); in ``core``'s layout.
+
+    Attention does not depend on the order of its keys, so a part with no tokens can simply be left out of the join,
+    and it should be: onnxruntime CUDA's ``Concat`` copies with its coalesced input-major kernel only when every input
+    has rows to copy; one empty input sends the whole join to an element-wise kernel that indexes every output
+    element (about 74 us instead of 36 us per K/V join of a klein-9b cached call on an H200: runs 9 and 7). A cached
+    call has no new references, a first KV call no cached ones: each takes the branch without its empty part."""
+    flagged = [index for index, flag in enumerate(optional) if flag]
+    if not flagged:
+        return core(query, _join(key_parts), _join(value_parts)).contiguous()  # both branches agree on strides
+    index = flagged[0]
+    rest = tuple(flag and i != index for i, flag in enumerate(optional))
+
+    def without(query, *keys_and_values):
+        half = len(keys_and_values) // 2
+        keep = [i for i in range(half) if i != index]
+        return _attend_parts(core, query, [keys_and_values[i] for i in keep],
+                             [keys_and_values[half + i] for i in keep], tuple(rest[i] for i in keep))
+
+    def with_all(query, *keys_and_values):
+        half = len(keys_and_values) // 2
+        return _attend_parts(core, query, keys_and_values[:half], keys_and_values[half:], rest)
+
+    operands = (query, *key_parts, *value_parts)
+    if not (torch.compiler.is_exporting() or torch.compiler.is_compiling()):
+        return (without if key_parts[index].shape[1] == 0 else with_all)(*operands)
+    is_empty = torch._shape_as_tensor(key_parts[index])[1] == 0
+    return torch.cond(is_empty, without, with_all, operands)
 
 
 def _mha(query, key, value):
@@ -198,9 +242,12 @@ def _mha(query, key, value):
     return mha_attention(query, key, value)
 
 
-def attend(query: torch.Tensor, key, value, may_be_empty: bool = False) -> torch.Tensor:
+def attend(query: torch.Tensor, key, value, may_be_empty: bool = False, optional: tuple[bool, ...] = ()
+           ) -> torch.Tensor:
     """Attention with the active form. ``key``/``value``: a tensor, or a tuple of parts along the token axis, joined
     only where the attention runs. ``may_be_empty``: the query axis can be 0 at run time (reference queries).
+    ``optional``: per key/value part, whether it can hold 0 tokens at run time; the guarded onnxruntime forms then
+    leave an empty part out of the join (:func:`_attend_parts`).
 
     onnxruntime's ``Attention`` kernel refuses empty queries ("Q sequence length must be greater than 0"), and
     torch.export assumes traced sizes are >= 2, so a shape-based guard is folded away; a ``torch.cond`` on the
@@ -215,21 +262,35 @@ def attend(query: torch.Tensor, key, value, may_be_empty: bool = False) -> torch
         return matmul_attention(query, _join(key_parts), _join(value_parts))  # takes 0 queries as is: no guard
     tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
     guarded = function is not matmul_attention
-    if may_be_empty and guarded and not tracing:
-        if query.shape[1] == 0:
-            return _empty_like_query(query)
+    if not tracing or not guarded or not (may_be_empty or any(optional)):
+        if may_be_empty and guarded and query.shape[1] == 0:
+            return (query * 0).contiguous()  # (B, 0, H, D): there is nothing to attend with
         return function(query, _join(key_parts), _join(value_parts))
-    if may_be_empty and guarded:
+    # Traced, guarded form. Only the guarded reference stream leaves empty parts out: the plain form is for CUDA
+    # graphs (no If nodes), and TensorRT's MatMul attention concatenates its own way.
+    optional = tuple(optional) if _REF_STREAM["form"] == "guarded" else ()
+    core, empty, finish = _core_attention(fused_attention if function is fused_attention else _mha)
+    if may_be_empty:
         is_empty = torch._shape_as_tensor(query)[1] == 0  # a tensor, so the check survives tracing
-        otherwise = _joined(fused_attention if function is fused_attention else _mha)
-        return torch.cond(is_empty, _empty_like_query, otherwise, (query, *key_parts, *value_parts))
-    return function(query, _join(key_parts), _join(value_parts))
+
+        def no_queries(query, *keys_and_values):
+            return empty(query).contiguous()
+
+        def otherwise(query, *keys_and_values):
+            half = len(keys_and_values) // 2
+            return _attend_parts(core, query, keys_and_values[:half], keys_and_values[half:], optional)
+
+        out = torch.cond(is_empty, no_queries, otherwise, (query, *key_parts, *value_parts))
+    else:
+        out = _attend_parts(core, query, key_parts, value_parts, optional)
+    return finish(out, query)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, may_be_empty: bool = False) -> torch.Tensor:
     """RoPE with the active form: onnxruntime's fused ``RotaryEmbedding`` for 'mha' (one kernel instead of the
     reshape/stack/cast/multiply chain below), :func:`apply_rope` otherwise. ``may_be_empty``: the token axis can be
-    0 at run time (references), guarded like :func:`attend`."""
+    0 at run time (references), guarded like :func:`attend`: its branches return the (B, S, H*D) tensor the
+    rotation (or the empty branch's copy) wrote, viewed as (B, S, H, D) after the guard."""
     if _ATTENTION["fn"] is matmul_attention or _ATTENTION["fn"] is fused_attention or (
             may_be_empty and _REF_STREAM["form"] == "plain"):
         return apply_rope(x, cos, sin)
@@ -240,18 +301,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, may_be_empty: bo
         return x if x.shape[1] == 0 else fused_rope(x, cos, sin)
     if may_be_empty:
         is_empty = torch._shape_as_tensor(x)[1] == 0
-        return torch.cond(is_empty, _unchanged, _fused_rope_contiguous, (x, cos, sin))
+        return torch.cond(is_empty, _unchanged, _flat_rope, (x, cos, sin)).reshape(x.shape)
     return fused_rope(x, cos, sin)
 
 
 def _unchanged(x, cos, sin):
-    return x.clone()  # a cond branch may not return its input as is
+    return _flat(x).clone()  # a cond branch may not return its input as is
 
 
-def _fused_rope_contiguous(x, cos, sin):
+def _flat_rope(x, cos, sin):
     from sparse_context.export.ort_attention import fused_rope
 
-    return fused_rope(x, cos, sin).contiguous()
+    return fused_rope(x, cos, sin, flat=True).contiguous()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -480,16 +541,16 @@ class KVGraph(_Flux2Streams):
             # Text and target see text, every reference (cached, then new) and the target; references see only
             # references. Each key tensor is joined once: the references' own attention joins its keys inside its
             # guard, so a cached step (no new references) copies the cached keys only into the joint attention's.
-            out = attend(torch.cat([qt, qi], 1), torch.cat([kt, k_cached, kr, ki], 1),
-                         torch.cat([vt, v_cached, vr, vi], 1))
-            out_refs = attend(qr, (k_cached, kr), (v_cached, vr), may_be_empty=True)
+            out = attend(torch.cat([qt, qi], 1), (kt, k_cached, kr, ki), (vt, v_cached, vr, vi),
+                         optional=(False, True, True, False))
+            out_refs = attend(qr, (k_cached, kr), (v_cached, vr), may_be_empty=True, optional=(True, False))
             return (out[:, :num_text], out_refs, out[:, num_text:]), (kr, vr)
 
         def joined_attention(qkv, layer):
             (qj, kj, vj), (qr, kr, vr) = qkv  # [text, target] and the new references
             k_cached, v_cached = cached_keys[layer], cached_values[layer]
-            out = attend(qj, torch.cat([kj, k_cached, kr], 1), torch.cat([vj, v_cached, vr], 1))
-            out_refs = attend(qr, (k_cached, kr), (v_cached, vr), may_be_empty=True)
+            out = attend(qj, (kj, k_cached, kr), (vj, v_cached, vr), optional=(False, True, True))
+            out_refs = attend(qr, (k_cached, kr), (v_cached, vr), may_be_empty=True, optional=(True, False))
             return (out, out_refs), (kr, vr)
 
         single = SingleStreams(

@@ -72,15 +72,15 @@ def _ort_rope_shape(x, positions, cos_half, sin_half, num_heads):
     return torch.empty_like(x)
 
 
-def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: bool = False) -> torch.Tensor:
     """The graphs' RoPE signature: x (B, S, H, D), cos/sin (S, D) float32 with each pair's angle repeated (the
-    diffusers tables); through the contrib op in x's dtype."""
+    diffusers tables); through the contrib op in x's dtype. ``flat``: return the op's own (B, S, H*D) output."""
     batch, tokens, heads, head_dim = x.shape
     positions = torch.arange(tokens, device=x.device)[None]  # (1, S)
     cos_half, sin_half = cos[:, 0::2].to(x.dtype), sin[:, 0::2].to(x.dtype)  # (S, D/2)
-    flat = x.reshape(batch, tokens, heads * head_dim)
-    output = torch.ops.sparse_context.ort_rope(flat, positions, cos_half, sin_half, heads)
-    return output.reshape(batch, tokens, heads, head_dim)
+    output = torch.ops.sparse_context.ort_rope(x.reshape(batch, tokens, heads * head_dim), positions, cos_half,
+                                              sin_half, heads)
+    return output if flat else output.reshape(batch, tokens, heads, head_dim)
 
 
 def _register_schemas() -> None:

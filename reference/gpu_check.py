@@ -168,6 +168,48 @@ def run_export_job(job: dict[str, Any], log: Event) -> Any:
     return export_onnx(export_options(job), progress)
 
 
+def reusable_bytes(options: GpuCheckOptions) -> int:
+    """Bytes in ``options.work`` that this run would reuse rather than write: the complete model folders of its
+    depths, and the complete exports (manifest present, this exporter's format) whose graph, forms and model
+    configuration are one of the run's jobs. An export of the same job with other inputs (another seed's weights,
+    a larger reference bound) also matches; the exporter then writes a new one beside it, so this is an estimate
+    that errs towards running, and a full disk stops that export with an error in the report."""
+    from sparse_context.export.exporter import FORMAT_VERSION
+    from sparse_context.export.manifest import MANIFEST
+
+    def tree(folder: Path) -> int:
+        return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+    total = 0
+    jobs = set()
+    for depth in options.ladder:
+        folder = model_folder(options, depth)
+        if (folder / "model_index.json").is_file():
+            total += tree(folder)
+        layers = _shape_key(CONFIGS[options.depth_config(depth)])
+        for variant in options.variants:
+            for graph in ("full", "kv"):
+                job = export_job(options, depth, variant, graph)
+                jobs.add((graph, job["precision"], job["attention"], job["projections"], job["ref_stream"], layers))
+    for manifest_path in sorted((options.work / "onnx").glob(f"*/{MANIFEST}")):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            model = manifest["model_config"]
+            key = (manifest["graph"], manifest["precision"], manifest["attention"], manifest["projections"],
+                   manifest["ref_stream"], _shape_key(model))
+            current = manifest["versions"]["format"] == str(FORMAT_VERSION)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # damaged or foreign: the exporter replaces it
+        if current and key in jobs:
+            total += tree(manifest_path.parent)
+    return total
+
+
+def _shape_key(config: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(int(config[name]) for name in ("num_layers", "num_single_layers", "num_attention_heads",
+                                                "attention_head_dim"))
+
+
 def model_folder(options: GpuCheckOptions, depth: str) -> Path:
     return options.work / f"model-{options.depth_config(depth)}-seed{options.seed}-{options.precision}"
 
@@ -727,11 +769,17 @@ class _Check:
         per_variant = sum(2 * self.geometry.weights_gb(CONFIGS[options.depth_config(d)]) for d in options.ladder)
         folders = per_variant / 2
         environment["exports_gb"] = folders + per_variant * len(options.variants)
-        room = int((environment["disk_free_gb"] / 1.1 - folders) // per_variant)
+        # What an earlier run left in the same work folder is reused, not written again: a rerun on the machine
+        # that holds the first run's exports needs no more room than the first.
+        environment["reused_gb"] = reusable_bytes(options) / 1e9
+        usable = environment["disk_free_gb"] + environment["reused_gb"]
+        room = int((usable / 1.1 - folders) // per_variant)
         if room < 1:
+            reused = f", counting the {environment['reused_gb']:.1f} GB this run would reuse from the folder" \
+                if environment["reused_gb"] else ""
             raise InputError(bad_value("free disk for the model folders and exports in GB",
                                        round(environment["disk_free_gb"], 1),
-                                       f"at least {(folders + per_variant) * 1.1:.0f}", "--work-dir"))
+                                       f"at least {(folders + per_variant) * 1.1:.0f}{reused}", "--work-dir"))
         if room < len(options.variants):  # keep the first variants; say which ones the disk cannot hold
             for variant in options.variants[room:]:
                 self.report.skip(f"variant {variant}", "phase", f"disk: {environment['disk_free_gb']:.0f} GB free "

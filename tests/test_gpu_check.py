@@ -490,6 +490,76 @@ def test_too_little_disk_for_the_exports_names_the_work_folder(tmp_path, monkeyp
     assert report["phases"]["environment"]["status"] == "failed" and not report["rows"]
 
 
+def _fake_export(folder: Path, manifest: dict, payload: int) -> int:
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "model.onnx.data").write_bytes(b"\0" * payload)
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_a_rerun_counts_what_the_work_folder_already_holds(tmp_path):
+    """Run 9 on the H200: a second call on the warm machine, whose first call had left 30 GB of exports in the work
+    folder, was refused for want of 40 GB free. What the run would reuse now counts as room: the complete model
+    folders of its depths and the complete exports (this exporter's format) of its jobs, matched on graph, forms
+    and model shape; stale, foreign and damaged exports do not count."""
+    from sparse_context.export.exporter import FORMAT_VERSION
+    from sparse_context.reference.gpu_check import export_job, model_folder, reusable_bytes
+
+    options = GpuCheckOptions(config="klein-9b", variants=("mha-split",), work_dir=tmp_path).validate()
+    folder = model_folder(options, "d4")
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "transformer" / "weights.safetensors").write_bytes(b"\0" * 1000)
+    expected = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    half_written = model_folder(options, options.ladder[1])  # no model_index.json: written again
+    (half_written / "transformer").mkdir(parents=True)
+    (half_written / "transformer" / "weights.safetensors").write_bytes(b"\0" * 3000)
+
+    job = export_job(options, "d4", "mha-split", "kv")
+    d4 = {name: CONFIGS["klein-9b-d4"][name] for name in ("num_layers", "num_single_layers", "num_attention_heads",
+                                                          "attention_head_dim")}
+    manifest = {"graph": "kv", "precision": job["precision"], "attention": job["attention"],
+                "projections": job["projections"], "ref_stream": job["ref_stream"], "model_config": d4,
+                "versions": {"format": str(FORMAT_VERSION)}}
+    onnx_dir = tmp_path / "onnx"
+    expected += _fake_export(onnx_dir / "kv-a", manifest, 5000)
+    _fake_export(onnx_dir / "kv-stale", {**manifest, "versions": {"format": str(FORMAT_VERSION - 1)}}, 7000)
+    _fake_export(onnx_dir / "kv-4b", {**manifest, "model_config": {**d4, "num_attention_heads": 24}}, 11000)
+    _fake_export(onnx_dir / "kv-plain", {**manifest, "ref_stream": "plain"}, 13000)  # not a job of this run
+    _fake_export(onnx_dir / "kv-damaged", {"graph": "kv"}, 17000)
+    assert reusable_bytes(options) == expected
+
+
+def test_reused_exports_are_room_for_the_rerun(tmp_path, monkeypatch, capsys):
+    """The environment step with 30 GB free and the first run's exports in the work folder plans the run (run 9's
+    plan, klein-9b at d4 and d16, needs 40 GB for its folders and one variant's exports); with nothing to reuse it
+    is refused, and with too little to reuse the error names both figures."""
+    pytest.importorskip("torch")
+    import shutil as shutil_module
+
+    from sparse_context.reference import gpu_check
+    from sparse_context.reference.engine_benchmark import TimeBudget
+    from sparse_context.reference.gpu_report import CheckReport
+    from sparse_context.runtime.errors import InputError
+
+    options = GpuCheckOptions(config="klein-9b", variants=("mha-split",), depths=("d4", "d16"), device="cpu",
+                              work_dir=tmp_path / "work", out=tmp_path / "out").validate()
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(gpu_check.shutil, "disk_usage", lambda path: usage._replace(free=int(30e9)))
+    lines = []
+    checker = gpu_check._Check(options, TimeBudget(480), CheckReport(options, tmp_path / "out", lines.append),
+                               lines.append)
+    monkeypatch.setattr(gpu_check, "reusable_bytes", lambda options: 0)
+    with pytest.raises(InputError, match=r"free disk .* got 30\.0;"):
+        checker._environment()
+    monkeypatch.setattr(gpu_check, "reusable_bytes", lambda options: int(30e9))
+    environment = checker._environment()
+    assert environment["reused_gb"] == 30.0 and environment["plan"]
+    monkeypatch.setattr(gpu_check, "reusable_bytes", lambda options: int(1e9))
+    with pytest.raises(InputError, match=r"got 30\.0; allowed: at least 40, counting the 1\.0 GB this run would reuse"):
+        checker._environment()
+
+
 def test_time_outside_kernels_from_the_h200_report():
     """Row time = GPU busy time + the rest, split at the time inside the runs where each run waited (run 4 on the
     H200, in the repository); with one wait per image the split is left out."""
