@@ -174,9 +174,9 @@ def _feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # Guards (ONNX ``If``) and what their branches return. onnxruntime allocates a subgraph's outputs apart from the
-# values inside it, so a branch whose value leaves through a view (Reshape, Squeeze, Transpose-free reshapes) pays a
-# copy of it; every branch below returns the tensor its op wrote, in that op's layout, and the view into the graphs'
-# (B, S, H, D) layout is taken after the ``If``, where onnxruntime aliases it.
+# values inside it, so a branch whose value leaves through a view (Reshape, Squeeze) pays a copy of it. Every branch
+# below returns the tensor its op wrote, in that op's layout; the view into the graphs' (B, S, H, D) layout is taken
+# after the ``If``, where onnxruntime aliases it.
 
 
 def _core_attention(function) -> tuple[Callable, Callable, Callable]:
@@ -541,6 +541,8 @@ class KVGraph(_Flux2Streams):
             # Text and target see text, every reference (cached, then new) and the target; references see only
             # references. Each key tensor is joined once: the references' own attention joins its keys inside its
             # guard, so a cached step (no new references) copies the cached keys only into the joint attention's.
+            # A part that is empty at run time (new references in a cached step, cached ones in a first KV step) is
+            # left out of the join (_attend_parts).
             out = attend(torch.cat([qt, qi], 1), (kt, k_cached, kr, ki), (vt, v_cached, vr, vi),
                          optional=(False, True, True, False))
             out_refs = attend(qr, (k_cached, kr), (v_cached, vr), may_be_empty=True, optional=(True, False))
