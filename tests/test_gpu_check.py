@@ -560,6 +560,25 @@ def test_reused_exports_are_room_for_the_rerun(tmp_path, monkeypatch, capsys):
         checker._environment()
 
 
+def test_kernel_profiles_are_estimated_from_the_rows_they_profile():
+    """Run 9 skipped the d16 kernel profile: 50 s of budget were left after the last row, less after the side
+    measurements, and the estimate came from PyTorch's whole d16 phase (52 s of wall for nine rows): 45 s.
+    Estimated from the three profiled rows' own times (0.30, 0.37, 0.33 s) it is ~10 s; rows that were not timed
+    keep the phase-based guess."""
+    from sparse_context.reference.gpu_check import PROFILE_ROW_S, profile_estimate
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "reference" / "measured" /
+                         "gpu_check_h200_2026-11-27_run9.json").read_text())
+    rows = {row["label"]: row["seconds"] for row in report["rows"]["ort_d16_mha-split"]}
+    profiled = [rows["target only"], rows["refs 6 keep 0.1 kv on"], rows["refs 6 keep 0.1 kv cached"]]
+    wall = sum(row["wall_s"] for row in report["rows"]["torch_d16"])
+    assert 3 * 2.0 * wall / 9 + 10.0 > 40  # the old estimate
+    assert profile_estimate(profiled, wall) == pytest.approx(3.0 * sum(profiled) + 3 * PROFILE_ROW_S)
+    assert profile_estimate(profiled, wall) < 15
+    assert profile_estimate([None, 0.3, None], 90.0) == pytest.approx(2 * (20.0 + PROFILE_ROW_S) + 0.9 +
+                                                                      PROFILE_ROW_S)
+
+
 def test_time_outside_kernels_from_the_h200_report():
     """Row time = GPU busy time + the rest, split at the time inside the runs where each run waited (run 4 on the
     H200, in the repository); with one wait per image the split is left out."""
