@@ -31,7 +31,7 @@ from sparse_context.runtime.errors import bad_value
 from sparse_context.runtime.files import publish_mode
 from sparse_context.runtime.fingerprints import file_sha256, file_sha256_memo
 
-FORMAT_VERSION = 4  # bump when the graphs (semantics or structure) or the folder layout change: old caches go
+FORMAT_VERSION = 5  # bump when the graphs (semantics or structure) or the folder layout change: old caches go
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
 DEFAULT_OPSET = {"matmul": 19, "fused": 23, "mha": 23}
 # matmul: TensorRT 10.3 parses up to 20; Attention is 23; the contrib op (mha) is independent of the opset.

@@ -344,6 +344,20 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])  # (B, S, H*D)
 
 
+def _split_mods(img: torch.Tensor, single: torch.Tensor, txt: torch.Tensor | None = None) -> dict[str, tuple]:
+    """The modulation outputs split into their (shift, scale, gate) sets, keyed as the blocks take them."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
+
+    def split(mod: torch.Tensor, sets: int) -> tuple:
+        # One sample (every graph's batch): per-channel vectors, which :func:`_modulate` hands to the norm.
+        return Flux2Modulation.split(mod.reshape(mod.shape[1]) if mod.shape[0] == 1 else mod, sets)
+
+    mods = {"img": split(img, 2), "single": split(single, 1)[0]}
+    if txt is not None:
+        mods["txt"] = split(txt, 2)
+    return mods
+
+
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
     # diffusers clips fp16 hidden states after each block to keep inf out of later layers.
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
@@ -383,18 +397,9 @@ class _Flux2Streams(torch.nn.Module):
         return self.transformer.time_guidance_embed(timestep.to(self.dtype) * 1000, None)  # (1, dim)
 
     def _mods(self, temb: torch.Tensor) -> dict[str, tuple]:
-        from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
-
-        def split(mod: torch.Tensor, sets: int) -> tuple:
-            # One sample (every graph's batch): per-channel vectors, which :func:`_modulate` hands to the norm.
-            return Flux2Modulation.split(mod.reshape(mod.shape[1]) if mod.shape[0] == 1 else mod, sets)
-
         model = self.transformer
-        return {
-            "img": split(model.double_stream_modulation_img(temb), 2),
-            "txt": split(model.double_stream_modulation_txt(temb), 2),
-            "single": split(model.single_stream_modulation(temb), 1)[0],
-        }
+        return _split_mods(model.double_stream_modulation_img(temb), model.single_stream_modulation(temb),
+                           model.double_stream_modulation_txt(temb))
 
     def _qk_norm_rope(self, attn, q, k, ropes, added: bool = False, may_be_empty: bool = False):
         q = (attn.norm_added_q if added else attn.norm_q)(_heads(q, self.heads, self.head_dim))
@@ -462,14 +467,15 @@ class _Flux2Streams(torch.nn.Module):
             results.append(_clip_fp16(x + gate * projected))
         return results, ref_kv
 
-    def _run(self, target, refs, text, timestep, ropes, ref_timestep_mods: bool, attention, single: SingleStreams):
+    def _run(self, target, refs, text, timestep, ropes, ref_mods: dict[str, tuple] | None, attention,
+             single: SingleStreams):
         """Embed, run the double blocks on (text, references, target) with ``attention`` (called per layer with that
-        layer's index), the single blocks on ``single``'s streams, project the target out."""
+        layer's index), the single blocks on ``single``'s streams, project the target out. ``ref_mods``: the
+        references' own modulation (None: the timestep's, as every other stream's)."""
         model = self.transformer
         temb = self._temb(timestep)
         mods = self._mods(temb)
-        ref_mods = self._mods(self._temb(torch.full_like(timestep, REF_FIXED_TIMESTEP))) if ref_timestep_mods \
-            else mods
+        ref_mods = mods if ref_mods is None else ref_mods
         streams = [model.context_embedder(text), model.x_embedder(refs), model.x_embedder(target)]
         layer_kv = []
         for index, block in enumerate(model.transformer_blocks):
@@ -515,7 +521,7 @@ class FullGraph(_Flux2Streams):
             join=lambda streams: [torch.cat([streams[0], streams[2], streams[1]], 1)],  # [text, target, refs]
             ropes=[(rope_cos, rope_sin)], ref_mods=(False,), may_be_empty=(False,), attention=every_token,
             target=lambda streams: streams[0][:, num_text:num_text + num_target])
-        velocity, _ = self._run(target, refs, text, timestep, ropes, ref_timestep_mods=False, attention=joint,
+        velocity, _ = self._run(target, refs, text, timestep, ropes, ref_mods=None, attention=joint,
                                 single=single)
         return velocity
 
@@ -528,6 +534,19 @@ class KVGraph(_Flux2Streams):
     Returns the target velocity and the new references' K/V, stacked like the cache inputs. The single blocks see
     two streams: ``[text, target]`` (on ``rope_*`` as they are) and the references.
     """
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__(transformer)
+        # The references' modulation: diffusers' KV path modulates them at the fixed timestep 0, so it is a constant
+        # of the weights. Computed once here (in the weights' dtype, as at run time), it is an initializer of the
+        # graph rather than a time embedding and two modulation products at every step, which onnxruntime cannot
+        # fold in fp16 (no fp16 Gemm on its CPU: "can't constant fold Gemm node") and which read ~340 MB of
+        # weights per step at klein-9b. Build the graph after the weights are final (LoRA merged, cast).
+        with torch.no_grad():
+            parameter = transformer.x_embedder.weight
+            temb = self._temb(torch.full((1,), REF_FIXED_TIMESTEP, dtype=torch.float32, device=parameter.device))
+            self.register_buffer("ref_mod_img", transformer.double_stream_modulation_img(temb), persistent=False)
+            self.register_buffer("ref_mod_single", transformer.single_stream_modulation(temb), persistent=False)
 
     def forward(self, target, refs, text, timestep, rope_cos, rope_sin, ref_rope_cos, ref_rope_sin, cached_keys,
                 cached_values):
@@ -559,7 +578,8 @@ class KVGraph(_Flux2Streams):
             join=lambda streams: [torch.cat([streams[0], streams[2]], 1), streams[1]],  # [text, target], refs
             ropes=[(rope_cos, rope_sin), (ref_rope_cos, ref_rope_sin)], ref_mods=(False, True),
             may_be_empty=(False, True), attention=joined_attention, target=lambda streams: streams[0][:, num_text:])
-        velocity, layer_kv = self._run(target, refs, text, timestep, ropes, ref_timestep_mods=True,
+        velocity, layer_kv = self._run(target, refs, text, timestep, ropes,
+                                       ref_mods=_split_mods(self.ref_mod_img, self.ref_mod_single),
                                        attention=split_attention, single=single)
         keys = torch.stack([k for k, _ in layer_kv], dim=0)  # (layers, 1, N_new, H, D)
         values = torch.stack([v for _, v in layer_kv], dim=0)

@@ -389,6 +389,28 @@ def test_guard_branches_return_what_their_op_wrote(tiny_model_dir, out_dir):
     assert ifs >= 4 * layers and len(endings) >= 4 * layers
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_kv_graph_holds_the_references_modulation_as_constants(tiny_model_dir, out_dir, precision):
+    """The references are modulated at the fixed timestep 0 (diffusers' KV path), a constant of the weights: the kv
+    graph holds that modulation as initializers and runs one time embedding and one product per modulation weight,
+    the timestep's. Before, it ran them twice per step, and onnxruntime could not fold the second run in fp16 (it
+    has no fp16 CPU Gemm), so every KV and cached step paid it. Values: the parity tests (diffusers at 1e-5)."""
+    import onnx
+
+    from sparse_context.export.checks import _all_nodes
+
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph="kv", attention="mha", projections="split",
+                                  precision=precision))
+    graph = onnx.load(str(result.path), load_external_data=False).graph
+    nodes = list(_all_nodes(graph))
+    weights = [name for name in (i.name for i in graph.initializer) if name.endswith(".weight") and (
+        "time_guidance_embed" in name or "stream_modulation" in name)]
+    assert len(weights) >= 5  # two time-embedding linears, three modulations
+    for weight in weights:
+        readers = [n for n in nodes if weight in n.input]
+        assert len(readers) == 1, (weight, [n.op_type for n in readers])
+
+
 @pytest.mark.parametrize("graph", ["full", "kv"])
 def test_single_blocks_attend_without_joining_queries(tiny_model_dir, out_dir, graph):
     """Text and target are one stream through the single blocks (the full graph's references too): a single block's
