@@ -179,10 +179,11 @@ def _feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 # after the ``If``, where onnxruntime aliases it.
 
 
-def _core_attention(function) -> tuple[Callable, Callable, Callable]:
-    """(core, empty, finish) of a guarded attention form: ``core(q, k, v)`` is the attention op's own output,
-    ``empty(q)`` the same layout with no queries, ``finish(out, q)`` the (B, S, H, D) view of either."""
-    if function is fused_attention:
+def _core_attention(fused: bool) -> tuple[Callable, Callable, Callable]:
+    """(core, empty, finish) of a guarded attention form (``fused``: the ONNX Attention op, else onnxruntime's
+    contrib op): ``core(q, k, v)`` is the attention op's own output, ``empty(q)`` the same layout with no queries,
+    ``finish(out, q)`` the (B, S, H, D) view of either."""
+    if fused:
         def core(query, key, value):  # the ONNX Attention op's (B, H, S, D)
             return F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
 
@@ -236,12 +237,6 @@ def _attend_parts(core, query, key_parts, value_parts, optional: tuple[bool, ...
     return torch.cond(is_empty, without, with_all, operands)
 
 
-def _mha(query, key, value):
-    from sparse_context.export.ort_attention import mha_attention
-
-    return mha_attention(query, key, value)
-
-
 def attend(query: torch.Tensor, key, value, may_be_empty: bool = False, optional: tuple[bool, ...] = ()
            ) -> torch.Tensor:
     """Attention with the active form. ``key``/``value``: a tensor, or a tuple of parts along the token axis, joined
@@ -269,7 +264,7 @@ def attend(query: torch.Tensor, key, value, may_be_empty: bool = False, optional
     # Traced, guarded form. Only the guarded reference stream leaves empty parts out: the plain form is for CUDA
     # graphs (no If nodes), and TensorRT's MatMul attention concatenates its own way.
     optional = tuple(optional) if _REF_STREAM["form"] == "guarded" else ()
-    core, empty, finish = _core_attention(fused_attention if function is fused_attention else _mha)
+    core, empty, finish = _core_attention(function is fused_attention)
     if may_be_empty:
         is_empty = torch._shape_as_tensor(query)[1] == 0  # a tensor, so the check survives tracing
 

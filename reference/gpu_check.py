@@ -801,7 +801,7 @@ class _Check:
                                        f"at least {(folders + per_variant) * 1.1:.0f}{reused}", "--work-dir"))
         if room < len(options.variants):  # keep the first variants; say which ones the disk cannot hold
             for variant in options.variants[room:]:
-                self.report.skip(f"variant {variant}", "phase", f"disk: {environment['disk_free_gb']:.0f} GB free "
+                self.report.skip(f"variant {variant}", "phase", f"disk: {usable:.0f} GB free or reused "
                                  f"holds {room} variant(s) of {per_variant:.0f} GB")
             self.options = options = replace(options, variants=options.variants[:room])
         plan = estimate_plan(options, environment.get("gpu_total_gb"))

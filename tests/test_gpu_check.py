@@ -558,6 +558,16 @@ def test_reused_exports_are_room_for_the_rerun(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gpu_check, "reusable_bytes", lambda options: int(1e9))
     with pytest.raises(InputError, match=r"got 30\.0; allowed: at least 40, counting the 1\.0 GB this run would reuse"):
         checker._environment()
+    # Room for one variant of two, counting what is reused: the second is skipped, and the reason counts it too.
+    two = GpuCheckOptions(config="klein-9b", variants=("mha-split", "mha-split-plain"), depths=("d4", "d16"),
+                          device="cpu", work_dir=tmp_path / "work", out=tmp_path / "out2").validate()
+    report = CheckReport(two, tmp_path / "out2", lines.append)
+    checker = gpu_check._Check(two, TimeBudget(480), report, lines.append)
+    monkeypatch.setattr(gpu_check, "reusable_bytes", lambda options: int(30e9))
+    checker._environment()
+    assert checker.options.variants == ("mha-split",)
+    assert [s["what"] for s in report.data["skipped"]] == ["variant mha-split-plain"]
+    assert report.data["skipped"][0]["reason"].startswith("disk: 60 GB free or reused holds 1 variant(s)")
 
 
 def test_kernel_profiles_are_estimated_from_the_rows_they_profile():
