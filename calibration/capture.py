@@ -24,10 +24,12 @@ import numpy as np
 from sparse_context.calibration.dataset import CalibrationSet, SampleSpec, draw_samples
 from sparse_context.calibration.errors import CalibrationConfigError, CalibrationError
 from sparse_context.export.rope import rope_cos_sin
+from sparse_context.export.spec import KV_INPUT_FAMILIES, layer_name, split_layers
 from sparse_context.runtime.errors import PromptTruncatedWarning, bad_value
 
 CAPTURE_MANIFEST = "capture.json"
-CAPTURE_FORMAT = 1
+CAPTURE_FORMAT = 2  # 2: the kv graph's cached K/V recorded per layer (export format 6)
+CACHED_TOKENS_OF = layer_name(KV_INPUT_FAMILIES[0], 0)  # the input whose token axis counts a call's cached tokens
 KINDS = {"full": ("full",), "kv": ("extract", "cached")}  # the steps each graph runs
 FLAG_SAMPLES = "--calibration-samples"
 FLAG_STRATEGIES = "--calibration-strategies"
@@ -51,8 +53,8 @@ def graph_feeds(graph: str, dims: Any, dtype: Any, target: np.ndarray, target_id
     feeds["rope_cos"], feeds["rope_sin"] = rope(text_ids, target_ids)
     feeds["ref_rope_cos"], feeds["ref_rope_sin"] = rope(ref_ids if num_refs else no_ids)
     empty = np.zeros((dims.num_layers, 1, 0, dims.heads, dims.head_dim), dtype)
-    keys, values = cached if cached is not None else (empty, empty)
-    feeds["cached_keys"], feeds["cached_values"] = cast(keys), cast(values)
+    for family, stacked in zip(KV_INPUT_FAMILIES, cached if cached is not None else (empty, empty)):
+        feeds.update(split_layers(family, cast(stacked)))  # one input per layer, as the graph takes them
     return feeds
 
 
@@ -275,7 +277,7 @@ def capture(make_generator: Callable[[], Any], backend: Any, plan: Any, calibrat
                 records.append({"graph": recorded_graph, "kind": kind, "step": step, "sample": spec.index,
                                 "split": split, "shard": shard, "record": number,
                                 "ref_tokens": int(feeds["refs"].shape[1]),
-                                "cached_tokens": int(feeds["cached_keys"].shape[2]) if "cached_keys" in feeds else 0,
+                                "cached_tokens": int(feeds[CACHED_TOKENS_OF].shape[1]) if CACHED_TOKENS_OF in feeds else 0,
                                 "ref_tokens_available": int(result.ref_tokens_available)})
             np.savez(staging / shard, **arrays)
             shards[shard] = (staging / shard).stat().st_size

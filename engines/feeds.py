@@ -25,13 +25,13 @@ from typing import Any, Callable
 import numpy as np
 
 from sparse_context.export.rope import rope_cos_sin
-from sparse_context.export.spec import ModelDims
+from sparse_context.export.spec import KV_INPUT_FAMILIES, KV_OUTPUT_FAMILIES, ModelDims, layer_name
 from sparse_context.runtime.memo import IdentityMemo
 
 STATIC_ENTRIES = 4  # per input: positive and negative prompt (guidance) and their RoPE tables, with room to spare
 LASTING_BYTES = 256 << 20  # host arrays kept across generations (RoPE tables, prompt casts), least recent dropped
-KV_INPUTS = ("cached_keys", "cached_values")
-KV_OUTPUTS = ("ref_keys", "ref_values")
+KV_INPUTS = KV_INPUT_FAMILIES  # (keys, values) families: one tensor per layer each (``cached_keys_0`` ...)
+KV_OUTPUTS = KV_OUTPUT_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,19 @@ class FeedBuilder:
         self.memo.clear()
 
     def kv_shape(self, tokens: int) -> tuple[int, ...]:
+        """A K/V state's stacked shape: its buffer holds every layer back to back."""
         d = self.dims
         return (d.num_layers, 1, int(tokens), d.heads, d.head_dim)  # (layers, 1, N_r, H, D)
+
+    def kv_layers(self, family: str, tokens: int, itemsize: int) -> list[tuple[str, int, tuple[int, ...]]]:
+        """(tensor name, byte offset into the state's buffer, shape) of each layer's tensor of a K/V ``family``
+        with ``tokens`` reference tokens: layer ``l`` of a ``(layers, 1, N, H, D)`` buffer starts ``l * N * H * D``
+        elements in, so binding these views reads and writes the stacked layout without a copy. 0 tokens: every
+        layer at offset 0 (nothing is read or written)."""
+        d = self.dims
+        shape = (1, int(tokens), d.heads, d.head_dim)
+        stride = int(tokens) * d.heads * d.head_dim * int(itemsize)
+        return [(layer_name(family, layer), layer * stride, shape) for layer in range(d.num_layers)]
 
     def full(self, target, target_ids, refs, ref_ids, text, text_ids, timestep) -> CallFeed:
         """The full graph: ``[text, target, refs]`` attend jointly; RoPE over the three id sets."""

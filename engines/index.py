@@ -21,7 +21,9 @@ ENGINES_FILE = "engines.json"
 # 2: records the LoRA and transformer checkpoint, so options fixed at build time can be checked.
 # 3: file paths relative to the engines folder (a folder can be moved or copied), the scheduler settings, the text
 #    encoder and VAE parts, and the model files (tokenizer, scheduler) copied into the folder.
-FORMAT_VERSION = 3
+# 4: engines of export format 6, whose kv graph has one K/V input and output per layer (engines built from stacked
+#    K/V bind tensors this runtime no longer feeds).
+FORMAT_VERSION = 4
 BACKENDS = ("trt", "ort-cuda", "ort-trt", "ort-cpu")
 ORT_TRT_CACHE_OPTION = "trt_engine_cache_path"
 DEVICE_BY_BACKEND = {"trt": "cuda", "ort-cuda": "cuda", "ort-trt": "cuda", "ort-cpu": "cpu"}

@@ -26,12 +26,11 @@ from sparse_context.export.spec import (
     DEFAULT_MAX_REF_TOKENS, DEFAULT_TARGET_SIZES, GRAPHS, PRECISIONS, ExportSpec, ModelDims, build_spec,
     example_sizes,
 )
-from sparse_context.export.manifest import MANIFEST, ONNX_FILE, read_export_manifest
+from sparse_context.export.manifest import FORMAT_VERSION, MANIFEST, ONNX_FILE, read_export_manifest
 from sparse_context.runtime.errors import bad_value
 from sparse_context.runtime.files import publish_mode
 from sparse_context.runtime.fingerprints import file_sha256, file_sha256_memo
 
-FORMAT_VERSION = 5  # bump when the graphs (semantics or structure) or the folder layout change: old caches go
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
 DEFAULT_OPSET = {"matmul": 19, "fused": 23, "mha": 23}
 # matmul: TensorRT 10.3 parses up to 20; Attention is 23; the contrib op (mha) is independent of the opset.
@@ -224,16 +223,16 @@ def _trace(transformer: Any, spec: ExportSpec, options: ExportOptions, path: Pat
     module = (FullGraph if spec.graph == "full" else KVGraph)(transformer).eval()
     sizes = example_sizes(spec)
     feeds = spec.sample_inputs(sizes, seed=0)
-    args = tuple(torch.from_numpy(feeds[t.name].astype("float32")).to(torch.float32 if t.float32 else dtype)
-                 for t in spec.inputs)
+    tensors = [torch.from_numpy(feeds[t.name].astype("float32")).to(torch.float32 if t.float32 else dtype)
+               for t in spec.inputs]
     dims: dict[str, Any] = {}
     for bound in spec.bounds:
         # Dims are only hints to the dynamo exporter (it relaxes them to Dim.DYNAMIC); the names become dim_params.
         dims[bound.symbol] = torch.export.Dim(bound.symbol, min=0, max=max(bound.max, sizes.get(bound.symbol, 0) + 1))
     for symbol in (ROPE_TOKENS, TEXT_TARGET_TOKENS):
         dims[symbol] = torch.export.Dim(symbol, min=1)
-    dynamic_shapes = tuple({axis: dims[symbol] for axis, symbol in t.dynamic_axes().items()} or None
-                           for t in spec.inputs)
+    shapes = [{axis: dims[symbol] for axis, symbol in t.dynamic_axes().items()} or None for t in spec.inputs]
+    args, dynamic_shapes = _forward_arguments(spec, tensors), _forward_arguments(spec, shapes)
     with torch.no_grad(), attention_form(options.attention), projection_form(options.projections), \
             ref_stream_form(options.graph_ref_stream):
         try:
@@ -246,6 +245,16 @@ def _trace(transformer: Any, spec: ExportSpec, options: ExportOptions, path: Pat
                               f"opset {options.resolved_opset}, {spec.precision}): {error}") from error
     weight_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_LIMIT)
+
+
+def _forward_arguments(spec: ExportSpec, flat: list[Any]) -> tuple[Any, ...]:
+    """``flat`` (one entry per spec input, in order) as the graph module's ``forward`` takes them: the kv graph's
+    per-layer K/V as two lists (keys, values), which the exporter flattens back into one input per layer."""
+    if spec.graph != "kv":
+        return tuple(flat)
+    layers = spec.dims.num_layers
+    head = len(flat) - 2 * layers
+    return (*flat[:head], list(flat[head:head + layers]), list(flat[head + layers:]))
 
 
 def _translations(attention: str) -> dict[Any, Any] | None:

@@ -524,10 +524,12 @@ class FullGraph(_Flux2Streams):
 class KVGraph(_Flux2Streams):
     """One graph for KV extract and cached steps.
 
-    ``cached_keys``/``cached_values``: (layers, 1, N_cached, H, D) reference K/V after RoPE (double blocks then
-    single blocks); ``rope_*``: rows for [text, target]; ``ref_rope_*``: rows for the new references.
-    Returns the target velocity and the new references' K/V, stacked like the cache inputs. The single blocks see
-    two streams: ``[text, target]`` (on ``rope_*`` as they are) and the references.
+    ``cached_keys``/``cached_values``: one (1, N_cached, H, D) tensor per layer (double blocks then single blocks),
+    the references' K/V after RoPE, as a sequence (the exported graph has one input per layer: ``export.spec``;
+    a stacked (layers, 1, N_cached, H, D) tensor reads the same); ``rope_*``: rows for [text, target];
+    ``ref_rope_*``: rows for the new references. Returns the target velocity and the new references' K/V as two
+    lists, one (1, N_new, H, D) tensor per layer (graph outputs of their own, so nothing stacks them). The single
+    blocks see two streams: ``[text, target]`` (on ``rope_*`` as they are) and the references.
     """
 
     def __init__(self, transformer: torch.nn.Module):
@@ -551,7 +553,7 @@ class KVGraph(_Flux2Streams):
 
         def split_attention(qkv, layer):
             (qt, kt, vt), (qr, kr, vr), (qi, ki, vi) = qkv
-            k_cached, v_cached = cached_keys[layer], cached_values[layer]  # (1, N_cached, H, D)
+            k_cached, v_cached = cached_keys[layer], cached_values[layer]  # (1, N_cached, H, D): an input each
             # Text and target see text, every reference (cached, then new) and the target; references see only
             # references. Each key tensor is joined once: the references' own attention joins its keys inside its
             # guard, so a cached step (no new references) copies the cached keys only into the joint attention's.
@@ -576,6 +578,4 @@ class KVGraph(_Flux2Streams):
         velocity, layer_kv = self._run(target, refs, text, timestep, ropes,
                                        ref_mods=_split_mods(self.ref_mod_img, self.ref_mod_single),
                                        attention=split_attention, single=single)
-        keys = torch.stack([k for k, _ in layer_kv], dim=0)  # (layers, 1, N_new, H, D)
-        values = torch.stack([v for _, v in layer_kv], dim=0)
-        return velocity, keys, values
+        return velocity, [k for k, _ in layer_kv], [v for _, v in layer_kv]  # per layer: (1, N_new, H, D)

@@ -12,6 +12,10 @@ from sparse_context.runtime.fingerprints import file_sha256_memo
 
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
+# The exporter's format: bump when the graphs (semantics, inputs, outputs) or the folder layout change. Caches of
+# other formats are exported again; backends refuse a transformer export of another format (:func:`check_format`).
+# 6: the kv graph's reference K/V are one input and one output per layer (``cached_keys_0`` ...), not stacked.
+FORMAT_VERSION = 6
 
 
 def onnx_path(path: str | Path) -> Path:
@@ -33,6 +37,19 @@ def read_export_manifest(path: str | Path) -> dict[str, Any]:
         raise ExportCorruptError(bad_value(f"{folder / MANIFEST}", type(manifest).__name__,
                                            "the JSON object sparse_context.export writes"))
     return manifest
+
+
+def export_format(manifest: dict[str, Any]) -> str | None:
+    return (manifest.get("versions") or {}).get("format")
+
+
+def check_format(manifest: dict[str, Any], path: str | Path) -> None:
+    """Refuses an export written by another version of the exporter, whose inputs and outputs may differ from what
+    this runtime binds."""
+    found = export_format(manifest)
+    if found != str(FORMAT_VERSION):
+        raise ExportError(bad_value(f"export format of {path}", found, f"{FORMAT_VERSION}, this exporter's (export it "
+                                    "again: rerun build_engines.py or sparse-context export)"))
 
 
 def verify_export(path: str | Path, expected_onnx_sha256: str | None = None) -> dict[str, Any]:

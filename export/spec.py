@@ -36,6 +36,33 @@ ROPE_TOKENS = "rope_tokens"  # full graph: text + target + refs
 TEXT_TARGET_TOKENS = "text_target_tokens"  # kv graph: text + target
 DERIVED_AXES = {ROPE_TOKENS: (TEXT_TOKENS, TARGET_TOKENS, REF_TOKENS), TEXT_TARGET_TOKENS: (TEXT_TOKENS, TARGET_TOKENS)}
 
+# The kv graph's reference K/V, one tensor per layer and family: ``cached_keys_0`` ... (inputs) and ``ref_keys_0``
+# ... (outputs), each (1, N, heads, head_dim). Per layer, not stacked: a stacked input costs every layer a Gather
+# (a copy of its slice) before the attention can read it, and a stacked output a Concat of every layer's K/V. The
+# runtime keeps a state's layers back to back in one buffer, ``(layers, 1, N, heads, head_dim)``, and binds each
+# layer's tensor at its offset, so nothing is copied to feed them or to collect them.
+KV_INPUT_FAMILIES = ("cached_keys", "cached_values")
+KV_OUTPUT_FAMILIES = ("ref_keys", "ref_values")
+
+
+def layer_name(family: str, layer: int) -> str:
+    """The name of one layer's tensor of a K/V ``family`` (``cached_keys``, ``ref_values``, ...)."""
+    return f"{family}_{int(layer)}"
+
+
+def layer_names(family: str, num_layers: int) -> list[str]:
+    return [layer_name(family, layer) for layer in range(int(num_layers))]
+
+
+def split_layers(family: str, stacked: np.ndarray) -> dict[str, np.ndarray]:
+    """``{family_l: stacked[l]}``: one entry per layer of a stacked ``(layers, 1, N, H, D)`` array (views)."""
+    return {layer_name(family, layer): stacked[layer] for layer in range(stacked.shape[0])}
+
+
+def stack_layers(family: str, tensors: Mapping[str, Any], num_layers: int) -> np.ndarray:
+    """The stacked ``(layers, 1, N, H, D)`` array of a family's per-layer tensors (graph outputs, feeds)."""
+    return np.stack([np.asarray(tensors[name]) for name in layer_names(family, num_layers)], axis=0)
+
 DEFAULT_TARGET_SIZES = ((1024, 1024),)
 # Four dense 1024^2 references; sparse selection keeps far fewer.
 DEFAULT_MAX_REF_TOKENS = 4 * int(np.prod(token_grid(1024, 1024)))
@@ -156,8 +183,8 @@ def make_feeds(spec: ExportSpec, rng: np.random.Generator, ids: Mapping[str, np.
         feeds["rope_cos"], feeds["rope_sin"] = rope([ids["text"], ids["target"]])
         feeds["ref_rope_cos"], feeds["ref_rope_sin"] = rope([ids["refs"]])
         cache_shape = (dims.num_layers, 1, values[CACHED_REF_TOKENS], dims.heads, dims.head_dim)
-        feeds["cached_keys"] = rng.standard_normal(cache_shape).astype(dtype)
-        feeds["cached_values"] = rng.standard_normal(cache_shape).astype(dtype)
+        for family in KV_INPUT_FAMILIES:
+            feeds.update(split_layers(family, rng.standard_normal(cache_shape).astype(dtype)))
     return feeds
 
 
@@ -196,11 +223,13 @@ def build_spec(graph: str, precision: str, dims: ModelDims, text_tokens: int,
         inputs += [TensorSpec(n, (ROPE_TOKENS, dims.head_dim), float32=True) for n in ("rope_cos", "rope_sin")]
     else:
         bounds.append(AxisBound(CACHED_REF_TOKENS, 0, refs.opt, refs.max))
-        kv = lambda sym: (dims.num_layers, 1, sym, dims.heads, dims.head_dim)
+        kv = lambda sym: (1, sym, dims.heads, dims.head_dim)  # one layer's K or V
         inputs += [TensorSpec(n, (TEXT_TARGET_TOKENS, dims.head_dim), float32=True) for n in ("rope_cos", "rope_sin")]
         inputs += [TensorSpec(n, (REF_TOKENS, dims.head_dim), float32=True) for n in ("ref_rope_cos", "ref_rope_sin")]
-        inputs += [TensorSpec("cached_keys", kv(CACHED_REF_TOKENS)), TensorSpec("cached_values", kv(CACHED_REF_TOKENS))]
-        outputs += [TensorSpec("ref_keys", kv(REF_TOKENS)), TensorSpec("ref_values", kv(REF_TOKENS))]
+        inputs += [TensorSpec(name, kv(CACHED_REF_TOKENS)) for family in KV_INPUT_FAMILIES
+                   for name in layer_names(family, dims.num_layers)]
+        outputs += [TensorSpec(name, kv(REF_TOKENS)) for family in KV_OUTPUT_FAMILIES
+                    for name in layer_names(family, dims.num_layers)]
     return ExportSpec(graph, precision, dims, tuple(bounds), tuple(inputs), tuple(outputs))
 
 

@@ -179,7 +179,7 @@ def reusable_bytes(options: GpuCheckOptions) -> int:
     configuration are one of the run's jobs. An export of the same job with other inputs (another seed's weights,
     a larger reference bound) also matches; the exporter then writes a new one beside it, so this is an estimate
     that errs towards running, and a full disk stops that export with an error in the report."""
-    from sparse_context.export.exporter import FORMAT_VERSION
+    from sparse_context.export.manifest import FORMAT_VERSION
     from sparse_context.export.manifest import MANIFEST
 
     def tree(folder: Path) -> int:

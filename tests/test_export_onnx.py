@@ -279,7 +279,8 @@ def test_cached_step_copies_the_cached_keys_once_per_layer(tiny_model_dir, out_d
     options.enable_profiling = True
     options.profile_file_prefix = str(out_dir / "cached-copies")
     session = ort.InferenceSession(str(result.path), options, providers=["CPUExecutionProvider"])
-    layers, _, _, heads, head_dim = session.get_inputs()[-1].shape
+    layers = sum(i.name.startswith("cached_keys_") for i in session.get_inputs())  # one input per layer
+    _, _, heads, head_dim = session.get_inputs()[-1].shape
     sizes = {"target_tokens": 12, "ref_tokens": 0, "text_tokens": 7, "text_target_tokens": 19}
     rng = np.random.default_rng(0)
 
@@ -344,8 +345,14 @@ def test_kv_joins_never_copy_an_empty_part(tiny_model_dir, out_dir, torch_transf
     for cached, new in mixes:
         inputs = feeds(cached, new)
         got = session.run(None, inputs)
+        tensors = {name: torch.from_numpy(value.astype(np.float32)) for name, value in inputs.items()}
+        per_layer = [[tensors[i.name] for i in session.get_inputs() if i.name.startswith(family)]
+                     for family in ("cached_keys_", "cached_values_")]
         with torch.no_grad():  # the eager graph in fp32, the matmul form: diffusers' math (1e-5, other tests)
-            expected = graph(*(torch.from_numpy(inputs[i.name].astype(np.float32)) for i in session.get_inputs()))
+            velocity, keys, values = graph(*(tensors[i.name] for i in session.get_inputs()
+                                             if not i.name.startswith("cached_")), *per_layer)
+        expected = [velocity, *keys, *values]  # the graph's outputs: one per layer and family
+        assert len(got) == len(expected)
         for ours, theirs in zip(got, expected):
             assert ours.shape == tuple(theirs.shape)
             error = float(np.abs(ours.astype(np.float32) - theirs.numpy()).max()) if ours.size else 0.0

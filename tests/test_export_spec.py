@@ -11,7 +11,7 @@ import pytest
 from sparse_context.export.errors import ExportConfigError
 from sparse_context.export.spec import (
     CACHED_REF_TOKENS, REF_TOKENS, ROPE_TOKENS, TARGET_TOKENS, TEXT_TARGET_TOKENS, TEXT_TOKENS, ModelDims, build_spec,
-    check_grid, example_sizes,
+    check_grid, example_sizes, layer_names, split_layers, stack_layers,
 )
 
 DIMS = ModelDims(in_channels=128, text_dim=96, heads=2, head_dim=32, num_layers=3, axes_dims_rope=(8, 8, 8, 8),
@@ -32,16 +32,34 @@ def test_full_and_kv_specs_declare_axes_once():
     assert full.bound(TARGET_TOKENS).min == 4 and full.bound(TARGET_TOKENS).max == 12
     assert full.bound(REF_TOKENS).min == 0 and full.bound(REF_TOKENS).opt == 4  # kept_token_count(40, 0.1)
     kv = build_spec("kv", "fp16", DIMS, 64, ((64, 48),), 40)
-    assert kv.output_names == ["velocity", "ref_keys", "ref_values"]
-    assert kv.dynamic_axes()["cached_keys"] == {2: CACHED_REF_TOKENS}
+    # One K/V tensor per layer (DIMS has 3), keys then values: the order of KVGraph.forward's two lists.
+    assert kv.output_names == ["velocity", "ref_keys_0", "ref_keys_1", "ref_keys_2",
+                               "ref_values_0", "ref_values_1", "ref_values_2"]
+    assert kv.input_names[-6:] == ["cached_keys_0", "cached_keys_1", "cached_keys_2",
+                                   "cached_values_0", "cached_values_1", "cached_values_2"]
+    assert all(kv.dynamic_axes()[f"cached_keys_{layer}"] == {1: CACHED_REF_TOKENS} for layer in range(3))
+    assert kv.dynamic_axes()["ref_values_2"] == {1: REF_TOKENS}
     assert kv.dynamic_axes()["rope_cos"] == {0: TEXT_TARGET_TOKENS}
     profile = kv.profile()
     assert profile["refs"] == ((1, 0, 128), (1, 4, 128), (1, 40, 128))
-    assert profile["cached_keys"][2] == (3, 1, 40, 2, 32)
+    assert profile["cached_keys_1"] == ((1, 0, 2, 32), (1, 4, 2, 32), (1, 40, 2, 32))
     assert profile["rope_cos"][2] == (64 + 12, 32)
     feeds = kv.sample_inputs({REF_TOKENS: 0, CACHED_REF_TOKENS: 5})
     assert feeds["refs"].shape == (1, 0, 128) and feeds["refs"].dtype == np.float16
-    assert feeds["cached_values"].shape == (3, 1, 5, 2, 32) and feeds["rope_cos"].dtype == np.float32
+    assert feeds["cached_values_2"].shape == (1, 5, 2, 32) and feeds["rope_cos"].dtype == np.float32
+    assert set(feeds) == set(kv.input_names)
+
+
+def test_layer_tensors_split_and_stack_the_stacked_layout():
+    """A state's K/V are stacked (layers, 1, N, H, D) in one buffer; the graph takes one tensor per layer. Splitting
+    gives views of the layers (no copy) and stacking them back gives the same array."""
+    stacked = np.arange(3 * 1 * 5 * 2 * 4, dtype=np.float32).reshape(3, 1, 5, 2, 4)
+    layers = split_layers("cached_keys", stacked)
+    assert list(layers) == layer_names("cached_keys", 3) == ["cached_keys_0", "cached_keys_1", "cached_keys_2"]
+    assert all(np.shares_memory(view, stacked) and view.shape == (1, 5, 2, 4) for view in layers.values())
+    np.testing.assert_array_equal(stack_layers("cached_keys", layers, 3), stacked)
+    # Layer l starts l * N * H * D elements into the stacked buffer: the offsets the backends bind at.
+    assert [view.ctypes.data - stacked.ctypes.data for view in layers.values()] == [0, 5 * 2 * 4 * 4, 2 * 5 * 2 * 4 * 4]
 
 
 def test_check_grid_excludes_the_traced_example():
@@ -106,13 +124,18 @@ def test_eager_graphs_equal_diffusers(tiny_transformer, form):
     ids = {"t": grid_position_ids(3, 4), "r": grid_position_ids(1, 7, time=10), "x": text_position_ids(5)}
     rope = lambda *parts: [torch.from_numpy(a) for a in rope_cos_sin(np.concatenate(parts), (8, 8, 8, 8), 2000)]
     step = torch.tensor([0.7])
-    empty = torch.zeros(3, 1, 0, 2, 32)
+    empty = [torch.zeros(1, 0, 2, 32)] * 3  # one tensor per layer, as the exported graph takes them
     with attention_form(form), torch.no_grad():
         full = FullGraph(tiny_transformer)(target, refs, text, step, *rope(ids["x"], ids["t"], ids["r"]))
         velocity, keys, values = KVGraph(tiny_transformer)(target, refs, text, step, *rope(ids["x"], ids["t"]),
                                                            *rope(ids["r"]), empty, empty)
         cached, new_keys, _ = KVGraph(tiny_transformer)(target, refs[:, :0], text, torch.tensor([0.2]),
                                                         *rope(ids["x"], ids["t"]), *rope(ids["r"][:0]), keys, values)
+        stacked_too, _, _ = KVGraph(tiny_transformer)(target, refs[:, :0], text, torch.tensor([0.2]),
+                                                      *rope(ids["x"], ids["t"]), *rope(ids["r"][:0]),
+                                                      torch.stack(keys), torch.stack(values))
+    assert len(keys) == len(values) == 3 and torch.equal(stacked_too, cached)
+    keys = torch.stack(keys)
     torch.testing.assert_close(full, backend.full(target, ids["t"], refs, ids["r"], text, ids["x"], 0.7),
                                atol=1e-5, rtol=0)
     expected, cache = backend.kv_extract(target, ids["t"], refs, ids["r"], text, ids["x"], np.float32(0.7))
@@ -121,7 +144,7 @@ def test_eager_graphs_equal_diffusers(tiny_transformer, form):
     torch.testing.assert_close(keys, torch.stack([c.k_ref for c in layers]), atol=1e-5, rtol=0)
     torch.testing.assert_close(cached, backend.kv_cached(target, ids["t"], cache, text, ids["x"], np.float32(0.2)),
                                atol=1e-5, rtol=0)
-    assert new_keys.shape == (3, 1, 0, 2, 32)
+    assert [k.shape for k in new_keys] == [(1, 0, 2, 32)] * 3
 
 
 def test_attention_form_restores_and_refuses_unknown():

@@ -502,7 +502,7 @@ def test_a_rerun_counts_what_the_work_folder_already_holds(tmp_path):
     folder, was refused for want of 40 GB free. What the run would reuse now counts as room: the complete model
     folders of its depths and the complete exports (this exporter's format) of its jobs, matched on graph, forms
     and model shape; stale, foreign and damaged exports do not count."""
-    from sparse_context.export.exporter import FORMAT_VERSION
+    from sparse_context.export.manifest import FORMAT_VERSION
     from sparse_context.reference.gpu_check import export_job, model_folder, reusable_bytes
 
     options = GpuCheckOptions(config="klein-9b", variants=("mha-split",), work_dir=tmp_path).validate()

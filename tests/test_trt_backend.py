@@ -166,9 +166,13 @@ def test_kv_stays_in_place_and_buffers_are_reused(standin, trt_engines_dir, refe
     assert standin.uploads.count(text_bytes) == 1  # the prompt once, not once per step
     executions = backend.runners["kv"].context.executions
     extract, cached = executions[0][2], [addresses for _, _, addresses in executions[1:]]
-    assert extract["ref_keys"] == state.buffers.keys.ctypes.data  # written in place ...
-    assert {a["cached_keys"] for a in cached} == {state.buffers.keys.ctypes.data}  # ... and read in place
-    assert {a["cached_values"] for a in cached} == {extract["ref_values"]} == {state.buffers.values.ctypes.data}
+    layer_bytes = int(np.prod(state.shape[1:])) * 4  # one layer's K (or V): layers lie back to back in the buffer
+    for layer in range(state.shape[0]):
+        at = layer * layer_bytes
+        assert extract[f"ref_keys_{layer}"] == state.buffers.keys.ctypes.data + at  # written in place ...
+        assert {a[f"cached_keys_{layer}"] for a in cached} == {state.buffers.keys.ctypes.data + at}  # ... read in place
+        assert {a[f"cached_values_{layer}"] for a in cached} == {extract[f"ref_values_{layer}"]} == {
+            state.buffers.values.ctypes.data + at}
     keys = state.keys.copy()
     assert keys.shape == state.shape and np.abs(keys).max() > 0
     del first, state
@@ -362,23 +366,29 @@ def test_runner_external_tensor_errors(standin, trt_engines_dir):
     engine = trt_engines_dir / json.loads((trt_engines_dir / "engines.json").read_text())["graphs"]["kv"]["engine"]
     with pytest.raises(RunnerError, match=r"external tensors: got \['kv_cache'\]"):
         TrtRunner(engine, memory=standin, external=("kv_cache",)).activate()
-    spec = ("cached_keys", "cached_values", "ref_keys", "ref_values")
+    from sparse_context.engines.manifest import read_manifest
+
+    layers = sum(name.startswith("cached_keys_") for name, _ in read_manifest(engine).profiles[0].shapes)
+    assert layers >= 2
+    families = ("cached_keys", "cached_values", "ref_keys", "ref_values")
+    spec = tuple(f"{family}_{layer}" for family in families for layer in range(layers))
     with TrtRunner(engine, memory=standin, external=spec) as runner:
         profile = runner.manifest.profiles[0]
         feed = {name: np.zeros(ranges[0], np.float32) for name, ranges in profile.shapes}
         feed["timestep"] = np.zeros((1,), np.float32)
-        kv = {name: DeviceTensor(standin.pointer(standin.alloc(64)), tuple(feed[name].shape)) for name in spec[:2]}
-        with pytest.raises(RunnerError, match="input 'cached_keys' is external: pass it as a DeviceTensor"):
+        kv = {name: DeviceTensor(standin.pointer(standin.alloc(64)), tuple(feed[name].shape))
+              for name in spec[:2 * layers]}
+        with pytest.raises(RunnerError, match="input 'cached_keys_0' is external: pass it as a DeviceTensor"):
             runner.infer(feed, 0)
         feed.update(kv)
-        with pytest.raises(RunnerError, match="output 'ref_keys' is external: pass its buffer in `into`"):
+        with pytest.raises(RunnerError, match="output 'ref_keys_0' is external: pass its buffer in `into`"):
             runner.infer(feed, 0)
         refs_shape = list(profile.shape_dict()["refs"][2])  # the most new reference tokens this profile takes
         feed["refs"] = np.zeros(refs_shape, np.float32)
         feed["ref_rope_cos"] = feed["ref_rope_sin"] = np.zeros((refs_shape[1], runner.manifest.profiles[0]
                                                                 .shape_dict()["ref_rope_cos"][2][1]), np.float32)
-        small = {name: DeviceTensor(standin.pointer(standin.alloc(8)), (), 8) for name in spec[2:]}
-        with pytest.raises(RunnerError, match=r"output 'ref_keys' of shape .* needs \d+ bytes; the buffer given "
+        small = {name: DeviceTensor(standin.pointer(standin.alloc(8)), (), 8) for name in spec[2 * layers:]}
+        with pytest.raises(RunnerError, match=r"output 'ref_keys_0' of shape .* needs \d+ bytes; the buffer given "
                                               r"holds 8"):
             runner.infer(feed, 0, into=small)
 

@@ -403,15 +403,16 @@ class OrtTransformerBackend:
         """The K/V tensors of a kv-graph call: ``cached`` read in place (none: 0 tokens at the scratch address),
         ``ref_tokens`` new ones written into ``into`` (none: 0 tokens at the scratch address)."""
         scratch = self._pointer(self._scratch)
-        for name, which in zip(KV_INPUTS, ("keys", "values")):
-            if cached is None:
-                self._bind_pointer(binding, name, scratch, self.feeds.kv_shape(0))
-            else:
-                self._bind_pointer(binding, name, self._pointer(getattr(cached.buffers, which)),
-                                   self.feeds.kv_shape(cached.num_ref_tokens))
-        for name, which in zip(KV_OUTPUTS, ("keys", "values")):
-            pointer = scratch if into is None else self._pointer(getattr(into, which))
-            self._bind_pointer(binding, name, pointer, self.feeds.kv_shape(ref_tokens), output=True)
+        itemsize = np.dtype(self.dtype).itemsize
+        for family, which in zip(KV_INPUTS, ("keys", "values")):
+            base = scratch if cached is None else self._pointer(getattr(cached.buffers, which))
+            tokens = 0 if cached is None else cached.num_ref_tokens
+            for name, offset, shape in self.feeds.kv_layers(family, tokens, itemsize):
+                self._bind_pointer(binding, name, base + offset, shape)
+        for family, which in zip(KV_OUTPUTS, ("keys", "values")):
+            base = scratch if into is None else self._pointer(getattr(into, which))
+            for name, offset, shape in self.feeds.kv_layers(family, ref_tokens, itemsize):
+                self._bind_pointer(binding, name, base + offset, shape, output=True)
 
     def _replay(self, session: Any, graph: Any) -> Any:
         """One call through a CUDA graph (its inputs already copied in): run it, copy its velocity to the ring.

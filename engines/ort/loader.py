@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sparse_context.engines.errors import BackendOptionError, EngineCorruptError
-from sparse_context.export.manifest import onnx_path, verify_export
+from sparse_context.export.manifest import check_format, onnx_path, verify_export
 from sparse_context.runtime.errors import bad_value
 
 # Providers per engines backend, first choice first (onnxruntime falls back along the list per node).
@@ -97,6 +97,7 @@ def graph_exports(full: str | Path | None, kv: str | Path | None,
             continue
         path = onnx_path(given)
         manifest = verify_export(path, (expected_sha256 or {}).get(graph))
+        check_format(manifest, path)
         if manifest.get("graph") != graph:
             raise BackendOptionError(bad_value(f"{graph} graph", str(path), f"an export of the {graph} graph "
                                                f"(this one is '{manifest.get('graph')}')"))

@@ -32,7 +32,7 @@ from sparse_context.engines.trt.memory import default_memory
 from sparse_context.engines.trt.runner import DeviceTensor, TrtRunner, _itemsize
 from sparse_context.export.manifest import read_export_manifest
 from sparse_context.runtime.fingerprints import text_digest
-from sparse_context.export.spec import NUMPY_DTYPES, ModelDims
+from sparse_context.export.spec import NUMPY_DTYPES, ModelDims, layer_name
 from sparse_context.runtime.errors import bad_value
 from sparse_context.runtime.kv_buffers import EngineKVState, KVBufferPool
 from sparse_context.runtime.schedule import euler_step
@@ -81,9 +81,13 @@ class TrtTransformerBackend:
         self.runners: dict[str, TrtRunner] = {}
         self.step_runners: dict[str, TrtRunner] = {}
         self._kept: dict[tuple[str, int], tuple[Any, int]] = {}  # (name, slot) -> (buffer, bytes)
+        self.manifests = {graph: read_export_manifest(index.path(entry.onnx)) for graph, entry in graphs.items()}
+        manifest = next(iter(self.manifests.values()))
+        self.dims = ModelDims.from_config(manifest["model_config"])
+        kv_tensors = [layer_name(family, layer) for family in KV_TENSORS for layer in range(self.dims.num_layers)]
         try:
             for graph, entry in graphs.items():
-                external = KV_TENSORS if graph == "kv" else ()
+                external = kv_tensors if graph == "kv" else ()
                 runner = TrtRunner(index.path(entry.engine), memory=self.memory, device=device, external=external,
                                    static=STATIC_INPUTS)
                 self.runners[graph] = runner.activate()
@@ -94,11 +98,8 @@ class TrtTransformerBackend:
         except BaseException:
             self.close()
             raise
-        self.manifests = {graph: read_export_manifest(index.path(entry.onnx)) for graph, entry in graphs.items()}
         # The engines run, not the ONNX: their checksums (checked before deserializing) identify the weights.
         self.fingerprint = text_digest({g: r.manifest.engine_sha256 for g, r in self.runners.items()})
-        manifest = next(iter(self.manifests.values()))
-        self.dims = ModelDims.from_config(manifest["model_config"])
         self.precision = manifest["precision"]
         # Host side in the engine's precision; bf16 has no numpy dtype, so it travels as float32 and the device
         # memory converts on upload.
@@ -107,8 +108,8 @@ class TrtTransformerBackend:
         self.selector = ProfileSelector(index.plan,
                                         {g: r.manifest.profiles for g, r in self.runners.items()}, strict_shapes=True)
         d = self.dims
-        kv_itemsize = _itemsize(self.runners["kv"].dtypes["ref_keys"]) if "kv" in self.runners else 2
-        self.kv_pool = KVBufferPool(self.memory.alloc, d.num_layers * d.heads * d.head_dim * kv_itemsize,
+        self.kv_itemsize = _itemsize(self.kv_dtype) if "kv" in self.runners else 2
+        self.kv_pool = KVBufferPool(self.memory.alloc, d.num_layers * d.heads * d.head_dim * self.kv_itemsize,
                                     free=self.memory.free)
         self._scratch = self.memory.alloc(64)  # the address of zero-token tensors
         # Device steps need the Euler and guidance engines of the transformer's velocity dtype.
@@ -229,22 +230,32 @@ class TrtTransformerBackend:
             counted = cached.num_ref_tokens if cached is not None else feed.ref_tokens
             choice = self.selector.choose("kv", step, counted, np.shape(target)[1], np.shape(text)[1])
         inputs = self._bindable(feed)
-        if cached is None:
-            inputs["cached_keys"] = inputs["cached_values"] = self._empty(self.feeds.kv_shape(0))
-        else:
-            inputs["cached_keys"] = DeviceTensor(self.memory.pointer(cached.buffers.keys), cached.shape)
-            inputs["cached_values"] = DeviceTensor(self.memory.pointer(cached.buffers.values), cached.shape)
-        if into is None:
-            outputs = {name: self._empty(self.feeds.kv_shape(0)) for name in KV_OUTPUTS}
-        else:
-            capacity = into.nbytes // 2
-            shape = self.feeds.kv_shape(feed.ref_tokens)
-            outputs = {"ref_keys": DeviceTensor(self.memory.pointer(into.keys), shape, capacity),
-                       "ref_values": DeviceTensor(self.memory.pointer(into.values), shape, capacity)}
+        inputs.update(self._kv_views(KV_INPUTS, cached.buffers if cached is not None else None,
+                                     cached.num_ref_tokens if cached is not None else 0))
+        outputs = self._kv_views(KV_OUTPUTS, into, feed.ref_tokens if into is not None else 0)
         return self._infer(runner, inputs, choice.index, into=outputs)
 
+    def _kv_views(self, families: tuple[str, ...], buffers: Any, tokens: int) -> dict[str, DeviceTensor]:
+        """Each layer's K/V tensor of ``families`` (keys, values) as a view of ``buffers`` (a :class:`KVBuffers`)
+        at its offset in the stacked layout, bounded by what is left of the buffer; without buffers, 0 tokens at
+        the scratch address."""
+        views = {}
+        for family, which in zip(families, ("keys", "values")):
+            for name, offset, shape in self.feeds.kv_layers(family, tokens, self.kv_itemsize):
+                if buffers is None:
+                    views[name] = self._empty(shape)
+                else:
+                    capacity = buffers.nbytes // 2 - offset
+                    views[name] = DeviceTensor(self.memory.pointer(getattr(buffers, which)) + offset, shape, capacity)
+        return views
+
+    @property
+    def kv_dtype(self) -> str:
+        """The TensorRT data type name of the kv engine's K/V outputs."""
+        return self.runners["kv"].dtypes[layer_name(KV_OUTPUTS[0], 0)]
+
     def _read(self, buffer: Any, shape: tuple[int, ...]) -> np.ndarray:
-        array = self.memory.download(buffer, shape, self.runners["kv"].dtypes["ref_keys"])
+        array = self.memory.download(buffer, shape, self.kv_dtype)
         self.memory.synchronize()
         return np.asarray(array.float().cpu().numpy() if hasattr(array, "cpu") else array)
 
@@ -265,7 +276,7 @@ class TrtTransformerBackend:
         buffers = self.kv_pool.acquire(choice.bucket.max_ref_tokens)
         velocity = self._run_kv(target, target_ids, refs, ref_ids, text, text_ids, timestep, "extract", into=buffers,
                                 choice=choice)
-        dtype = KV_HOST_DTYPES.get(self.runners["kv"].dtypes["ref_keys"], np.float32)
+        dtype = KV_HOST_DTYPES.get(self.kv_dtype, np.float32)
         state = EngineKVState(buffers, self.feeds.kv_shape(num_refs), dtype, self._read)
         self.kv_pool.track(state, buffers)
         return velocity, state
