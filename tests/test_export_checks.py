@@ -205,6 +205,31 @@ def test_ort_backend_and_manifest_errors(full_export, tmp_path):
         backend.kv_cached(None, None, None, None, None, np.float32(0.5))
 
 
+def test_exports_of_another_format_are_refused(full_export, tmp_path):
+    """An export written by another exporter version (format 5 stacked the kv graph's K/V in one tensor per
+    family) binds tensors this runtime no longer feeds: the backend refuses it, naming both formats and the fix,
+    before onnxruntime loads anything."""
+    import json
+    import shutil
+
+    from sparse_context.engines.ort.backend import OrtTransformerBackend
+    from sparse_context.export.manifest import FORMAT_VERSION, MANIFEST
+
+    old = tmp_path / "old"
+    shutil.copytree(full_export.path.parent, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["versions"]["format"] = str(FORMAT_VERSION - 1)
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=rf"export format of .*old.*: got .{FORMAT_VERSION - 1}.; allowed: "
+                                          rf"{FORMAT_VERSION}, this exporter's \(export it again: rerun "
+                                          "build_engines.py"):
+        OrtTransformerBackend(full=old)
+    del manifest["versions"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="export format of .*: got None"):
+        OrtTransformerBackend(full=old)
+
+
 def test_cli_exports_and_reports_errors(tiny_model_dir, full_export, capsys, tmp_path):
     from sparse_context.export.cli import add_export_arguments, parse_size, run_export
 

@@ -533,3 +533,30 @@ def test_plain_reference_stream_fp16_within_fp16_tolerance(tiny_model_dir, out_d
     report = validate_export(result.path, torch_transformer, ref_token_counts=[0, 7, 40])
     assert not report.failures, "\n".join(report.lines())
     assert report.atol == pytest.approx(3e-2)
+
+
+@pytest.mark.parametrize("form", ["matmul", "mha", "mha-plain"])
+def test_kv_graph_reads_and_writes_each_layers_kv_in_place(tiny_model_dir, out_dir, form):
+    """The reference K/V are one graph input and one graph output per layer, so no layer's cached K/V is cut out of
+    a stacked tensor (a Gather, a copy per layer per call) and no extract call stacks the new ones (a Concat of every
+    layer): each cached input goes straight into the joins that attend over it, and each output is written by the
+    operator that computes it (RoPE, or the view after the guard around it), in every attention form."""
+    import onnx
+
+    from sparse_context.export.checks import _all_nodes
+
+    attention, ref_stream = ("mha", "plain") if form == "mha-plain" else (form, "guarded")
+    result = export_onnx(_options(tiny_model_dir, out_dir, graph="kv", attention=attention, ref_stream=ref_stream))
+    model = onnx.load(str(result.path), load_external_data=False)
+    inputs = [i.name for i in model.graph.input if i.name.startswith("cached_")]
+    outputs = [o.name for o in model.graph.output if o.name.startswith("ref_")]
+    config = result.manifest["model_config"]
+    layers = config["num_layers"] + config["num_single_layers"]
+    assert len(inputs) == len(outputs) == 2 * layers
+    nodes = list(_all_nodes(model.graph))
+    readers = {node.op_type for node in nodes for name in node.input if name in inputs}
+    # Joins (some inside guards) and the guards' token counts; never a Gather, Slice or Split.
+    assert readers <= {"Concat", "If", "Shape"} and "Concat" in readers, readers
+    writers = {node.op_type for node in nodes for name in node.output if name in outputs}
+    # RoPE's last op, or the (B, S, H, D) view of a guard's output; never a stack of layers or a copy of one.
+    assert writers and writers.isdisjoint({"Concat", "Identity", "Gather", "Unsqueeze", "Expand"}), writers
