@@ -58,6 +58,11 @@ def graph_feeds(graph: str, dims: Any, dtype: Any, target: np.ndarray, target_id
     return feeds
 
 
+def _cached_tokens(feeds: Mapping[str, np.ndarray]) -> int:
+    """Cached reference tokens of one recorded call (0 for the full graph, which has no cache inputs)."""
+    return int(feeds[CACHED_TOKENS_OF].shape[1]) if CACHED_TOKENS_OF in feeds else 0
+
+
 class RecordingBackend:
     """A transformer backend that runs ``backend`` and hands ``sink(graph, kind, step, feeds, velocity)`` every
     call made at a step in ``steps`` (None: every step). Everything else is the wrapped backend's."""
@@ -277,7 +282,7 @@ def capture(make_generator: Callable[[], Any], backend: Any, plan: Any, calibrat
                 records.append({"graph": recorded_graph, "kind": kind, "step": step, "sample": spec.index,
                                 "split": split, "shard": shard, "record": number,
                                 "ref_tokens": int(feeds["refs"].shape[1]),
-                                "cached_tokens": int(feeds[CACHED_TOKENS_OF].shape[1]) if CACHED_TOKENS_OF in feeds else 0,
+                                "cached_tokens": _cached_tokens(feeds),
                                 "ref_tokens_available": int(result.ref_tokens_available)})
             np.savez(staging / shard, **arrays)
             shards[shard] = (staging / shard).stat().st_size

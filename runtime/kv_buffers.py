@@ -1,9 +1,10 @@
 """Reference K/V buffers for engine backends: allocated once at a bucket's maximum, reused without copies.
 
-The KV graph's extract step writes the references' stacked K/V, ``(layers, 1, N, heads, head_dim)``, straight into
-a buffer of the bucket's largest N; every cached step reads the same buffer as its ``cached_keys`` /
-``cached_values`` input at the real N. A tensor of N tokens is the contiguous start of its buffer, so no step
-copies or concatenates K/V. When a state is dropped (not kept by the persistent cache), its buffers go back to a
+The KV graph's extract step writes the references' K/V straight into a buffer of the bucket's largest N, in the
+stacked layout ``(layers, 1, N, heads, head_dim)``: the graph has one output per layer (``ref_keys_0`` ...), and the
+backend binds layer l at offset ``l * N * heads * head_dim`` of the buffer. Every cached step reads the same
+buffer the same way, as its per-layer ``cached_keys_l`` / ``cached_values_l`` inputs at the real N. A state of N
+tokens is the contiguous start of its buffer, so no step copies, slices or concatenates K/V. When a state is dropped (not kept by the persistent cache), its buffers go back to a
 small pool and the next generation reuses them: steady-state generation allocates nothing.
 
 Allocation is the backend's (numpy for onnxruntime CPU, onnxruntime CUDA memory, TensorRT device memory), so

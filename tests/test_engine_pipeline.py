@@ -173,7 +173,7 @@ def engines_copy(engines_dir, tmp_path):
 
 def test_old_folder_without_parts_is_refused_with_the_rebuild_command(engines_copy):
     from sparse_context.engines.errors import EnginesIndexError
-    from sparse_context.engines.index import EnginesIndex
+    from sparse_context.engines.index import FORMAT_VERSION, EnginesIndex
     from sparse_context.engines.pipeline import EnginePipeline
 
     index = EnginesIndex.read(engines_copy)
@@ -185,7 +185,13 @@ def test_old_folder_without_parts_is_refused_with_the_rebuild_command(engines_co
     data.update(format=2)
     data.pop("parts")
     (engines_copy / "engines.json").write_text(json.dumps(data))
-    with pytest.raises(EnginesIndexError, match="format 2; this version reads format 3; rebuild it"):
+    with pytest.raises(EnginesIndexError, match=f"format 2; this version reads format {FORMAT_VERSION}; rebuild it"):
+        EnginePipeline.from_engines(engines_copy)
+    # Format 3: engines of stacked-K/V exports (export format 5), whose kv engine this runtime cannot feed.
+    data.update(format=FORMAT_VERSION - 1, parts={})
+    (engines_copy / "engines.json").write_text(json.dumps(data))
+    with pytest.raises(EnginesIndexError, match=f"format {FORMAT_VERSION - 1}; this version reads format "
+                                                f"{FORMAT_VERSION}; rebuild it"):
         EnginePipeline.from_engines(engines_copy)
 
 

@@ -48,8 +48,12 @@ def test_paths_may_not_leave_the_folder(path):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(format=1), r"format 1; this version reads format 3; rebuild it .*build_engines.py --keeps 0.1"),
-    (dict(format=2), r"format 2; this version reads format 3; rebuild it .*build_engines.py --keeps 0.1"),
+    (dict(format=1), rf"format 1; this version reads format {FORMAT_VERSION}; rebuild it "
+                       r".*build_engines.py --keeps 0.1"),
+    (dict(format=2), rf"format 2; this version reads format {FORMAT_VERSION}; rebuild it "
+                       r".*build_engines.py --keeps 0.1"),
+    (dict(format=3), rf"format 3; this version reads format {FORMAT_VERSION}; rebuild it "
+                       r".*build_engines.py --keeps 0.1"),
     (dict(format=None), "format None"),
     (dict(graphs={}), "graphs: got {}; allowed: at least one of full, kv"),
     (dict(graphs={"kv": []}), "graph 'kv': got 'list'; allowed: an object"),
@@ -59,7 +63,7 @@ def test_paths_may_not_leave_the_folder(path):
     (dict(graphs={"mystery": {}}), "graphs: got .*allowed: at least one of full, kv"),
     (dict(graphs={"kv": {"onnx": "m.onnx", "onnx_sha256": "0", "profiles": {}}}), "profiles: got 'dict'"),
     (dict(scheduler_config=[1]), "scheduler_config: got 'list'"),
-], ids=["old-format", "format-2", "no-format", "no-graphs", "graph-not-object", "graph-fields", "plan", "plan-list",
+], ids=["old-format", "format-2", "format-3-stacked-kv", "no-format", "no-graphs", "graph-not-object", "graph-fields", "plan", "plan-list",
         "unknown-graph", "profiles-not-list", "scheduler-not-object"])
 def test_malformed_index_names_the_problem(change, match):
     data = {**make_index().to_json(), **change}

@@ -183,10 +183,15 @@ def test_ort_kv_in_place_pooled_and_uploaded_once(engines_dir, reference_photos)
     assert np.shares_memory(state.keys, state.buffers.keys) and np.abs(state.keys).max() > 0
     # 3 cached steps re-use the prompt (this image's) and the RoPE tables (kept for later images too)
     assert backend.static.hits >= 3 and backend.lasting.hits >= 2 * 3
+    # The per-layer K/V tensors are bound twice (the extract's outputs, the cached steps' inputs), not per call.
+    assert backend.kv_binds == 2
+    first_latents = np.array(first.image, copy=True)
     del first, state
     uploads = backend.lasting.misses
-    ours.generate("a harbour", reference_photos, **kwargs)
+    second = ours.generate("a harbour", reference_photos, **kwargs)
     assert backend.kv_pool.stats.allocations == 1 and backend.kv_pool.stats.reuses == 1
+    assert backend.kv_binds == 2  # the same buffer and token count: the same bindings
+    np.testing.assert_array_equal(np.asarray(second.image), first_latents)  # reused bindings, the same latents
     # The second image at the same size and selection: every RoPE table from the first (host and device copies).
     assert backend.lasting.misses == uploads and backend.feeds.lasting.hits >= 2
 
