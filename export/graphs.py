@@ -319,16 +319,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def _modulate(norm: torch.nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``(1 + scale) * norm(x) + shift`` for diffusers' affine-free LayerNorms.
+@dataclass(frozen=True)
+class PlusOne:
+    """A modulation scale held as ``1 + scale``, computed when the graph is built: the references' modulation is a
+    constant (timestep 0), and an ``Add`` of two fp16 constants is one onnxruntime cannot fold (no fp16 CPU kernel:
+    "can't constant fold Add node"), so every call would run it. The same rounding: one fp16 addition either way."""
+
+    value: torch.Tensor
+
+
+def _modulate(norm: torch.nn.Module, x: torch.Tensor, shift: torch.Tensor, scale) -> torch.Tensor:
+    """``(1 + scale) * norm(x) + shift`` for diffusers' affine-free LayerNorms (``scale``: a tensor, or a
+    :class:`PlusOne` already holding ``1 + scale``).
 
     The graphs run one sample (batch 1), so the modulation is a per-channel affine: exactly LayerNormalization's
     own scale and bias. Fed to it, the norm, the multiply and the add are one kernel instead of three (three passes
     over the tokens fewer per modulated norm; onnxruntime and TensorRT take the scale and bias as tensors). In
     fp16 the kernel rounds once where the written-out form rounds after each step."""
-    if isinstance(norm, torch.nn.LayerNorm) and norm.weight is None and norm.bias is None and scale.dim() == 1:
-        return F.layer_norm(x, (x.shape[-1],), 1 + scale, shift, norm.eps)
-    return (1 + scale) * norm(x) + shift
+    weight = scale.value if isinstance(scale, PlusOne) else 1 + scale
+    if isinstance(norm, torch.nn.LayerNorm) and norm.weight is None and norm.bias is None and weight.dim() == 1:
+        return F.layer_norm(x, (x.shape[-1],), weight, shift, norm.eps)
+    return weight * norm(x) + shift
 
 
 def _heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -538,12 +549,32 @@ class KVGraph(_Flux2Streams):
         # of the weights. Computed once here (in the weights' dtype, as at run time), it is an initializer of the
         # graph rather than a time embedding and two modulation products at every step, which onnxruntime cannot
         # fold in fp16 (no fp16 Gemm on its CPU: "can't constant fold Gemm node") and which read ~340 MB of
-        # weights per step at klein-9b. Build the graph after the weights are final (LoRA merged, cast).
+        # weights per step at klein-9b. Build the graph after the weights are final (LoRA merged, cast). Each set is
+        # held split, its scale as 1 + scale (PlusOne): no slices or additions of constants are left to run.
         with torch.no_grad():
             parameter = transformer.x_embedder.weight
             temb = self._temb(torch.full((1,), REF_FIXED_TIMESTEP, dtype=torch.float32, device=parameter.device))
-            self.register_buffer("ref_mod_img", transformer.double_stream_modulation_img(temb), persistent=False)
-            self.register_buffer("ref_mod_single", transformer.single_stream_modulation(temb), persistent=False)
+            mods = _split_mods(transformer.double_stream_modulation_img(temb), transformer.single_stream_modulation(temb))
+            self._ref_mod_names = {}
+            for key, sets in (("img", mods["img"]), ("single", (mods["single"],))):
+                names = []
+                for index, (shift, scale, gate) in enumerate(sets):
+                    triple = []
+                    for part, value in (("shift", shift), ("scale_plus_one", 1 + scale), ("gate", gate)):
+                        name = f"ref_mod_{key}_{index}_{part}"
+                        self.register_buffer(name, value.contiguous(), persistent=False)
+                        triple.append(name)
+                    names.append(tuple(triple))
+                self._ref_mod_names[key] = names
+
+    def _ref_mods(self) -> dict[str, tuple]:
+        """The references' modulation sets, keyed and shaped as :func:`_split_mods` gives them."""
+        def triple(names):
+            shift, scale, gate = (getattr(self, name) for name in names)
+            return shift, PlusOne(scale), gate
+
+        return {"img": tuple(triple(names) for names in self._ref_mod_names["img"]),
+                "single": triple(self._ref_mod_names["single"][0])}
 
     def forward(self, target, refs, text, timestep, rope_cos, rope_sin, ref_rope_cos, ref_rope_sin, cached_keys,
                 cached_values):
@@ -576,6 +607,6 @@ class KVGraph(_Flux2Streams):
             ropes=[(rope_cos, rope_sin), (ref_rope_cos, ref_rope_sin)], ref_mods=(False, True),
             may_be_empty=(False, True), attention=joined_attention, target=lambda streams: streams[0][:, num_text:])
         velocity, layer_kv = self._run(target, refs, text, timestep, ropes,
-                                       ref_mods=_split_mods(self.ref_mod_img, self.ref_mod_single),
+                                       ref_mods=self._ref_mods(),
                                        attention=split_attention, single=single)
         return velocity, [k for k, _ in layer_kv], [v for _, v in layer_kv]  # per layer: (1, N_new, H, D)
