@@ -14,7 +14,8 @@ MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 # The exporter's format: bump when the graphs (semantics, inputs, outputs) or the folder layout change. Caches of
 # other formats are exported again; backends refuse a transformer export of another format (:func:`check_format`).
-# 6: the kv graph's reference K/V are one input and one output per layer (``cached_keys_0`` ...), not stacked.
+# 6: the kv graph's reference K/V are one input and one output per layer (``cached_keys_0`` ...), not stacked;
+#    the references' fixed-timestep modulation is held split, each scale as 1 + scale.
 FORMAT_VERSION = 6
 
 
