@@ -37,8 +37,9 @@ TEXT_TARGET_TOKENS = "text_target_tokens"  # kv graph: text + target
 DERIVED_AXES = {ROPE_TOKENS: (TEXT_TOKENS, TARGET_TOKENS, REF_TOKENS), TEXT_TARGET_TOKENS: (TEXT_TOKENS, TARGET_TOKENS)}
 
 # The kv graph's reference K/V, one tensor per layer and family: ``cached_keys_0`` ... (inputs) and ``ref_keys_0``
-# ... (outputs), each (1, N, heads, head_dim). Per layer, not stacked: a stacked input costs every layer a Gather
-# (a copy of its slice) before the attention can read it, and a stacked output a Concat of every layer's K/V. The
+# ... (outputs), each (1, N, heads, head_dim). Per layer, not stacked: a stacked input is cut into its layers (a
+# Split or Gather: a copy of the whole cache per call) before the attention can read them, and a stacked output is a
+# Concat of every layer's K/V. The
 # runtime keeps a state's layers back to back in one buffer, ``(layers, 1, N, heads, head_dim)``, and binds each
 # layer's tensor at its offset, so nothing is copied to feed them or to collect them.
 KV_INPUT_FAMILIES = ("cached_keys", "cached_values")
@@ -62,6 +63,7 @@ def split_layers(family: str, stacked: np.ndarray) -> dict[str, np.ndarray]:
 def stack_layers(family: str, tensors: Mapping[str, Any], num_layers: int) -> np.ndarray:
     """The stacked ``(layers, 1, N, H, D)`` array of a family's per-layer tensors (graph outputs, feeds)."""
     return np.stack([np.asarray(tensors[name]) for name in layer_names(family, num_layers)], axis=0)
+
 
 DEFAULT_TARGET_SIZES = ((1024, 1024),)
 # Four dense 1024^2 references; sparse selection keeps far fewer.
