@@ -39,9 +39,8 @@ DERIVED_AXES = {ROPE_TOKENS: (TEXT_TOKENS, TARGET_TOKENS, REF_TOKENS), TEXT_TARG
 # The kv graph's reference K/V, one tensor per layer and family: ``cached_keys_0`` ... (inputs) and ``ref_keys_0``
 # ... (outputs), each (1, N, heads, head_dim). Per layer, not stacked: a stacked input is cut into its layers (a
 # Split or Gather: a copy of the whole cache per call) before the attention can read them, and a stacked output is a
-# Concat of every layer's K/V. The
-# runtime keeps a state's layers back to back in one buffer, ``(layers, 1, N, heads, head_dim)``, and binds each
-# layer's tensor at its offset, so nothing is copied to feed them or to collect them.
+# Concat of every layer's K/V. The runtime keeps a state's layers back to back in one buffer, ``(layers, 1, N,
+# heads, head_dim)``, and binds each layer's tensor at its offset, so nothing is copied to feed or collect them.
 KV_INPUT_FAMILIES = ("cached_keys", "cached_values")
 KV_OUTPUT_FAMILIES = ("ref_keys", "ref_values")
 
