@@ -552,29 +552,22 @@ class KVGraph(_Flux2Streams):
         # weights per step at klein-9b. Build the graph after the weights are final (LoRA merged, cast). Each set is
         # held split, its scale as 1 + scale (PlusOne): no slices or additions of constants are left to run.
         with torch.no_grad():
-            parameter = transformer.x_embedder.weight
-            temb = self._temb(torch.full((1,), REF_FIXED_TIMESTEP, dtype=torch.float32, device=parameter.device))
-            mods = _split_mods(transformer.double_stream_modulation_img(temb), transformer.single_stream_modulation(temb))
-            self._ref_mod_names = {}
-            for key, sets in (("img", mods["img"]), ("single", (mods["single"],))):
-                names = []
-                for index, (shift, scale, gate) in enumerate(sets):
-                    triple = []
-                    for part, value in (("shift", shift), ("scale_plus_one", 1 + scale), ("gate", gate)):
-                        name = f"ref_mod_{key}_{index}_{part}"
-                        self.register_buffer(name, value.contiguous(), persistent=False)
-                        triple.append(name)
-                    names.append(tuple(triple))
-                self._ref_mod_names[key] = names
+            device = transformer.x_embedder.weight.device
+            temb = self._temb(torch.full((1,), REF_FIXED_TIMESTEP, dtype=torch.float32, device=device))
+            mods = _split_mods(transformer.double_stream_modulation_img(temb),
+                               transformer.single_stream_modulation(temb))
+            sets = [("img_0", mods["img"][0]), ("img_1", mods["img"][1]), ("single", mods["single"])]
+            for name, (shift, scale, gate) in sets:
+                for part, value in (("shift", shift), ("scale_plus_one", 1 + scale), ("gate", gate)):
+                    self.register_buffer(f"ref_mod_{name}_{part}", value.contiguous(), persistent=False)
 
     def _ref_mods(self) -> dict[str, tuple]:
         """The references' modulation sets, keyed and shaped as :func:`_split_mods` gives them."""
-        def triple(names):
-            shift, scale, gate = (getattr(self, name) for name in names)
-            return shift, PlusOne(scale), gate
+        def held(name):
+            return (getattr(self, f"ref_mod_{name}_shift"), PlusOne(getattr(self, f"ref_mod_{name}_scale_plus_one")),
+                    getattr(self, f"ref_mod_{name}_gate"))
 
-        return {"img": tuple(triple(names) for names in self._ref_mod_names["img"]),
-                "single": triple(self._ref_mod_names["single"][0])}
+        return {"img": (held("img_0"), held("img_1")), "single": held("single")}
 
     def forward(self, target, refs, text, timestep, rope_cos, rope_sin, ref_rope_cos, ref_rope_sin, cached_keys,
                 cached_values):

@@ -59,10 +59,6 @@ def split_layers(family: str, stacked: np.ndarray) -> dict[str, np.ndarray]:
     return {layer_name(family, layer): stacked[layer] for layer in range(stacked.shape[0])}
 
 
-def stack_layers(family: str, tensors: Mapping[str, Any], num_layers: int) -> np.ndarray:
-    """The stacked ``(layers, 1, N, H, D)`` array of a family's per-layer tensors (graph outputs, feeds)."""
-    return np.stack([np.asarray(tensors[name]) for name in layer_names(family, num_layers)], axis=0)
-
 
 DEFAULT_TARGET_SIZES = ((1024, 1024),)
 # Four dense 1024^2 references; sparse selection keeps far fewer.
