@@ -31,6 +31,9 @@ SHAPES = {"target only": (4608, 4608), "cached step": (4608, 7068), "extract, re
           "6 refs keep 0.10, no KV": (7068, 7068), "6 refs dense": (29184, 29184)}
 ORT_KERNELS = {"default": 0, "flash": 1, "efficient": 2, "cudnn flash": 8}
 TORCH_BACKENDS = ("default", "flash", "efficient", "cudnn")
+KEY_TILE = 128  # keys per tile of the flash kernels the check's profiles show (cuDNN "64x128x128")
+KEY_SWEEP_ROUNDS = 9
+KEY_SWEEP_CHAIN = 8
 
 
 def mha_chain_model(chain: int, heads: int, elem_type: int) -> bytes:
@@ -149,6 +152,81 @@ def run(device: str = "cuda", heads: int = 32, head_dim: int = 128, token_scale:
             "torch": torch.__version__, "rows": rows}
 
 
+def key_counts(queries: int, keys: int, tile: int = KEY_TILE) -> list[int]:
+    """The key counts :func:`key_sweep` times for a call of ``queries`` queries over ``keys`` keys: ``queries``
+    (target only: no cached keys), ``queries`` plus ``keys``' remainder modulo the tile (does a partial last tile
+    cost by itself?), ``keys``, and ``keys`` rounded down and up to the tile and to half of it."""
+    half = max(1, tile // 2)
+    counts = {queries, queries + keys % tile, keys, keys // tile * tile, -(-keys // tile) * tile,
+              keys // half * half, -(-keys // half) * half}
+    return sorted(count for count in counts if count >= 1)
+
+
+def key_sweep(queries: int, keys: int, heads: int, head_dim: int, device: str = "cuda", dtype: str = "fp16",
+              chain: int = KEY_SWEEP_CHAIN, rounds: int = KEY_SWEEP_ROUNDS, tile: int = KEY_TILE) -> dict[str, Any]:
+    """PyTorch's default attention (the kernel both backends ran in the check's profiles: cuDNN flash on an H200)
+    for ``queries`` queries over each of :func:`key_counts`, ``chain`` calls per timed run.
+
+    Why: in the H200 runs the cached call's attention (4,608 queries over 7,068 keys) ran at ~600 TFLOP/s against
+    ~650 for target only (4,608 keys, 36 whole tiles of 128). If a partial last tile is what costs, rounding the kept
+    tokens up to whole tiles buys time and tokens at once. The lengths are timed interleaved, ``rounds`` times in
+    rotating order, so a clock that drifts over the sweep (power, heat) reaches every length alike."""
+    import torch
+
+    torch_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    draw = lambda tokens: torch.randn((1, heads, tokens, head_dim), generator=generator).to(device, torch_dtype)  # noqa: E731
+    query = draw(queries)
+    counts = key_counts(queries, keys, tile)
+    tensors = {count: (draw(count), draw(count)) for count in counts}
+    sync = torch.cuda.synchronize if query.is_cuda else (lambda: None)
+
+    def run(count: int) -> float:
+        key, value = tensors[count]
+        sync()
+        start = time.perf_counter()
+        q = query
+        for _ in range(chain):
+            q = torch.nn.functional.scaled_dot_product_attention(q, key, value)
+        sync()
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        for count in counts:  # warm-up: kernel choice, plan builds, workspace
+            run(count)
+        samples: dict[int, list[float]] = {count: [] for count in counts}
+        for turn in range(rounds):
+            shift = turn % len(counts)
+            for count in counts[shift:] + counts[:shift]:
+                samples[count].append(run(count) / chain)
+    rows = []
+    for count in counts:
+        seconds = statistics.median(samples[count])
+        rows.append({"keys": count, "remainder": count % tile, "ms": seconds * 1e3,
+                     "tflops": 4.0 * queries * count * heads * head_dim / seconds / 1e12,
+                     "us_per_tile": seconds * 1e6 / -(-count // tile), "samples_ms": [s * 1e3 for s in samples[count]]})
+    by_keys = {row["keys"]: row for row in rows}
+    up, down = -(-keys // tile) * tile, keys // tile * tile
+    return {"queries": queries, "keys": keys, "tile": tile, "heads": heads, "head_dim": head_dim, "dtype": dtype,
+            "device": device, "chain": chain, "rounds": rounds, "rows": rows,
+            "keys_ms": by_keys[keys]["ms"], "aligned_up": up, "aligned_up_ms": by_keys[up]["ms"],
+            "aligned_down": down, "aligned_down_ms": by_keys[down]["ms"] if down in by_keys else None}
+
+
+def key_sweep_lines(sweep: dict[str, Any]) -> list[str]:
+    """One line per key count, then what rounding the call's keys up to whole tiles would change."""
+    lines = [f"attention of {sweep['queries']} queries ({sweep['heads']} x {sweep['head_dim']}, {sweep['dtype']}), "
+             f"median of {sweep['rounds']} interleaved runs of {sweep['chain']} calls:"]
+    for row in sweep["rows"]:
+        mark = " <- the call" if row["keys"] == sweep["keys"] else ""
+        lines.append(f"  {row['keys']:7d} keys (remainder {row['remainder']:3d}) {row['ms']:8.3f} ms "
+                     f"{row['tflops']:7.1f} TFLOP/s {row['us_per_tile']:7.2f} us per tile{mark}")
+    up = sweep["aligned_up_ms"] / sweep["keys_ms"]
+    lines.append(f"  {sweep['keys']} keys rounded up to {sweep['aligned_up']} (whole tiles of {sweep['tile']}): "
+                 f"{up:.3f}x the time")
+    return lines
+
+
 def _line(entry: dict[str, Any]) -> str:
     where = f"{entry['shape']:28s} {entry['queries']:6d} x {entry['keys']:6d}  {entry['runtime']:11s} " \
             f"{entry['kernel']:12s}"
@@ -168,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"))
     parser.add_argument("--out", type=Path, default=None, help="folder for attention_kernels.json")
+    parser.add_argument("--key-sweep", type=int, nargs=2, metavar=("QUERIES", "KEYS"), default=None,
+                        help="time only PyTorch's attention of QUERIES queries over KEYS keys and its tile-aligned "
+                             "neighbours (key_sweep), e.g. 4608 7068 for the check's persistent-cache call")
     return parser
 
 
@@ -175,8 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.device == "cuda":  # onnxruntime prints which kernel each node used
         os.environ.setdefault("ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO", "1")
-    report = run(args.device, args.heads, args.head_dim, args.token_scale, args.chain, args.repeats, args.dtype,
-                 log=lambda line: print(line, flush=True))
+    if args.key_sweep is not None:
+        queries, keys = args.key_sweep
+        if queries < 1 or keys < 1:
+            print(f"--key-sweep: got {queries} {keys}, need two positive token counts", file=sys.stderr)
+            return 2
+        report = key_sweep(queries, keys, args.heads, args.head_dim, args.device, args.dtype, args.chain)
+        for line in key_sweep_lines(report):
+            print(line, flush=True)
+    else:
+        report = run(args.device, args.heads, args.head_dim, args.token_scale, args.chain, args.repeats, args.dtype,
+                     log=lambda line: print(line, flush=True))
     if args.out is not None:
         from sparse_context.runtime.files import atomic_write_bytes
 

@@ -5,6 +5,8 @@ any point leaves every finished row):
 
 1. environment: device, free GPU memory, host memory and disk; stop early if the plan cannot fit.
 2. selection: token selection + packing of 6 x 1024^2 numpy references at keep 0.10, on a quiet CPU.
+   attention_keys: PyTorch's attention of the persistent-cache call (text + target queries over them and the kept
+   tokens) beside its neighbouring key counts, rounded to whole key tiles (``attention_kernels.key_sweep``).
 3. export workers start: each graph (``full``, ``kv``) of each reduced depth and attention variant is exported in
    its own process from the CPU (PyTorch cannot export from CUDA tensors, see the exporter), in parallel with the
    GPU phases. A worker still running when the budget ends is killed: the export lives inside the budget.
@@ -41,8 +43,8 @@ from sparse_context.reference.engine_benchmark import (
 )
 from sparse_context.reference.gpu_plan import (
     ACCEPTANCE_KEEP, BUILD_SECONDS_PER_GB, CACHE_HIT_REPEAT_FACTOR, ORT_CACHE_HIT_REPEAT_FACTOR, ORT_OVER_TORCH_GUESS,
-    RAM_PER_EXPORT_BYTES_PER_PARAM, SESSION_SECONDS, Geometry, GpuCheckOptions, check_rows, depth_units,
-    estimate_plan, export_variant, variant_export,
+    RAM_PER_EXPORT_BYTES_PER_PARAM, SESSION_SECONDS, Geometry, GpuCheckOptions, attention_sweep_seconds,
+    check_rows, depth_units, estimate_plan, export_variant, variant_export,
 )
 from sparse_context.reference.gpu_report import CheckReport
 from sparse_context.runtime.errors import InputError, bad_value
@@ -304,6 +306,9 @@ class _Check:
                                          int(self.full_config["joint_attention_dim"]))
         with self.report.phase("selection"):
             self.report.data["selection"] = time_selection(options, self.inputs.grids[:options.refs])
+        if self._fits_phase("attention_keys", attention_sweep_seconds(options, self.full_config)):
+            with self.report.phase("attention_keys"):
+                self.report.data["attention_keys"] = self._attention_keys()
         with self.report.phase("weights") as phase:
             for depth in options.ladder:
                 with _timed(phase, f"{depth}_s"):
@@ -336,6 +341,18 @@ class _Check:
     def close(self) -> None:
         if self.queue is not None:
             self.queue.close()
+
+    def _attention_keys(self) -> dict[str, Any]:
+        """The persistent-cache call's attention (text + target queries over them and the kept tokens) against its
+        neighbouring key counts (``attention_kernels.key_sweep``): is a partial last key tile what the cached call's
+        attention pays beyond its FLOPs?"""
+        from sparse_context.reference.attention_kernels import key_sweep
+
+        queries = self.geometry.text + self.geometry.target
+        keys = queries + self.geometry.ref_tokens(RowKey(self.options.refs, ACCEPTANCE_KEEP, True))
+        config = self.full_config
+        return key_sweep(queries, keys, int(config["num_attention_heads"]), int(config["attention_head_dim"]),
+                         self.options.device, self.options.precision)
 
     # 2. Estimates and the budget
     def _torch_estimate(self, config: dict[str, Any], build: bool = False) -> float:

@@ -182,6 +182,20 @@ class GpuCheckOptions:
         return self
 
 
+def attention_sweep_seconds(options: GpuCheckOptions, config: dict[str, Any]) -> float:
+    """``attention_keys``: every key count of the sweep, warm-up and rounds, ``chain`` calls each, plus a plan build
+    per count (cuDNN) and the device's start."""
+    from sparse_context.reference.attention_kernels import KEY_SWEEP_CHAIN, KEY_SWEEP_ROUNDS, key_counts
+
+    geometry = Geometry.of(options, config)
+    queries = geometry.text + geometry.target
+    counts = key_counts(queries, queries + geometry.ref_tokens(Row(options.refs, ACCEPTANCE_KEEP, True)))
+    flops = 4.0 * geometry.width * queries * sum(counts) * KEY_SWEEP_CHAIN * (KEY_SWEEP_ROUNDS + 1)
+    if not options.cuda:
+        return flops / (EFFECTIVE_TFLOPS["cpu"] * 1e12) + 0.1
+    return flops / (EFFECTIVE_TFLOPS["cuda"] * 1e12) + 0.3 * len(counts) + 2.0
+
+
 # -- cost model ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -287,6 +301,9 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
     plan.phases.append(PlannedPhase("selection (6 numpy refs)", selection))
     clock += selection
     weights = sum(SAVE_SECONDS_PER_GB * geometry.weights_gb(CONFIGS[options.depth_config(d)]) for d in options.ladder)
+    sweep = attention_sweep_seconds(options, full)
+    plan.phases.append(PlannedPhase("attention_keys (PyTorch attention)", sweep))
+    clock += sweep
     plan.phases.append(PlannedPhase("weights (reduced depths, saved)", weights))
     clock += weights
     workers_start = clock

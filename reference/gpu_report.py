@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from sparse_context.reference.attention_kernels import key_sweep_lines
 from sparse_context.reference.benchmark_configs import CONFIGS
 from sparse_context.reference.engine_benchmark import RowKey
 from sparse_context.reference.gpu_plan import ACCEPTANCE_KEEP, depth_units, extrapolate
@@ -210,7 +211,22 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
     derived["kernels_at_full_depth"] = kernels_at_full_depth(derived["outside_kernels"], depths, units)
     derived["without_graphs"] = without_graphs_at_full_depth(data, depths, units, variants)
     derived["cached_over_target"] = cached_over_target(data, depths, units)
+    derived["attention_keys"] = aligned_keys_at_full_depth(data)
     return derived
+
+
+def aligned_keys_at_full_depth(data: dict[str, Any]) -> dict[str, Any]:
+    """What the persistent-cache call's attention would take with its keys rounded up to whole tiles, per call and
+    over a full-depth generation (one attention per block and step), from the ``attention_keys`` sweep."""
+    sweep = data.get("attention_keys")
+    if not sweep:
+        return {}
+    config = CONFIGS[data["config"]]
+    calls = (int(config["num_layers"]) + int(config["num_single_layers"])) * int(data["setup"]["steps"])
+    change_ms = sweep["aligned_up_ms"] - sweep["keys_ms"]
+    return {"keys": sweep["keys"], "aligned_up": sweep["aligned_up"], "up_over_keys": sweep["aligned_up_ms"]
+            / sweep["keys_ms"], "change_per_call_ms": change_ms, "calls_at_full_depth": calls,
+            "change_at_full_depth_ms": change_ms * calls}
 
 
 def cached_over_target(data: dict[str, Any], depths: Sequence[str],
@@ -442,6 +458,12 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             lines.append(f"ort {variant} {label} at full depth (extrapolated): with CUDA graphs "
                          f"{entry['on_full_s']:.3f}s, without {entry['off_full_s']:.3f}s "
                          f"({entry['off_over_on_full']:.3f}x){speedups_shown}")
+    if data.get("attention_keys"):
+        lines += key_sweep_lines(data["attention_keys"])
+        aligned = data["derived"]["attention_keys"]
+        lines.append(f"  at full depth ({aligned['calls_at_full_depth']} attention calls per persistent-cache call): "
+                     f"{aligned['change_at_full_depth_ms']:+.1f} ms with {aligned['aligned_up']} keys instead of "
+                     f"{aligned['keys']}")
     for label, check in data["derived"].get("torch_extrapolation_check", {}).items():
         lines.append(f"extrapolation check (PyTorch) {label}: predicted {check['predicted_s']:.3f}s, measured "
                      f"{check['measured_s']:.3f}s ({100 * check['error']:+.1f} %)")

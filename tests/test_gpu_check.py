@@ -837,3 +837,36 @@ def test_without_graphs_extrapolate_to_full_depth_with_speedups_over_dense():
     report["derived"]["without_graphs"] = result
     assert ("ort mha-split-plain refs 6 keep 0.1 kv cached at full depth (extrapolated): with CUDA graphs 0.570s, "
             "without 0.656s (1.151x); over dense 11.40x with, 9.91x without") in "\n".join(summary_lines(report))
+
+
+def test_the_cached_calls_attention_rounded_up_to_whole_tiles_at_full_depth():
+    """The ``attention_keys`` sweep in a klein-9b report (run 9's rows, a sweep with made-up times): the change per
+    call of rounding 7,068 keys up to 7,168, times one attention per block and step at full depth (32 x 4)."""
+    from sparse_context.reference.attention_kernels import key_counts
+
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "reference" / "measured" / "gpu_check_h200_2026-11-27_run9.json").read_text())
+    times = {4608: 0.52, 4636: 0.56, 7040: 0.80, 7068: 0.90, 7104: 0.86, 7168: 0.82}
+    report["attention_keys"] = {
+        "queries": 4608, "keys": 7068, "tile": 128, "heads": 32, "head_dim": 128, "dtype": "fp16", "device": "cuda",
+        "chain": 8, "rounds": 9, "keys_ms": 0.90, "aligned_up": 7168, "aligned_up_ms": 0.82, "aligned_down": 7040,
+        "aligned_down_ms": 0.80,
+        "rows": [{"keys": k, "remainder": k % 128, "ms": times[k], "tflops": 4 * 4608 * k * 4096 / times[k] / 1e9,
+                  "us_per_tile": times[k] * 1e3 / -(-k // 128)} for k in key_counts(4608, 7068)]}
+    report["derived"] = derive(report)
+    aligned = report["derived"]["attention_keys"]
+    assert aligned["calls_at_full_depth"] == 128
+    assert aligned["change_at_full_depth_ms"] == pytest.approx(-0.08 * 128)
+    assert aligned["up_over_keys"] == pytest.approx(0.82 / 0.90)
+    text = "\n".join(summary_lines(report))
+    assert "7068 keys rounded up to 7168 (whole tiles of 128): 0.911x the time" in text
+    assert "at full depth (128 attention calls per persistent-cache call): -10.2 ms with 7168 keys instead of " \
+           "7068" in text
+    del report["attention_keys"]  # a run that skipped the sweep (or one from before it) says nothing of it
+    assert derive(report)["attention_keys"] == {}
+
+
+def test_the_plan_counts_the_attention_sweep():
+    plan = estimate_plan(GpuCheckOptions(budget_s=480))
+    sweep = next(p for p in plan.phases if p.name.startswith("attention_keys"))
+    assert 2.0 < sweep.seconds < 10.0  # six key counts of ~1 ms, ten runs of eight calls each, a plan build each
