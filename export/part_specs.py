@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sparse_context.export.errors import ExportConfigError
-from sparse_context.export.spec import PRECISIONS, AxisBound, TensorSpec
+from sparse_context.export.spec import PRECISIONS, AxisBound, GraphTensors, TensorSpec
 from sparse_context.runtime.errors import bad_value
 from sparse_context.runtime.tokens import LATENT_CHANNELS, TOKEN_PIXELS, token_grid
 
@@ -44,8 +44,8 @@ MAX_TEXT_TOKENS = 512  # Klein's max_sequence_length; prompts are padded to it
 
 
 @dataclass(frozen=True)
-class PartSpec:
-    """Names, dynamic axes and bounds of one part graph; duck-types :class:`ExportSpec` for ``check_graph``."""
+class PartSpec(GraphTensors):
+    """Names, dynamic axes and bounds of one part graph; an :class:`ExportSpec`'s tensors for ``check_graph``."""
 
     graph: str
     precision: str
@@ -54,36 +54,13 @@ class PartSpec:
     outputs: tuple[TensorSpec, ...]
     settings: tuple[tuple[str, Any], ...] = ()  # part-specific facts that change the graph (text layers)
 
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
-
-    def bound(self, symbol: str) -> AxisBound:
-        return {b.symbol: b for b in self.bounds}[symbol]
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
-
     def resolve(self, sizes: Mapping[str, int]) -> dict[str, int]:
         """Every symbol for the base ``sizes`` (missing ones take their opt value); pixel axes are 16 x latent."""
-        values = {b.symbol: int(sizes.get(b.symbol, b.opt)) for b in self.bounds}
+        values = super().resolve(sizes)
         for pixel, latent in PIXEL_AXES.items():
             if latent in values:
                 values[pixel] = TOKEN_PIXELS * values[latent]
         return values
-
-    def shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
-        values = self.resolve(sizes)
-        return {t.name: tuple(values[d] if isinstance(d, str) else d for d in t.shape) for t in self.inputs}
-
-    def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """``{input: (min shape, opt shape, max shape)}`` for a TensorRT optimization profile."""
-        corners = [self.shapes({b.symbol: getattr(b, which) for b in self.bounds}) for which in ("min", "opt", "max")]
-        return {name: (corners[0][name], corners[1][name], corners[2][name]) for name in self.input_names}
 
     def to_json(self) -> dict[str, Any]:
         return {"graph": self.graph, "precision": self.precision,

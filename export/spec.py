@@ -105,14 +105,14 @@ class TensorSpec:
         return {axis: dim for axis, dim in enumerate(self.shape) if isinstance(dim, str)}
 
 
-@dataclass(frozen=True)
-class ExportSpec:
-    graph: str
-    precision: str
-    dims: ModelDims
+class GraphTensors:
+    """What a graph's spec says of its tensors, shared by :class:`ExportSpec` and the parts' ``PartSpec``: names,
+    dynamic axes, shapes for given sizes and the TensorRT profile. A subclass holds ``bounds``, ``inputs`` and
+    ``outputs`` and says in ``resolve`` how its other symbols follow from the base sizes."""
+
     bounds: tuple[AxisBound, ...]
-    inputs: tuple[TensorSpec, ...] = field(default=())
-    outputs: tuple[TensorSpec, ...] = field(default=())
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
 
     @property
     def input_names(self) -> list[str]:
@@ -130,11 +130,8 @@ class ExportSpec:
         return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
 
     def resolve(self, sizes: Mapping[str, int]) -> dict[str, int]:
-        """Every symbol (base and derived) for the base ``sizes``; missing base symbols take their opt value."""
-        values = {b.symbol: int(sizes.get(b.symbol, b.opt)) for b in self.bounds}
-        for derived, parts in DERIVED_AXES.items():
-            values[derived] = sum(values.get(part, 0) for part in parts)
-        return values
+        """Every base symbol for the base ``sizes`` (missing ones take their opt value); subclasses add theirs."""
+        return {b.symbol: int(sizes.get(b.symbol, b.opt)) for b in self.bounds}
 
     def shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         values = self.resolve(sizes)
@@ -144,6 +141,23 @@ class ExportSpec:
         """``{input: (min shape, opt shape, max shape)}`` for a TensorRT optimization profile."""
         corners = [self.shapes({b.symbol: getattr(b, which) for b in self.bounds}) for which in ("min", "opt", "max")]
         return {name: (corners[0][name], corners[1][name], corners[2][name]) for name in self.input_names}
+
+
+@dataclass(frozen=True)
+class ExportSpec(GraphTensors):
+    graph: str
+    precision: str
+    dims: ModelDims
+    bounds: tuple[AxisBound, ...]
+    inputs: tuple[TensorSpec, ...] = field(default=())
+    outputs: tuple[TensorSpec, ...] = field(default=())
+
+    def resolve(self, sizes: Mapping[str, int]) -> dict[str, int]:
+        """Every symbol (base and derived) for the base ``sizes``; missing base symbols take their opt value."""
+        values = super().resolve(sizes)
+        for derived, parts in DERIVED_AXES.items():
+            values[derived] = sum(values.get(part, 0) for part in parts)
+        return values
 
     def sample_inputs(self, sizes: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
         """Random tokens and real RoPE tables (from grid position ids) for the given base sizes."""
