@@ -12,6 +12,7 @@ from typing import Sequence
 from sparse_context.engines.streams import SYNC_MODES
 from sparse_context.runtime.benchmark_selection import DEFAULT_GENERATION_S, GENERATION_FLAG
 from sparse_context.runtime.errors import InputError, SparseContextError, bad_value
+from sparse_context.runtime.files import atomic_write_bytes
 from sparse_context.runtime.limits import (
     FLAG_GUIDANCE, FLAG_HEIGHT, FLAG_PROMPT, FLAG_SEED, FLAG_STEPS, FLAG_WIDTH,
 )
@@ -125,8 +126,6 @@ def save_image(path: Path, rgb) -> None:
 
     from PIL import Image
 
-    from sparse_context.runtime.files import atomic_write_bytes
-
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format=IMAGE_FORMATS[path.suffix.lower()])
     atomic_write_bytes(path, buffer.getvalue())
@@ -161,7 +160,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         labels.append([f"{strategy}: {s.indices.size}/{s.available}" for s in selections])
         summary[strategy] = [s.indices.tolist() for s in selections]
     selection_grid_png(out / "selections.png", rows, labels)
-    (out / "selections.json").write_text(json.dumps(summary))
+    atomic_write_bytes(out / "selections.json", json.dumps(summary).encode())
     print(f"overlays: {out}/selections.png")
     return 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from sparse_context.calibration.gate import (
 )
 from sparse_context.calibration.recipe import CALIBRATION_METHODS, FLAG_EXCLUDE, FLAG_METHOD, QuantRecipe
 from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.files import replace_folder
 
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 # FP8 Q/DQ runs on TensorRT (Hopper/Ada); onnxruntime's CPU runs it only as a reference for validation.
@@ -200,9 +200,7 @@ def quantize_for_build(request: Any, exports: Sequence[Any], open_backend: Calla
             manifest = manifests[graph]
             manifest["quantization"].update(gate=report, key=key)
             (staging[graph] / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-            if finals[graph].exists():
-                shutil.rmtree(finals[graph])
-            os.replace(staging[graph], finals[graph])
+            replace_folder(staging[graph], finals[graph])
             results.append(ExportResult(finals[graph] / "model.onnx", manifest, False, export.spec))
         return QuantizedBuild(results, report)
     finally:

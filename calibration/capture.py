@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -26,6 +25,7 @@ from sparse_context.calibration.errors import CalibrationConfigError, Calibratio
 from sparse_context.export.rope import rope_cos_sin
 from sparse_context.export.spec import KV_INPUT_FAMILIES, layer_name, split_layers
 from sparse_context.runtime.errors import PromptTruncatedWarning, bad_value
+from sparse_context.runtime.files import replace_folder
 
 CAPTURE_MANIFEST = "capture.json"
 CAPTURE_FORMAT = 2  # 2: the kv graph's cached K/V recorded per layer (export format 6)
@@ -304,9 +304,7 @@ def capture(make_generator: Callable[[], Any], backend: Any, plan: Any, calibrat
             "records": records, "shards": shards, "cut_prompts": sorted(cut),
         }
         (staging / CAPTURE_MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_folder(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

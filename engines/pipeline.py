@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from sparse_context.engines.errors import EnginesIndexError
+from sparse_context.engines.errors import EnginesIndexError, ProfileError
 from sparse_context.engines.index import EnginesIndex, check_device, open_backend
 from sparse_context.engines.parts import PART_NAMES, TextAndVae
 from sparse_context.engines.runtime import EngineRuntime, read_model_settings, starting_latents
@@ -185,10 +185,18 @@ class EnginePipeline:
         # 1. Check inputs and prepare the references as the VAE sees them
         check_keep_fraction(keep_fraction)
         prepared = self.prepare_references(references) if len(references) else []
-        if prepared and height is None and width is None:
+        from_reference = bool(prepared) and height is None and width is None
+        if from_reference:
             height, width = prepared[0].height, prepared[0].width
         width, height = int(width or DEFAULT_SIZE), int(height or DEFAULT_SIZE)
         rows, cols = token_grid(width, height)
+        try:  # before the text and VAE engines run
+            self.runtime.check_built_size(width, height)
+        except ProfileError as error:
+            if not from_reference:
+                raise
+            raise ProfileError(f"{error} (no size was given, so the output takes the first reference's: "
+                               f"pass a built one with --width/--height)") from None
         latents = starting_latents(latents, seed, (rows, cols), self.runtime.backend.dims.in_channels,
                                    (width, height))
 

@@ -179,7 +179,9 @@ class ProfileSelector:
     """Maps each request to exactly one profile of the engines, or raises ProfileError saying what to rebuild.
 
     ``strict_shapes``: the backend compiled its profiles (TensorRT, onnxruntime's TensorRT EP), so target and text
-    token counts must lie in the built ranges too; onnxruntime CUDA/CPU graphs take any target or text length.
+    token counts must lie in the built ranges. onnxruntime CUDA/CPU graphs take any text length and any output up
+    to the plan's largest: a larger one is refused as well, since its attention and VAE activations were never
+    sized (a 2048^2 output on engines built for 1024^2 ran a 24 GB host out of memory in the VAE decoder).
     Reference tokens always map to a bucket: it fixes the K/V buffer size and keeps every backend inside the plan.
     """
 
@@ -194,8 +196,8 @@ class ProfileSelector:
         if step not in steps_for_graph(graph):
             raise ProfileError(bad_value(f"step of the {graph} graph", step, ", ".join(steps_for_graph(graph))))
         bucket = self.plan.bucket_for(int(ref_tokens), f"{graph}/{step} step")
+        self.check_target(int(target_tokens))
         if self.strict_shapes:
-            self._check_target(int(target_tokens))
             if int(text_tokens) != self.plan.text_tokens:
                 raise ProfileError(f"prompt of {text_tokens} tokens: the engines were built for prompts padded to "
                                    f"{self.plan.text_tokens} tokens; pass prompt embeddings of that length or "
@@ -204,14 +206,18 @@ class ProfileSelector:
         index = profile_index(held, bucket.name, step) if held else None
         return ProfileChoice(bucket, step, index)
 
-    def _check_target(self, target_tokens: int) -> None:
+    def check_target(self, target_tokens: int, size: tuple[int, int] | None = None) -> None:
+        """Refuse an output the engines were not built for: outside the built range where shapes are compiled,
+        larger than the largest built size elsewhere. Called per engine call and by the pipelines up front."""
         low, _, high = self.plan.target_token_range()
-        if low <= target_tokens <= high:
+        if target_tokens <= high and (target_tokens >= low or not self.strict_shapes):
             return
         built = ", ".join(f"{r.name} ({r.tokens} tokens)" for r in self.plan.target_resolutions)
         wanted = next((r.name for r in RESOLUTIONS if r.tokens == target_tokens), None)
         advice = (f"rebuild with {FLAG_TARGET_RESOLUTIONS} {' '.join(r.name for r in self.plan.target_resolutions)} "
                   f"{wanted}" if wanted else f"generate at a built size (--width/--height), or rebuild with "
                   f"{FLAG_TARGET_RESOLUTIONS} (choices: {', '.join(RESOLUTION_CHOICES)})")
-        raise ProfileError(f"output of {target_tokens} target tokens is outside the engines' range {low}..{high} "
-                           f"(built for {built}); {advice}")
+        where = f"outside the engines' range {low}..{high}" if self.strict_shapes else \
+            f"more than the engines' largest built output ({high} tokens)"
+        what = f"{size[0]}x{size[1]} px ({target_tokens} target tokens)" if size else f"{target_tokens} target tokens"
+        raise ProfileError(f"output of {what} is {where} (built for {built}); {advice}")

@@ -108,6 +108,14 @@ class EngineRuntime:
         return cls(open_backend(index, memory=memory, device=device, sync=sync, cuda_graphs=cuda_graphs), scheduler,
                    kv_cache, index)
 
+    def check_built_size(self, width: int, height: int) -> None:
+        """Raise ProfileError for an output the engines were not built for (``ProfileSelector.check_target``),
+        before any engine runs; backends without a plan take any size."""
+        selector = getattr(self.backend, "selector", None)
+        if selector is not None:
+            rows, cols = token_grid(width, height, TOKEN_PIXELS)
+            selector.check_target(rows * cols, (width, height))
+
     def generate_latents(
         self,
         prompt_embeds: np.ndarray,
@@ -153,6 +161,7 @@ class EngineRuntime:
             raise InputError(bad_value("reference latent shapes", [g.shape for g in grids],
                                        f"({dims.in_channels}, rows, cols) each: the latent channels of the model"))
         rows, cols = token_grid(width, height, TOKEN_PIXELS)
+        self.check_built_size(width, height)
 
         # 1. Which reference tokens to keep (a request the K/V cache has seen finds its selection there)
         references = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from sparse_context.export.exporter import (
 from sparse_context.export.part_specs import PIXEL_AXES, PartSpec, example_sizes, sample_inputs
 from sparse_context.runtime.fingerprints import file_sha256
 from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.files import replace_folder
 from sparse_context.runtime.tokens import TOKEN_PIXELS
 
 DEFAULT_PART_OPSET = 19
@@ -158,9 +158,7 @@ def export_part(spec: PartSpec, model_dir: str | Path, out_dir: str | Path, load
         text = json.dumps(manifest, indent=2, default=str)
         manifest = json.loads(text)  # the same lists-not-tuples form a reused export reads back
         (staging / MANIFEST).write_text(text)
-        if final.exists():  # an older folder that failed _load_complete (damaged): replace it
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_folder(staging, final)  # an older folder there failed _load_complete (damaged)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

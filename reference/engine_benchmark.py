@@ -19,7 +19,9 @@ import contextlib
 import gc
 import json
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,6 +35,7 @@ from sparse_context.reference.engine_report import (
     ACCEPTANCE_KEEP, REL_ERROR_FLAG, acceptance, correctness, selection_shares, speedup_limits,
 )
 from sparse_context.runtime.errors import InputError, bad_value
+from sparse_context.runtime.files import publish_mode, replace_folder
 from sparse_context.runtime.packing import pack_references
 from sparse_context.runtime.sampler import Conditioning, denoise
 from sparse_context.runtime.schedule import flow_match_schedule
@@ -534,14 +537,22 @@ def write_model_folder(model: Any, options: EngineBenchOptions) -> Path:
     import torch
 
     folder = _work_dir(options) / f"model-{options.config}-seed{options.seed}"
-    (folder / "transformer").mkdir(parents=True, exist_ok=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline",
-                                                         "transformer": ["diffusers", "Flux2Transformer2DModel"]}))
-    model.save_config(folder / "transformer")
-    # Weights come from torch's generator on the build device: another device or torch draws other numbers.
-    recipe = {"config": options.config, "seed": options.seed, "device_type": torch.device(options.device).type,
-              "torch": torch.__version__, "built_by": "sparse_context.reference.benchmark.build_transformer"}
-    (folder / "transformer" / "random_weights.json").write_text(json.dumps(recipe, sort_keys=True))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{folder.name}-", dir=folder.parent))
+    try:  # written whole, then renamed into place: the exporter keys its cache on random_weights.json
+        (staging / "transformer").mkdir()
+        (staging / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline",
+                                                              "transformer": ["diffusers", "Flux2Transformer2DModel"]}))
+        model.save_config(staging / "transformer")
+        # Weights come from torch's generator on the build device: another device or torch draws other numbers.
+        recipe = {"config": options.config, "seed": options.seed, "device_type": torch.device(options.device).type,
+                  "torch": torch.__version__, "built_by": "sparse_context.reference.benchmark.build_transformer"}
+        (staging / "transformer" / "random_weights.json").write_text(json.dumps(recipe, sort_keys=True))
+        publish_mode(staging)  # mkdtemp made it 0700
+        replace_folder(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
 
 

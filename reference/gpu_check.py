@@ -48,6 +48,7 @@ from sparse_context.reference.gpu_plan import (
 )
 from sparse_context.reference.gpu_report import CheckReport
 from sparse_context.runtime.errors import InputError, bad_value
+from sparse_context.runtime.files import replace_folder
 
 Event = Callable[[str], None]
 SELECTION_STRATEGIES = ("uniform", "edge", "saliency")
@@ -251,7 +252,7 @@ def write_model_folder(options: GpuCheckOptions, depth: str) -> Path:
         del model
         index = {"_class_name": "Flux2KleinPipeline", "transformer": ["diffusers", "Flux2Transformer2DModel"]}
         (staging / "model_index.json").write_text(json.dumps(index))
-        os.replace(staging, folder)
+        replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -56,3 +56,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_folder(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename a complete ``staging`` folder to ``final``. A folder already there (one that failed its check) is
+    renamed aside first and removed after, so a reader sees the old folder whole, then for a moment none, then the
+    new one whole: never a folder half removed. POSIX cannot rename a folder over a non-empty one in one step."""
+    import shutil
+
+    staging, final = Path(staging), Path(final)
+    aside = None
+    if final.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".replaced-{final.name}-", dir=final.parent))
+        os.replace(final, aside / final.name)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if aside is not None:  # put the old folder back: no worse than before the call
+            os.replace(aside / final.name, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return final

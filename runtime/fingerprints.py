@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -77,13 +76,10 @@ def _read_memo() -> dict[str, dict[str, Any]]:
 
 
 def _write_memo(memo: Mapping[str, Any]) -> None:
-    folder = cache_dir()
+    from sparse_context.runtime.files import atomic_write_bytes
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{DIGEST_MEMO_FILE}.", dir=folder)
-        with os.fdopen(handle, "w") as out:
-            json.dump(memo, out)
-        os.replace(temp, folder / DIGEST_MEMO_FILE)
+        atomic_write_bytes(cache_dir() / DIGEST_MEMO_FILE, json.dumps(memo).encode())
     except OSError:
         pass  # best effort, see file_sha256_memo
 

@@ -46,14 +46,14 @@ def tiny_generator(tiny_model_dir):
 @pytest.fixture(scope="session")
 def engines_dir(tiny_model_dir, tmp_path_factory):
     """``build_engines`` output for the tiny model on onnxruntime CPU (fp32): 3 references of 256x256 px at keep
-    0.10 or 1.0, 256x256 px targets, 64 text tokens."""
+    0.10 or 1.0, targets up to 512x512 px (the sample photo's own 448x288 among them), 64 text tokens."""
     pytest.importorskip("onnxruntime", reason="the engines need onnxruntime (pip install .[onnx])")
     from sparse_context.engines.buckets import BucketPlan, Resolution
     from sparse_context.engines.build import BuildRequest, build_engines
 
     out = tmp_path_factory.mktemp("engines")
     plan = BucketPlan(keep_fractions=(0.1, 1.0), max_refs=3, ref_resolution=Resolution(256, 256),
-                      target_resolutions=(Resolution(256, 256),), text_tokens=64).validate()
+                      target_resolutions=(Resolution(256, 256), Resolution(512, 512)), text_tokens=64).validate()
     build_engines(BuildRequest(model_dir=tiny_model_dir, backend="ort-cpu", plan=plan, out_dir=out, precision="fp32"))
     return out
 

@@ -229,10 +229,10 @@ def test_build_records_parts_profiles_and_model_files(engines_dir):
     shapes = {part: entry.profiles[0]["shapes"] for part, entry in index.parts.items()}
     assert all(len(entry.profiles) == 1 for entry in index.parts.values())
     # text: prompts of 1..text tokens; VAE encoder: 256x256 px references at 1:2 .. 2:1 (176x352 px), down to
-    # one token; VAE decoder: the 256x256 px targets
+    # one token; VAE decoder: the 256x256 and 512x512 px targets (opt: the largest)
     assert shapes["text_encoder"]["input_ids"] == [[1, 1], [1, 64], [1, 64]]
     assert shapes["vae_encoder"]["image"] == [[1, 3, 16, 16], [1, 3, 256, 256], [1, 3, 352, 352]]
-    assert shapes["vae_decoder"]["latents"] == [[1, 128, 16, 16]] * 3
+    assert shapes["vae_decoder"]["latents"] == [[1, 128, 16, 16], [1, 128, 32, 32], [1, 128, 32, 32]]
     assert {"model/tokenizer/tokenizer.json", "model/scheduler/scheduler_config.json"} <= set(index.files)
     for name, digest in index.files.items():
         assert sha256_file(engines_dir / name) == digest

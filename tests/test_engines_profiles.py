@@ -161,7 +161,17 @@ def test_profile_selector_maps_each_request_to_one_profile():
         selector.choose("kv", "extract", 10, 4096, 32)
     with pytest.raises(ProfileError, match="padded to 32 tokens.*--text-tokens 512"):
         selector.choose("kv", "extract", 10, 1024, 512)
-    loose = ProfileSelector(plan)  # onnxruntime CUDA/CPU: any target/text length, buckets still enforced
-    assert loose.choose("kv", "cached", 10, 4096, 512).index is None
+    with pytest.raises(ProfileError, match="output of 256 target tokens is outside the engines' range 1024..1024"):
+        selector.choose("kv", "extract", 10, 256, 32)
+    # onnxruntime CUDA/CPU: any text length and any output up to the largest built one; buckets still enforced
+    loose = ProfileSelector(plan)
+    assert loose.choose("kv", "cached", 10, 1024, 512).index is None
+    assert loose.choose("kv", "cached", 10, 256, 512).index is None  # 256x256 on 512x512 engines: smaller runs
+    with pytest.raises(ProfileError, match=r"output of 1024x1024 px \(4096 target tokens\) is more than the engines' "
+                                           r"largest built output \(1024 tokens\) \(built for 512x512 \(1024 tokens\)\); "
+                                           r"rebuild with --target-resolutions 512x512 1024x1024"):
+        loose.check_target(4096, (1024, 1024))
+    with pytest.raises(ProfileError, match="more than the engines' largest built output"):
+        loose.choose("kv", "cached", 10, 4096, 512)
     with pytest.raises(ProfileError, match="recorded bucket plan"):
         BucketPlan.from_json({"max_refs": 2})
