@@ -85,6 +85,37 @@ def test_cache_hit_skips_the_vae_encoder(engines_dir, reference_photos, monkeypa
     assert pipe.prompt_cache.stats.hits >= 1
 
 
+def test_an_output_larger_than_the_built_sizes_is_refused_before_any_engine_runs(engines_dir, tmp_path, capsys):
+    """The engines were built for outputs up to 512x512 px: 1024x1024 asked for, or taken from a large first
+    reference, is refused before the text, VAE or transformer engines run (on onnxruntime it would run, with
+    activations nobody sized: 2048^2 on 1024^2 engines ran a 24 GB host out of memory). Smaller outputs run."""
+    from sparse_context.cli import main
+    from sparse_context.engines.errors import ProfileError
+    from sparse_context.engines.pipeline import EnginePipeline
+
+    from conftest import photo
+
+    out = tmp_path / "big.png"
+    code = main(["generate", "--engines", str(engines_dir), "--prompt", "a cat", "--width", "1024", "--height",
+                 "1024", "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not out.exists()
+    assert "output of 1024x1024 px (4096 target tokens) is more than the engines' largest built output (1024 " \
+           "tokens) (built for 256x256 (256 tokens), 512x512 (1024 tokens)); rebuild with --target-resolutions " \
+           "256x256 512x512 1024x1024" in err
+    pipe = EnginePipeline.from_engines(engines_dir)
+    pipe.parts.text_encoder = pipe.parts.vae_encoder = pipe.parts.vae_decoder = None  # any use raises InputError
+    before = pipe.runtime.backend.session_seconds
+    with pytest.raises(ProfileError, match=r"output of 1024x768 px \(3072 target tokens\) is more than.*no size was "
+                                           r"given, so the output takes the first reference's: pass a built one with "
+                                           r"--width/--height"):
+        pipe.generate("a cat", [photo(1, 1024, 768)], keep_fraction=0.1, num_steps=1)
+    with pytest.raises(ProfileError, match="more than the engines' largest built output"):
+        pipe.runtime.generate_latents(np.zeros((1, 64, pipe.runtime.backend.dims.text_dim), np.float32),
+                                      width=1024, height=1024, num_steps=1)
+    assert pipe.runtime.backend.session_seconds == before
+
+
 def test_default_noise_is_numpy_for_the_seed(pipeline):
     """Without latents the noise is numpy's for the seed (documented: not torch's), so a seed repeats."""
     from sparse_context.engines.runtime import initial_noise

@@ -415,6 +415,36 @@ def test_no_staging_left_behind_by_a_killed_export(tmp_path):
     shutil.rmtree(live)
 
 
+def test_a_published_folder_replaces_the_old_one_whole_or_not_at_all(tmp_path, monkeypatch):
+    """``replace_folder``: the old folder is renamed aside (never half removed) and goes once the new one is in
+    place; when the rename of the new one fails, the old one is back where it was and nothing is left aside."""
+    from sparse_context.runtime import files
+
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "model.onnx").write_bytes(b"old")
+    staging = tmp_path / ".staging-new"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(b"new")
+    files.replace_folder(staging, final)
+    assert (final / "model.onnx").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(b"newer")
+    real_replace = os.replace
+
+    def failing(source, target):
+        if Path(source) == staging:
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        files.replace_folder(staging, final)
+    assert (final / "model.onnx").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging-new", "export"]  # the caller removes staging
+
+
 def test_outputs_follow_the_umask(tmp_path, monkeypatch):
     """Files and folders published from temporary names get the modes an ordinary write would (not 0600/0700)."""
     from sparse_context.runtime import files
