@@ -12,7 +12,7 @@ from typing import Sequence
 from sparse_context.engines.streams import SYNC_MODES
 from sparse_context.runtime.benchmark_selection import DEFAULT_GENERATION_S, GENERATION_FLAG
 from sparse_context.runtime.errors import InputError, SparseContextError, bad_value
-from sparse_context.runtime.files import atomic_write_bytes
+from sparse_context.runtime.files import atomic_write_bytes, nearest_existing
 from sparse_context.runtime.limits import (
     FLAG_GUIDANCE, FLAG_HEIGHT, FLAG_PROMPT, FLAG_SEED, FLAG_STEPS, FLAG_WIDTH,
 )
@@ -97,10 +97,12 @@ def check_selection_options(args: argparse.Namespace, all_allowed: bool = False)
 def check_output_folder(folder: str) -> Path:
     """``folder`` can be created and written (checked before any work)."""
     path = Path(folder)
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    existing = nearest_existing(path, "output folder", FLAG_OUT)
     if existing == path and not path.is_dir():
         raise InputError(bad_value("output folder", folder, "a folder (this is a file)", FLAG_OUT))
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise InputError(bad_value("output folder", folder, f"a folder ({existing} is a file)", FLAG_OUT))
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(bad_value("output folder", folder, f"a folder you can write ({existing} is not writable)",
                                    FLAG_OUT))
     return path
@@ -109,6 +111,7 @@ def check_output_folder(folder: str) -> Path:
 def check_output_file(file: str) -> Path:
     """``file`` has an image suffix we write in that format, is not a folder, and its folder is writable."""
     path = Path(file)
+    nearest_existing(path, "output file", FLAG_OUT)
     if path.is_dir():
         raise InputError(bad_value("output file", file, "a file name (this is an existing folder)", FLAG_OUT))
     if path.suffix.lower() not in IMAGE_FORMATS:

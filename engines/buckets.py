@@ -147,8 +147,8 @@ class BucketPlan:
             raise InputError(bad_value("target resolutions", (), "at least one", FLAG_TARGET_RESOLUTIONS))
         for resolution in (self.ref_resolution, *self.target_resolutions):
             resolution.tokens  # raises InputError below one token
-        if not isinstance(self.text_tokens, int) or self.text_tokens < 1:
-            raise InputError(bad_value("text tokens", self.text_tokens, "an integer >= 1", FLAG_TEXT_TOKENS))
+        if not isinstance(self.text_tokens, int) or self.text_tokens < 2:  # the export's least (export.spec)
+            raise InputError(bad_value("text tokens", self.text_tokens, "an integer >= 2", FLAG_TEXT_TOKENS))
         return self
 
     @property
@@ -242,7 +242,10 @@ class BucketPlan:
                        typical_refs=data.get("typical_refs"), ref_resolution=Resolution.parse(data["ref_resolution"]),
                        target_resolutions=tuple(Resolution.parse(r) for r in data["target_resolutions"]),
                        text_tokens=int(data["text_tokens"])).validate()
-        except (KeyError, TypeError, ValueError) as error:
+        except InputError as error:  # well formed, but a value out of range: say which
+            raise ProfileError(f"recorded bucket plan: {error} (rebuild the engines with build_engines.py)") \
+                from error
+        except (KeyError, TypeError, ValueError, OverflowError) as error:  # int(Infinity) is an OverflowError
             raise ProfileError(bad_value("recorded bucket plan", data, "a plan written by build_engines.py "
                                          "(rebuild the engines)")) from error
 

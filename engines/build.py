@@ -114,11 +114,13 @@ class BuildRequest:
         if self.ref_stream == "plain":
             self._check_plain_scores()
         # Inputs checked before the folder is created or anything heavy imported
+        from sparse_context.engines.model_files import check_build_folder
         from sparse_context.export.model_folder import read_model_index, read_settings
         from sparse_context.runtime.limits import check_lora_scale
 
         read_model_index(self.model_dir)
         read_settings(self.model_dir)
+        check_build_folder(self.model_dir)
         check_weight_files(self.lora, self.transformer_file)
         check_lora_scale(self.lora_scale)
         check_out_folder(self.out_dir)
@@ -151,8 +153,10 @@ def check_backend_precision(backend: str, precision: str) -> None:
 
 def check_out_folder(out_dir: Path) -> None:
     """The engines folder is a folder, or can become one (nothing is created here)."""
+    from sparse_context.runtime.files import nearest_existing
+
     out_dir = Path(out_dir)
-    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("."))
+    existing = nearest_existing(out_dir, "engines folder", FLAG_OUT)
     if not existing.is_dir():
         raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a folder ({existing} is a file)",
                                          FLAG_OUT))
@@ -232,8 +236,8 @@ def folder_lock(out_dir: Path) -> Iterator[None]:
     try:
         handle = open(path, "a+")
     except OSError as error:
-        raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a writable folder ({error.strerror})",
-                                         FLAG_OUT)) from error
+        raise BuildOptionError(bad_value("engines folder", str(out_dir), f"a folder where the build can write its "
+                                         f"lock file {LOCK_FILE} ({path}: {error.strerror})", FLAG_OUT)) from error
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

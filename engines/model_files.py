@@ -21,6 +21,20 @@ REQUIRED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokeni
 OPTIONAL_FILES = ("tokenizer/tokenizer_config.json", "tokenizer/chat_template.jinja", "sparse_context.json")
 
 
+BUILD_FILES = ("transformer/config.json", "vae/config.json", "text_encoder/config.json")  # what the exports read
+
+
+def check_build_folder(model_dir: str | Path) -> None:
+    """Refuse, before anything is exported, a model folder without a file the build reads: the transformer's, the
+    VAE's and the text encoder's configs (the exports) and :data:`REQUIRED_FILES` (copied beside the engines)."""
+    source = Path(model_dir)
+    needed = REQUIRED_FILES + BUILD_FILES
+    missing = [name for name in needed if not (source / name).is_file()]
+    if missing:
+        raise ModelLoadError(bad_value("model folder", str(source), "a diffusers folder with " + ", ".join(needed)
+                                       + f" (missing: {', '.join(missing)})", "--model"))
+
+
 def copy_model_files(model_dir: str | Path, engines_dir: str | Path) -> dict[str, str]:
     """Copy the files into ``<engines_dir>/model/`` (each written whole, then renamed); return
     ``{path relative to engines_dir: sha256}``."""

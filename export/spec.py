@@ -218,7 +218,8 @@ def build_spec(graph: str, precision: str, dims: ModelDims, text_tokens: int,
         # The exporter needs an example of at least 2 tokens (0 and 1 are specialised into constants).
         raise ExportConfigError(bad_value("max reference tokens", max_ref_tokens, "an integer >= 2", "--max-ref-tokens"))
     if int(text_tokens) < 2:
-        raise ExportConfigError(bad_value("text tokens", text_tokens, "an integer >= 2"))
+        # Like the reference tokens: an example of 1 token would be specialised into a constant.
+        raise ExportConfigError(bad_value("text tokens", text_tokens, "an integer >= 2", "--text-tokens"))
     counts = target_token_counts(target_sizes)
     if min(counts) < 2:
         raise ExportConfigError(bad_value("target sizes", list(target_sizes), "sizes of at least 2 tokens (32x16 px)",

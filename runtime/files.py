@@ -79,3 +79,23 @@ def replace_folder(staging: str | os.PathLike, final: str | os.PathLike) -> Path
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows file systems
+
+
+def nearest_existing(path: str | os.PathLike, what: str, flag: str) -> Path:
+    """The deepest existing folder (or file) on ``path``, ``.`` if none: where an output would be created. A name
+    longer than the file system allows is refused here with ``what`` and ``flag`` (``exists()`` raised it raw)."""
+    from sparse_context.runtime.errors import InputError, bad_value
+
+    path = Path(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise InputError(bad_value(what, f"{part[:40]}... ({len(os.fsencode(part))} bytes)",
+                                       f"names of at most {NAME_MAX} bytes each", flag))
+    try:
+        return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    except OSError as error:  # a path too long as a whole, a loop of links
+        raise InputError(bad_value(what, str(path), f"a path the file system takes ({error.strerror})", flag)) \
+            from error

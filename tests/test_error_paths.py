@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import os
 import shutil
 import sys
@@ -116,7 +117,7 @@ def test_select_out_below_a_file_is_refused(tmp_path, capsys):
     """`select --out` names a folder inside something that is a file: nothing can be created there."""
     (tmp_path / "notes.txt").write_text("x")
     err = _cli(["select", "--ref", SAMPLE, "--out", tmp_path / "notes.txt" / "overlays"], capsys)
-    assert "output folder: got" in err and "notes.txt is not writable" in err and "--out" in err
+    assert "output folder: got" in err and "notes.txt is a file)" in err and "--out" in err
     assert not (tmp_path / "notes.txt").is_dir()
 
 
@@ -173,6 +174,21 @@ def test_engines_folder_that_cannot_be_created(tiny_model_dir):
         build_engines(request)
 
 
+@pytest.mark.parametrize("program, argv", [
+    ("cli", ["select", "--out", "{long}"]),
+    ("cli", ["generate", "--prompt", "a cat", "--out", "{long}/x.png"]),
+    ("cli", ["generate", "--prompt", "a cat", "--out", "{long}.png"]),
+    ("build_engines", ["--demo", "--out", "{long}"]),
+], ids=["select", "generate-folder", "generate-file", "build"])
+def test_an_output_name_longer_than_the_file_system_takes(tmp_path, capsys, program, argv):
+    """A 300-character name in --out (a path pasted twice, a generated name): refused with the flag, where the
+    existence check raised OSError: File name too long."""
+    long = str(tmp_path / ("n" * 300))
+    err = _cli([a.replace("{long}", long) for a in argv], capsys, program=program)
+    assert "allowed: names of at most 255 bytes each (change it with --out)" in err and re.search(r"\(30[04] bytes\)", err)
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_engines_folder_whose_lock_file_cannot_be_opened(tiny_model_dir, tmp_path):
     """The engines folder holds a folder where the build's lock file belongs: the build cannot lock it."""
     from sparse_context.engines.build import LOCK_FILE, BuildRequest, build_engines
@@ -181,8 +197,9 @@ def test_engines_folder_whose_lock_file_cannot_be_opened(tiny_model_dir, tmp_pat
     out = tmp_path / "engines"
     (out / LOCK_FILE).mkdir(parents=True)
     request = BuildRequest(model_dir=tiny_model_dir, backend="ort-cpu", plan=_plan(), out_dir=out, precision="fp32")
-    with pytest.raises(BuildOptionError, match=r"engines folder: got '.*engines'; allowed: a writable folder "
-                                               r"\(Is a directory\) \(change it with --out\)"):
+    with pytest.raises(BuildOptionError, match=r"engines folder: got '.*engines'; allowed: a folder where the build "
+                                               r"can write its lock file \.build\.lock \(.*engines/\.build\.lock: Is a "
+                                               r"directory\) \(change it with --out\)"):
         build_engines(request)
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing exported
 
@@ -209,6 +226,30 @@ def test_engines_json_with_a_plan_of_the_wrong_shape(tmp_path, plan):
         EnginesIndex.read(folder)
 
 
+@pytest.mark.parametrize("change, said", [
+    ({"max_refs": float("inf")}, "recorded bucket plan: got"),  # json writes Infinity; int() of it overflowed
+    ({"max_refs": 0}, "recorded bucket plan: maximum references: got 0; allowed: an integer >= 1"),
+    ({"text_tokens": 1}, "recorded bucket plan: text tokens: got 1; allowed: an integer >= 2"),
+], ids=["infinite-refs", "no-refs", "one-text-token"])
+def test_engines_json_with_a_plan_out_of_range(tmp_path, capsys, change, said):
+    """engines.json edited by hand: the plan parses but a value is out of range (or not finite). ``generate``
+    refuses it with the value's own reason and the rebuild hint, not a traceback."""
+    data = _index_json()
+    data["plan"].update(change)
+    folder = _engines_folder(tmp_path, data)
+    err = _cli(["generate", "--prompt", "a cat", "--engines", folder, "--out", tmp_path / "x.png"], capsys)
+    assert said in err and "build_engines.py" in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_build_refuses_one_text_token_as_the_export_would(tiny_model_dir, tmp_path, capsys):
+    """``--text-tokens 1`` passed the build's own check and failed later in the export without naming the flag."""
+    err = _cli(["--model", tiny_model_dir, "--text-tokens", "1", "--out", tmp_path / "e"], capsys,
+               program="build_engines")
+    assert "text tokens: got 1; allowed: an integer >= 2 (change it with --text-tokens)" in err
+    assert not (tmp_path / "e").exists()
+
+
 # -- engines/model_files.py ---------------------------------------------------------------------------------------
 
 def test_model_folder_without_a_tokenizer_cannot_be_carried(tmp_path):
@@ -224,6 +265,19 @@ def test_model_folder_without_a_tokenizer_cannot_be_carried(tmp_path):
                                              r"tokenizer/tokenizer\.json\) \(change it with --model\)"):
         copy_model_files(model, tmp_path / "engines")
     assert not (tmp_path / "engines").exists()
+
+
+@pytest.mark.parametrize("left_out", ["transformer", "vae", "tokenizer"])
+def test_build_refuses_a_model_folder_missing_a_part_before_exporting(tiny_model_dir, tmp_path, capsys, left_out):
+    """A model folder copied without one of its subfolders: refused before any export, with nothing left in --out
+    (it failed with a FileNotFoundError traceback from the exporter when the transformer was missing)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model, ignore=lambda folder, names: [left_out] if Path(folder) == Path(
+        tiny_model_dir) else [])
+    out = tmp_path / "engines"
+    err = _cli(["--model", model, "--out", out], capsys, program="build_engines")
+    assert "(missing: " in err and f"{left_out}/" in err and "(change it with --model)" in err
+    assert not out.exists()
 
 
 def test_engines_json_recording_no_model_files(tmp_path, capsys):
