@@ -332,6 +332,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_torch(command: str) -> None:
+    """The benchmarks time PyTorch (or build their weights with it): say so, not ModuleNotFoundError, where the
+    install is the runtime-only one."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as error:
+        raise InputError(f"{command} runs PyTorch (the reference it measures against, and the model's weights): "
+                         f"torch is not installed here ({error}); install the [torch] extra, e.g. "
+                         f"pip install 'sparse-context[torch,onnx]', or use the README's set-up") from None
+
+
 def cmd_bench_engines(args: argparse.Namespace) -> int:
     from sparse_context.reference.engine_benchmark import DEFAULT_REFS, EngineBenchOptions, benchmark_engines
     from sparse_context.reference.engine_report import summary_lines, write_engine_report
@@ -340,7 +351,8 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
         config=args.config, refs=tuple(args.refs or DEFAULT_REFS), keeps=tuple(args.keeps), target_px=args.target_px,
         ref_px=args.ref_px, text_tokens=args.text_tokens, steps=args.steps, repeats=args.repeats, device=args.device,
         precision=args.dtype, backend=args.backend, budget_s=args.budget_s, seed=args.seed,
-        work_dir=Path(args.work_dir) if args.work_dir else None)
+        work_dir=Path(args.work_dir) if args.work_dir else None).validate()
+    require_torch("bench engines")
     result = benchmark_engines(options, on_event=lambda line: print(line, file=sys.stderr, flush=True))
     print("\n".join(summary_lines(result)))
     json_path, png_path = write_engine_report(result, args.out)
@@ -362,6 +374,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(estimate_plan(options).lines()))
         return 0
+    require_torch("bench gpu")
     from sparse_context.reference.gpu_check import run_gpu_check
 
     run_gpu_check(options, on_event=lambda line: print(line, flush=True))
@@ -400,6 +413,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         path = write_selection_report({"per_reference": per_reference, "references": references}, args.out)
         print(f"wrote {path}")
         return 0
+    require_torch(f"bench {args.what}")
     from sparse_context.reference.benchmark import benchmark_speed, write_speed_report
 
     def show(row):

@@ -69,6 +69,8 @@ class CalibrationOptions:
         if self.calibration is not None and not Path(self.calibration).is_dir():
             raise CalibrationConfigError(bad_value("calibration folder", str(self.calibration), "an existing folder",
                                                    FLAG_CALIBRATION))
+        if self.calibration is not None and not (Path(self.calibration) / CAPTURE_MANIFEST).is_file():
+            load_set(self.calibration)  # its prompts and images, read now: a wrong set fails before the export
         return self
 
 

@@ -14,8 +14,7 @@ from typing import Any, Iterator, Mapping
 
 from sparse_context.calibration.capture import Capture
 from sparse_context.calibration.errors import CalibrationError, QuantizationUnavailableError
-from sparse_context.calibration.recipe import QuantRecipe
-from sparse_context.export.errors import ExportError
+from sparse_context.calibration.recipe import FLAG_EXCLUDE, QuantRecipe
 
 ONNX_FILE = "model.onnx"
 MANIFEST = "manifest.json"
@@ -46,8 +45,9 @@ class CaptureReader:
         self.capture = capture
         self.records = capture.records(graph, "calibration")
         if not self.records:
-            raise CalibrationError(f"capture {capture.folder} has no calibration records of the {graph} graph; "
-                                   "capture it with that graph in --graphs")
+            held = sorted({r["graph"] for r in capture.manifest["records"] if r["split"] == "calibration"})
+            raise CalibrationError(f"capture {capture.folder} has no calibration records of the {graph} graph (it "
+                                   f"holds: {', '.join(held) or 'none'}); capture it with that graph in --graphs")
         self._iterator: Iterator[Mapping[str, Any]] = iter(self.records)
 
     def get_next(self) -> dict | None:
@@ -181,4 +181,5 @@ def check_quantized(path: Path) -> None:
     model = onnx.load(str(path), load_external_data=False)
     ops = {node.op_type for node in model.graph.node}
     if "QuantizeLinear" not in ops and "DequantizeLinear" not in ops:
-        raise ExportError(f"{path} has no QuantizeLinear/DequantizeLinear nodes: nothing was quantized")
+        raise CalibrationError(f"{path} has no QuantizeLinear/DequantizeLinear nodes: ModelOpt quantized nothing; "
+                               f"check that {FLAG_EXCLUDE} leaves some MatMul/Gemm layers to quantize")

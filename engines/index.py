@@ -139,16 +139,22 @@ class EnginesIndex:
                                     f"{rebuild_hint(_recorded_args(data))}") from error
         scheduler = data.get("scheduler_config")
         if scheduler is not None and not isinstance(scheduler, Mapping):
-            raise EnginesIndexError(bad_value(f"{source} scheduler_config", type(scheduler).__name__, "an object"))
+            raise EnginesIndexError(bad_value(f"{source} scheduler_config", type(scheduler).__name__, "an object")
+                                    + f"; {rebuild_hint(_recorded_args(data))}")
+
+        def entries(table: Any) -> dict[str, GraphEntry]:  # each problem with the command that writes it right
+            try:
+                return {name: GraphEntry.from_json(name, entry) for name, entry in (table or {}).items()}
+            except EnginesIndexError as error:
+                raise EnginesIndexError(f"{error}; {rebuild_hint(_recorded_args(data))}") from None
+
         return cls(backend=data["backend"], model_dir=str(data["model_dir"]), precision=str(data["precision"]),
-                   attention=str(data["attention"]), plan=plan,
-                   graphs={g: GraphEntry.from_json(g, e) for g, e in data["graphs"].items()},
+                   attention=str(data["attention"]), plan=plan, graphs=entries(data["graphs"]),
                    providers=tuple(data.get("providers") or ()), lora=data.get("lora"),
                    lora_sha256=data.get("lora_sha256"), lora_scale=float(data.get("lora_scale", 1.0)),
                    transformer_file=data.get("transformer_file"), scheduler_config=scheduler,
                    is_distilled=bool(data.get("is_distilled", True)),
-                   parts={p: GraphEntry.from_json(p, e) for p, e in (data.get("parts") or {}).items()},
-                   steps={p: GraphEntry.from_json(p, e) for p, e in (data.get("steps") or {}).items()},
+                   parts=entries(data.get("parts")), steps=entries(data.get("steps")),
                    files={str(k): str(v) for k, v in (data.get("files") or {}).items()},
                    calibration=data.get("calibration"), graph_optimization_level=data.get("graph_optimization_level"),
                    projections=str(data.get("projections", "fused")),

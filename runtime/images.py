@@ -207,13 +207,13 @@ def _rgb8_from_pil(image: Image.Image) -> Image.Image:
         if values.size and np.nanmax(values) > 1.0:
             values = values / 255.0  # Pillow's own F -> L convention: values are 0..255
         return Image.fromarray(_rgb8_from_array(values), mode="RGB")
-    if mode in ALPHA_MODES or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"))  # (H, W, 4)
-        return Image.fromarray(_rgb8_from_array(rgba), mode="RGB")
     try:
+        if mode in ALPHA_MODES or "transparency" in image.info:
+            rgba = np.asarray(image.convert("RGBA"))  # (H, W, 4)
+            return Image.fromarray(_rgb8_from_array(rgba), mode="RGB")
         return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
-    except ValueError:
-        allowed = "a mode Pillow can convert to RGB (L, P, RGBA, CMYK, I;16, ...)"
+    except ValueError:  # e.g. "La" (premultiplied alpha), which Pillow cannot convert
+        allowed = "a mode Pillow can convert to RGB (L, LA, P, RGBA, CMYK, I;16, ...)"
         raise ImageError(bad_value("image mode", mode, allowed, "--ref")) from None
 
 

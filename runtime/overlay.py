@@ -111,7 +111,8 @@ def _join(parts: list[np.ndarray], axis: int) -> np.ndarray:
 
 
 def _check_rgb(rgb: np.ndarray, what: str) -> np.ndarray:
-    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
+    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+            and rgb.shape[0] and rgb.shape[1]):
         given = f"{type(rgb).__name__} {getattr(rgb, 'shape', '')} {getattr(rgb, 'dtype', '')}".strip()
-        raise InputError(bad_value(what, given, "an (H, W, 3) uint8 RGB array"))
+        raise InputError(bad_value(what, given, "an (H, W, 3) uint8 RGB array, at least 1x1"))
     return rgb

@@ -212,7 +212,8 @@ def test_engines_json_with_provider_options_not_an_object(tmp_path, capsys):
     data["graphs"]["kv"]["provider_options"] = "trt_fp16_enable=1"
     folder = _engines_folder(tmp_path, data)
     err = _cli(["generate", "--prompt", "a cat", "--engines", folder, "--out", tmp_path / "x.png"], capsys)
-    assert "engines.json graph 'kv' provider_options: got 'str'; allowed: an object" in err
+    assert "engines.json graph 'kv' provider_options: got 'str'; allowed: an object; rebuild it on this machine " \
+           "with: python build_engines.py --keeps 1 --max-refs 1" in err
 
 
 @pytest.mark.parametrize("plan", [[], "256x256", {"keep_fractions": [1.0]}], ids=["list", "string", "incomplete"])
@@ -376,7 +377,8 @@ def test_run_kv_with_new_references_but_no_buffers(exports):
     target = rng.standard_normal((1, 16, d.in_channels)).astype(np.float32)
     refs = rng.standard_normal((1, 16, d.in_channels)).astype(np.float32)
     text = rng.standard_normal((1, 8, d.text_dim)).astype(np.float32)
-    with pytest.raises(BackendOptionError, match=r"run_kv: new reference K/V need buffers \(`into`\)"):
+    with pytest.raises(BackendOptionError, match=r"run_kv: \d+ new reference tokens but no buffers for their K/V; call "
+                                                 r"kv_extract \(it takes buffers from kv_pool\), or pass into="):
         backend.run_kv(target, grid_position_ids(4, 4), refs, grid_position_ids(4, 4, reference_time(0)), text,
                        text_position_ids(8), np.float32(0.5))
 
@@ -664,6 +666,18 @@ def test_calibration_folder_with_an_empty_prompts_file(tmp_path):
         load_set(tmp_path)
 
 
+def test_a_calibration_set_is_read_when_the_options_are_checked(tmp_path):
+    """The same empty prompts.txt is refused by the build's option check, before anything is exported (it was
+    refused only after the export, when the capture read the set)."""
+    from sparse_context.calibration.build import CalibrationOptions
+    from sparse_context.calibration.errors import CalibrationConfigError
+
+    _photo(tmp_path / "a.png")
+    (tmp_path / "prompts.txt").write_text("\n")
+    with pytest.raises(CalibrationConfigError, match=r"prompts\.txt: got 'no prompts'"):
+        CalibrationOptions(calibration=tmp_path).validate()
+
+
 def test_recipe_with_a_bf16_high_precision_dtype():
     """A library caller keeps the sensitive layers in bf16, which the Q/DQ graphs do not support."""
     from sparse_context.calibration.errors import CalibrationConfigError
@@ -779,3 +793,74 @@ def test_bench_gpu_on_cuda_without_a_usable_gpu(tmp_path, capsys):
     else:
         assert "device: got 'cuda'; allowed: cpu (torch sees no CUDA GPU here) (change it with --device)" in err
 
+
+
+@pytest.mark.parametrize("argv", [["bench", "engines", "--refs", "1"], ["bench", "speed"],
+                                  ["bench", "gpu", "--config", "tiny", "--device", "cpu"]],
+                         ids=["engines", "speed", "gpu"])
+def test_benchmarks_without_torch_say_what_to_install(tmp_path, capsys, monkeypatch, argv):
+    """The runtime-only install (no torch) runs a benchmark that measures against PyTorch: one error line naming
+    the extra to install, where `bench engines` raised ModuleNotFoundError."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    err = _cli(argv + ["--out", tmp_path / "out"], capsys)
+    assert f"{' '.join(argv[:2])} runs PyTorch" in err and "sparse-context[torch,onnx]" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_image_is_refused_before_encoding(tmp_path):
+    """``save_png`` of a 0x0 image (a crop that came out empty): an InputError, where OpenCV raised cv2.error."""
+    from sparse_context.runtime.errors import InputError
+    from sparse_context.runtime.overlay import save_png
+
+    with pytest.raises(InputError, match=r"image to save: got 'ndarray \(0, 0, 3\) uint8'; allowed: an \(H, W, 3\) "
+                                         r"uint8 RGB array, at least 1x1"):
+        save_png(tmp_path / "x.png", np.zeros((0, 0, 3), np.uint8))
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_image_mode_pillow_cannot_convert_is_an_image_error():
+    """A premultiplied-alpha ("La") PIL image handed to the API: ImageError naming the mode, where Pillow's
+    ValueError ("conversion from La to L not supported") escaped."""
+    from PIL import Image
+
+    from sparse_context.runtime.errors import ImageError
+    from sparse_context.runtime.images import load_image
+
+    with pytest.raises(ImageError, match=r"image mode: got 'La'; allowed: a mode Pillow can convert to RGB"):
+        load_image(Image.new("La", (8, 8)))
+
+
+# -- calibration/quantize.py ----------------------------------------------------------------------------------------
+
+def test_a_capture_without_the_graph_says_what_it_holds(tmp_path):
+    """Quantizing the kv graph from a capture made with --graphs full only."""
+    from sparse_context.calibration.capture import Capture
+    from sparse_context.calibration.errors import CalibrationError
+    from sparse_context.calibration.quantize import CaptureReader
+
+    records = [{"graph": "full", "split": "calibration", "record": 0, "shard": "shard-000.npz"},
+               {"graph": "full", "split": "holdout", "record": 1, "shard": "shard-000.npz"}]
+    capture = Capture(tmp_path, {"key": "k", "records": records})
+    with pytest.raises(CalibrationError, match=r"no calibration records of the kv graph \(it holds: full\); capture "
+                                               r"it with that graph in --graphs"):
+        CaptureReader(capture, "kv")
+
+
+def test_a_graph_quantized_to_nothing_names_the_exclusions(tmp_path):
+    """ModelOpt wrote a graph without one Q/DQ pair (every layer excluded): a calibration error naming the flag
+    whose patterns to check, not an export error."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from sparse_context.calibration.errors import CalibrationError
+    from sparse_context.calibration.quantize import check_quantized
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(CalibrationError, match=r"model\.onnx has no QuantizeLinear/DequantizeLinear nodes: ModelOpt "
+                                               r"quantized nothing; check that --calibration-exclude leaves"):
+        check_quantized(path)

@@ -391,7 +391,9 @@ class OrtTransformerBackend:
         session = self._session("kv")
         feed = self.feeds.kv(target, target_ids, refs, ref_ids, text, text_ids, timestep)
         if into is None and feed.ref_tokens:
-            raise BackendOptionError("run_kv: new reference K/V need buffers (`into`)")
+            raise BackendOptionError(f"run_kv: {feed.ref_tokens} new reference tokens but no buffers for their K/V; "
+                                     f"call kv_extract (it takes buffers from kv_pool), or pass into= buffers of "
+                                     f"the backend's kv_pool")
         graph = None if self.graphs is None else self.graphs.prepare(session, feed, cached)
         if graph is not None:
             replayed = self._replay(session, graph)

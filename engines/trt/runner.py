@@ -218,7 +218,8 @@ class TrtRunner:
         if len(shape) != len(low) or not all(a <= d <= b for a, d, b in zip(low, shape, high)):
             raise ProfileError(f"input {name!r}: shape {shape} is outside profile {profile.name} "
                                f"(min {low}, max {high}); pick the bucket for this token count with "
-                               f"BucketPlan.bucket_for(), or rebuild with a wider bucket")
+                               f"BucketPlan.bucket_for(), or rebuild with build_engines.py --keeps/--max-refs "
+                               f"covering it")
 
     def _max_bytes(self) -> dict[str, int]:
         """Per tensor, the most bytes any profile needs: inputs at each profile's max, outputs as TensorRT infers
