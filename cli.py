@@ -335,8 +335,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def require_torch(command: str) -> None:
     """The benchmarks time PyTorch (or build their weights with it): say so, not ModuleNotFoundError, where the
     install is the runtime-only one."""
+    import importlib
+
     try:
-        import torch  # noqa: F401
+        importlib.import_module("torch")
     except ImportError as error:
         raise InputError(f"{command} runs PyTorch (the reference it measures against, and the model's weights): "
                          f"torch is not installed here ({error}); install the [torch] extra, e.g. "

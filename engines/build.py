@@ -110,6 +110,8 @@ class BuildRequest:
             from sparse_context.calibration.build import check_backend
 
             check_backend(self.precision, self.backend)
+            if self.calibration is not None:
+                self.calibration.validate()
         self.plan.validate()
         if self.ref_stream == "plain":
             self._check_plain_scores()
