@@ -320,7 +320,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     report = run_demo(args.out, keep_fraction=args.keep, steps=args.steps, seed=args.seed,
                       progress=stderr_progress)
-    print(f"token selection at keep {args.keep:g} (3 sample photos) -> {args.out}/selections.png")
+    photos = len(next(iter(report["selection"].values()))["kept"])
+    print(f"token selection at keep {args.keep:g} ({photos} sample photos) -> {args.out}/selections.png")
     for strategy, entry in report["selection"].items():
         print(f"  {strategy:9s} kept {sum(entry['kept']):5d} of {sum(entry['available']):5d} tokens, "
               f"{entry['ms_per_reference']:.1f} ms per reference")
