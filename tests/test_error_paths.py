@@ -864,3 +864,19 @@ def test_a_graph_quantized_to_nothing_names_the_exclusions(tmp_path):
     with pytest.raises(CalibrationError, match=r"model\.onnx has no QuantizeLinear/DequantizeLinear nodes: ModelOpt "
                                                r"quantized nothing; check that --calibration-exclude leaves"):
         check_quantized(path)
+
+
+# -- engines/trt (no TensorRT needed: the runner's own checks) -------------------------------------------------------
+
+def test_engine_tensor_types_the_runner_cannot_hold():
+    """An engine with a tensor type the runner has no size for, and a BF16 tensor asked for as a numpy buffer
+    (no torch to hold it): each error lists the types that work and what to do."""
+    from sparse_context.engines.errors import RunnerError
+    from sparse_context.engines.trt.memory import _numpy_dtype
+    from sparse_context.engines.trt.runner import _itemsize
+
+    with pytest.raises(RunnerError, match=r"engine tensor type: got 'INT4'; allowed: FLOAT, HALF, BF16, .* rebuild it"):
+        _itemsize("INT4")
+    with pytest.raises(RunnerError, match=r"engine tensor type for numpy buffers: got 'BF16'; allowed: .*FLOAT.* "
+                                          r"install torch with CUDA"):
+        _numpy_dtype("BF16")

@@ -13,6 +13,7 @@ import numpy as np
 
 from sparse_context.engines.errors import RunnerError, TensorRTUnavailableError
 from sparse_context.engines.streams import CudaStream, cuda_check
+from sparse_context.runtime.errors import bad_value
 
 # TensorRT DataType names -> numpy dtype names. bfloat16 has no numpy dtype: it needs the torch path.
 NUMPY_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8",
@@ -142,5 +143,7 @@ def default_memory(device: int = 0) -> CudartMemory | TorchMemory:
 
 def _numpy_dtype(dtype_name: str) -> np.dtype:
     if dtype_name not in NUMPY_DTYPES:
-        raise RunnerError(f"tensor type {dtype_name} has no numpy dtype; run with torch CUDA tensors instead")
+        raise RunnerError(bad_value("engine tensor type for numpy buffers", dtype_name, ", ".join(NUMPY_DTYPES)
+                                    + " (BF16 and FP8 have no numpy dtype: install torch with CUDA, whose tensors "
+                                    "hold them)"))
     return np.dtype(NUMPY_DTYPES[dtype_name])

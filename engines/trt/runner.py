@@ -25,7 +25,8 @@ def _itemsize(dtype_name: str) -> int:
     # Sizes of TensorRT DataType names (BF16 has no numpy dtype, so no np.dtype lookup here).
     sizes = {"FLOAT": 4, "HALF": 2, "BF16": 2, "INT32": 4, "INT64": 8, "INT8": 1, "UINT8": 1, "BOOL": 1, "FP8": 1}
     if dtype_name not in sizes:
-        raise RunnerError(f"tensor type {dtype_name} is not supported by this runner")
+        raise RunnerError(bad_value("engine tensor type", dtype_name, ", ".join(sizes) + " (an engine built by "
+                                    "build_engines.py has no other; rebuild it)"))
     return sizes[dtype_name]
 
 
@@ -153,7 +154,10 @@ class TrtRunner:
         stream = self.memory.stream_handle
         if index != self._active_profile:  # switching has a cost; consecutive calls of one bucket skip it
             if not self.context.set_optimization_profile_async(index, stream):
-                raise RunnerError(f"TensorRT refused profile {index} ({manifest.profiles[index].name})")
+                raise RunnerError(f"TensorRT refused profile {index} ({manifest.profiles[index].name}) of "
+                                  f"{len(manifest.profiles)}: the engine holds fewer profiles than its manifest "
+                                  f"records, or another execution context of it uses the profile; rebuild the "
+                                  f"engines, or open one backend per engine")
             self._active_profile = index
         for name in self.inputs:
             value = feed[name]
