@@ -20,6 +20,7 @@ from sparse_context.engines.model_files import copy_model_files
 from sparse_context.engines.ort.loader import PROVIDERS, ort_trt_provider_options
 from sparse_context.engines.profiles import Profile, engine_profiles
 from sparse_context.runtime.errors import bad_value
+from sparse_context.runtime.files import atomic_write_bytes, nearest_existing
 from sparse_context.runtime.fingerprints import file_sha256
 from sparse_context.runtime.tokens import TOKEN_PIXELS
 
@@ -155,8 +156,6 @@ def check_backend_precision(backend: str, precision: str) -> None:
 
 def check_out_folder(out_dir: Path) -> None:
     """The engines folder is a folder, or can become one (nothing is created here)."""
-    from sparse_context.runtime.files import nearest_existing
-
     out_dir = Path(out_dir)
     existing = nearest_existing(out_dir, "engines folder", FLAG_OUT)
     if not existing.is_dir():
@@ -383,7 +382,6 @@ def _build_steps(request: BuildRequest, out_dir: Path,
     from sparse_context.calibration.build import export_precision
     from sparse_context.engines.step_graphs import step_models, step_shapes
     from sparse_context.export.spec import NUMPY_DTYPES
-    from sparse_context.runtime.files import atomic_write_bytes
 
     dtype = NUMPY_DTYPES.get(export_precision(request.precision))
     if request.backend != "trt" or dtype is None:

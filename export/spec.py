@@ -59,7 +59,6 @@ def split_layers(family: str, stacked: np.ndarray) -> dict[str, np.ndarray]:
     return {layer_name(family, layer): stacked[layer] for layer in range(stacked.shape[0])}
 
 
-
 DEFAULT_TARGET_SIZES = ((1024, 1024),)
 # Four dense 1024^2 references; sparse selection keeps far fewer.
 DEFAULT_MAX_REF_TOKENS = 4 * int(np.prod(token_grid(1024, 1024)))

@@ -349,8 +349,7 @@ class _Check:
         attention pays beyond its FLOPs?"""
         from sparse_context.reference.attention_kernels import key_sweep
 
-        queries = self.geometry.text + self.geometry.target
-        keys = queries + self.geometry.ref_tokens(RowKey(self.options.refs, ACCEPTANCE_KEEP, True))
+        queries, keys = self.geometry.cached_attention(self.options.refs)
         config = self.full_config
         return key_sweep(queries, keys, int(config["num_attention_heads"]), int(config["attention_head_dim"]),
                          self.options.device, self.options.precision)

@@ -188,8 +188,8 @@ def attention_sweep_seconds(options: GpuCheckOptions, config: dict[str, Any]) ->
     from sparse_context.reference.attention_kernels import KEY_SWEEP_CHAIN, KEY_SWEEP_ROUNDS, key_counts
 
     geometry = Geometry.of(options, config)
-    queries = geometry.text + geometry.target
-    counts = key_counts(queries, queries + geometry.ref_tokens(Row(options.refs, ACCEPTANCE_KEEP, True)))
+    queries, keys = geometry.cached_attention(options.refs)
+    counts = key_counts(queries, keys)
     flops = 4.0 * geometry.width * queries * sum(counts) * KEY_SWEEP_CHAIN * (KEY_SWEEP_ROUNDS + 1)
     if not options.cuda:
         return flops / (EFFECTIVE_TFLOPS["cpu"] * 1e12) + 0.1
@@ -218,6 +218,12 @@ class Geometry:
 
     def ref_tokens(self, row: Row) -> int:
         return row.refs * kept_token_count(self.ref_grid_tokens, row.keep) if row.refs else 0
+
+    def cached_attention(self, refs: int) -> tuple[int, int]:
+        """(queries, keys) of the persistent-cache call's joint attention: text and target over themselves and the
+        kept tokens of ``refs`` references at the acceptance keep fraction."""
+        queries = self.text + self.target
+        return queries, queries + self.ref_tokens(Row(refs, ACCEPTANCE_KEEP, True))
 
     def call_flops(self, row: Row, config: dict[str, Any], steps: int) -> float:
         """Multiply-adds x 2 of one generation: matrix products over every token that passes, and attention."""

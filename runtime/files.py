@@ -8,9 +8,12 @@ by a service user; :func:`publish_mode` gives them the modes an ordinary ``open`
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
+
+from sparse_context.runtime.errors import InputError, bad_value
 
 _UMASK: list[int] = []
 _UMASK_LOCK = threading.Lock()
@@ -62,8 +65,6 @@ def replace_folder(staging: str | os.PathLike, final: str | os.PathLike) -> Path
     """Rename a complete ``staging`` folder to ``final``. A folder already there (one that failed its check) is
     renamed aside first and removed after, so a reader sees the old folder whole, then for a moment none, then the
     new one whole: never a folder half removed. POSIX cannot rename a folder over a non-empty one in one step."""
-    import shutil
-
     staging, final = Path(staging), Path(final)
     aside = None
     if final.exists():
@@ -87,8 +88,6 @@ NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows f
 def nearest_existing(path: str | os.PathLike, what: str, flag: str) -> Path:
     """The deepest existing folder (or file) on ``path``, ``.`` if none: where an output would be created. A name
     longer than the file system allows is refused here with ``what`` and ``flag`` (``exists()`` raised it raw)."""
-    from sparse_context.runtime.errors import InputError, bad_value
-
     path = Path(path)
     for part in path.parts:
         if len(os.fsencode(part)) > NAME_MAX:

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from sparse_context.runtime.files import atomic_write_bytes
+
 CACHE_ENV = "SPARSE_CONTEXT_CACHE"  # the package's cache folder (tiny model, file digests)
 DIGEST_MEMO_FILE = "sha256-memo.json"
 DIGEST_MEMO_ENTRIES = 4096
@@ -76,8 +78,6 @@ def _read_memo() -> dict[str, dict[str, Any]]:
 
 
 def _write_memo(memo: Mapping[str, Any]) -> None:
-    from sparse_context.runtime.files import atomic_write_bytes
-
     try:
         atomic_write_bytes(cache_dir() / DIGEST_MEMO_FILE, json.dumps(memo).encode())
     except OSError:
