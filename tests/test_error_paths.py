@@ -880,3 +880,12 @@ def test_engine_tensor_types_the_runner_cannot_hold():
     with pytest.raises(RunnerError, match=r"engine tensor type for numpy buffers: got 'BF16'; allowed: .*FLOAT.* "
                                           r"install torch with CUDA"):
         _numpy_dtype("BF16")
+
+
+def test_an_output_path_longer_than_the_file_system_takes(tmp_path, capsys):
+    """Every name fits but the path as a whole does not (over PATH_MAX): refused with the flag and the file
+    system's reason, where ``exists()`` raised OSError: File name too long."""
+    long = tmp_path.joinpath(*["d" * 250] * 20)  # ~5,000 bytes
+    err = _cli(["select", "--out", long], capsys)
+    assert "allowed: a path the file system takes (File name too long) (change it with --out)" in err
+    assert sorted(tmp_path.iterdir()) == []

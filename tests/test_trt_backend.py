@@ -464,3 +464,21 @@ def test_trt_part_engines_and_the_torch_free_pipeline(standin, trt_engines_dir, 
     np.testing.assert_allclose(ours.latents, theirs.latents.numpy(), atol=ATOL, rtol=0)
     assert np.abs(ours.image.astype(int) - np.asarray(theirs.image).astype(int)).max() <= 2
     pipe.close()
+
+
+def test_a_profile_tensorrt_refuses_names_the_fix(standin, trt_engines_dir):
+    """TensorRT returns False from ``set_optimization_profile_async`` (another execution context of the engine holds
+    the profile, or the engine has fewer profiles than its manifest): the error says which and what to do."""
+    from sparse_context.engines.errors import RunnerError
+    from sparse_context.engines.trt.runner import TrtRunner
+
+    engine = trt_engines_dir / json.loads((trt_engines_dir / "engines.json").read_text())["graphs"]["kv"]["engine"]
+    with TrtRunner(engine, memory=standin) as runner:
+        profiles = runner.manifest.profiles
+        assert len(profiles) >= 2
+        runner.context.set_optimization_profile_async = lambda index, stream: False  # the profile is in use
+        feed = {name: np.zeros(ranges[0], np.float32) for name, ranges in profiles[1].shapes}
+        feed["timestep"] = np.zeros((1,), np.float32)
+        with pytest.raises(RunnerError, match=rf"TensorRT refused profile 1 \({profiles[1].name}\) of {len(profiles)}: "
+                                              r".*rebuild the engines, or open one backend per engine"):
+            runner.infer(feed, 1)
