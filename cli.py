@@ -35,6 +35,7 @@ FLAG_MASK = "--mask"
 FLAG_STRATEGY = "--strategy"
 FLAG_KEEP = "--keep"
 FLAG_TOKENS = "--tokens"
+FLAG_KEY_TILE = "--key-tile"
 FLAG_OUT = "--out"
 # Output formats by file suffix (Pillow writes each); anything else is refused rather than written as PNG bytes.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -199,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = generator.generate(
         args.prompt, args.ref, keep_fraction=args.keep if args.keep is not None else 1.0, token_count=args.tokens,
         strategy=args.strategy, allocation=args.allocation, masks=_masks(args), use_kv=use_kv, height=args.height,
-        width=args.width, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+        width=args.width, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, key_tile=args.key_tile,
         on_step=stderr_progress("denoise"))
     save_image(out, np.asarray(result.image))
     timings = " ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
@@ -215,8 +216,11 @@ def check_generate_options(args: argparse.Namespace) -> None:
         DEFAULT_SIDE_PIXELS, check_guidance, check_lora_scale, check_output_size, check_prompt, check_steps,
     )
 
+    from sparse_context.runtime.tokens import check_key_tile
+
     check_prompt(args.prompt)
     check_selection_options(args)
+    check_key_tile(args.key_tile, FLAG_KEY_TILE)
     check_steps(args.steps)
     check_guidance(args.guidance)
     if args.lora_scale is not None:
@@ -457,6 +461,10 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     generate.add_argument(FLAG_LORA_SCALE, type=float, default=None, help="LoRA scale (default 1)")
     generate.add_argument(FLAG_PROMPT, required=True, help="at most 2048 characters")
     _add_selection_arguments(generate, default_keep=1.0)
+    generate.add_argument(FLAG_KEY_TILE, type=int, default=0, metavar="N",
+                          help="keep more reference tokens, never fewer, so the attention's keys (text + target + "
+                          "kept) fill whole tiles of N keys: a last partial tile costs the kernel about a whole one "
+                          "(128: the key tile at head size 128; default 0, off)")
     kv = generate.add_mutually_exclusive_group()
     kv.add_argument("--kv", dest="kv", action="store_true", default=None, help="reuse reference K/V (KV cache)")
     kv.add_argument("--no-kv", dest="kv", action="store_false")

@@ -42,7 +42,8 @@ from sparse_context.runtime.kv_cache import ReferenceKVCache
 from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
 from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
-    MAX_REFERENCE_AREA, TOKEN_PIXELS, check_keep_fraction, check_reference_count, text_position_ids, token_grid,
+    MAX_REFERENCE_AREA, TOKEN_PIXELS, check_keep_fraction, check_key_tile, check_reference_count, text_position_ids,
+    token_grid,
 )
 
 DEFAULT_SIZE = 1024  # without references or a size: diffusers' default_sample_size x vae_scale_factor
@@ -172,6 +173,7 @@ class EnginePipeline:
         guidance_scale: float = 4.0,
         seed: int = 0,
         latents: np.ndarray | None = None,
+        key_tile: int | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> PipelineResult:
         """Generate one image; the arguments mean what they mean for the PyTorch generator's ``generate``.
@@ -184,6 +186,7 @@ class EnginePipeline:
 
         # 1. Check inputs and prepare the references as the VAE sees them
         check_keep_fraction(keep_fraction)
+        key_tile = check_key_tile(key_tile)
         prepared = self.prepare_references(references) if len(references) else []
         from_reference = bool(prepared) and height is None and width is None
         if from_reference:
@@ -219,14 +222,15 @@ class EnginePipeline:
         if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
             from sparse_context.runtime.selection import select_references
 
+            other_keys = embeds.shape[1] + rows * cols  # the text and target keys beside the kept tokens
             settings = selection_settings(strategy, keep_fraction, token_count, allocation, seed, masks,
-                                          TOKEN_PIXELS)
+                                          TOKEN_PIXELS, key_tile=key_tile, other_keys=other_keys)
             selections = remembered_selections(
                 runtime.kv_cache, use_kv, references_in, settings,
                 lambda: [s.indices for s in select_references(
                     prepared, strategy=strategy, token_count=token_count,
                     keep_fraction=None if token_count else keep_fraction, allocation=allocation, seed=seed,
-                    masks=masks, multiple_of=TOKEN_PIXELS)])
+                    masks=masks, multiple_of=TOKEN_PIXELS, key_tile=key_tile, other_keys=other_keys)])
         timings["selection"] = time.perf_counter() - clock
 
         # 4. The generation core: reference cache, VAE encoder engine on a miss, packing, schedule, denoise

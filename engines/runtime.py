@@ -31,7 +31,7 @@ from sparse_context.runtime.kv_cache import ReferenceKVCache
 from sparse_context.runtime.limits import check_guidance, check_output_size, check_seed, check_steps
 from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
-    TOKEN_PIXELS, check_keep_fraction, check_reference_count, text_position_ids, token_grid,
+    TOKEN_PIXELS, check_keep_fraction, check_key_tile, check_reference_count, text_position_ids, token_grid,
 )
 
 
@@ -135,17 +135,21 @@ class EngineRuntime:
         latents: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
         guidance_scale: float = 1.0,
+        key_tile: int | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> RuntimeResult:
         """Denoise ``num_steps`` steps. ``reference_latents``: per reference (C, rows, cols), normalised and
         patchified as the Klein VAE path produces them. Tokens are kept by ``selections`` (flat indices per
-        reference), or scored on ``reference_images`` (the images those latents came from) with ``strategy``."""
+        reference), or scored on ``reference_images`` (the images those latents came from) with ``strategy``.
+        ``key_tile``: round the kept tokens up so the attention's keys fill whole tiles of that many
+        (``runtime.selection.allocate_budget``)."""
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         check_keep_fraction(keep_fraction)
         check_steps(num_steps)
         check_guidance(guidance_scale)
         check_seed(seed)
+        key_tile = check_key_tile(key_tile)
         width, height = check_output_size(width, height)
         dims = self.backend.dims
         embeds = np.asarray(prompt_embeds, dtype=np.float32)
@@ -169,11 +173,13 @@ class EngineRuntime:
             references = References(tuple((g.shape[1], g.shape[2]) for g in grids), lambda: array_digests(grids),
                                     lambda: grids)
         if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
+            other_keys = embeds.shape[1] + rows * cols  # the text and target keys beside the kept tokens
             settings = selection_settings(strategy, keep_fraction, token_count, allocation, seed, None, TOKEN_PIXELS,
-                                          images=reference_images)
+                                          images=reference_images, key_tile=key_tile, other_keys=other_keys)
             selections = remembered_selections(
                 self.kv_cache, use_kv, references, settings,
-                lambda: self._select(reference_images, grids, keep_fraction, token_count, strategy, allocation, seed))
+                lambda: self._select(reference_images, grids, keep_fraction, token_count, strategy, allocation, seed,
+                                     key_tile, other_keys))
         timings["selection"] = time.perf_counter() - clock
 
         # 2. Noise and prompt
@@ -194,7 +200,8 @@ class EngineRuntime:
                              core.ref_tokens_available, core.selections, timings, core.kv_state, core.cache_hit)
 
     @staticmethod
-    def _select(images, grids, keep_fraction, token_count, strategy, allocation, seed) -> list[np.ndarray]:
+    def _select(images, grids, keep_fraction, token_count, strategy, allocation, seed, key_tile=None,
+                other_keys=0) -> list[np.ndarray]:
         from sparse_context.runtime.selection import Strategy, parse_strategy, select_references
 
         if images is None:
@@ -204,7 +211,8 @@ class EngineRuntime:
                                            "'uniform'/'random'", "--strategy"))
             images = [np.zeros((g.shape[1] * TOKEN_PIXELS, g.shape[2] * TOKEN_PIXELS, 3), np.uint8) for g in grids]
         chosen = select_references(images, strategy=strategy, keep_fraction=None if token_count else keep_fraction,
-                                   token_count=token_count, allocation=allocation, seed=seed)
+                                   token_count=token_count, allocation=allocation, seed=seed, key_tile=key_tile,
+                                   other_keys=other_keys)
         for index, (selection, grid) in enumerate(zip(chosen, grids, strict=True)):
             if tuple(selection.grid) != (grid.shape[1], grid.shape[2]):
                 raise InputError(bad_value(f"reference image {index}", f"a {selection.grid} token grid",

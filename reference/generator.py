@@ -34,6 +34,7 @@ from sparse_context.runtime.tokens import (
     MAX_REFERENCE_AREA,
     TOKEN_PIXELS,
     check_keep_fraction,
+    check_key_tile,
     check_reference_count,
     text_position_ids,
 )
@@ -259,6 +260,7 @@ class SparseContextGenerator:
         reference_latents: Sequence[torch.Tensor] | None = None,
         kv_state: Any = None,
         output_type: str = "pil",
+        key_tile: int | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
         """Generate one image.
@@ -266,13 +268,15 @@ class SparseContextGenerator:
         ``keep_fraction`` (or ``token_count``) and ``strategy`` choose which reference tokens are kept; pass
         ``selections`` (flat indices per reference) to fix them instead. ``reference_latents`` (each (128, rows,
         cols)) skip the VAE; ``prompt_embeds`` skip the text encoder; ``kv_state`` reuses reference K/V from an
-        earlier KV call with the same references, selection and model.
+        earlier KV call with the same references, selection and model. ``key_tile``: round the kept tokens up so
+        the attention's keys fill whole tiles of that many (``runtime.selection.allocate_budget``).
         """
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
         # 1. Check inputs
         check_keep_fraction(keep_fraction)
+        key_tile = check_key_tile(key_tile)
         if output_type not in ("pil", "np", "latent"):
             raise InputError(bad_value("output_type", output_type, "'pil', 'np' or 'latent'"))
         if (prompt is None) == (prompt_embeds is None):
@@ -317,19 +321,7 @@ class SparseContextGenerator:
         elif prepared:
             references_in = References(tuple(grids), lambda: array_digests(prepared),
                                        lambda: [self.encode_reference(im) for im in prepared])
-        if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
-            # A request the K/V cache has seen finds its selection there. Scored images other than the ones the
-            # digests are of (latents given beside the images) are part of the settings.
-            settings = selection_settings(strategy, keep_fraction, token_count, allocation, seed, masks,
-                                          self.token_pixels, images=prepared if reference_latents is not None
-                                          else None)
-            selections = remembered_selections(
-                self.kv_cache if kv_state is None else None, use_kv, references_in, settings,
-                lambda: self._select(prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed))
-        timings["selection"] = time.perf_counter() - clock
-
-        # 4. Target latents (seeded on the CPU, as diffusers' randn_tensor does with a CPU generator)
-        if prepared and height is None and width is None:
+        if prepared and height is None and width is None:  # the output takes the first reference's size
             height, width = prepared[0].height, prepared[0].width
         height = height or DEFAULT_SIZE
         width = width or DEFAULT_SIZE
@@ -337,6 +329,20 @@ class SparseContextGenerator:
         if rows < 1 or cols < 1:
             raise InputError(bad_value("output size", f"{width}x{height} px",
                                        f"at least {self.token_pixels} px per side", "--width/--height"))
+        if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
+            # A request the K/V cache has seen finds its selection there. Scored images other than the ones the
+            # digests are of (latents given beside the images) are part of the settings.
+            other_keys = prompt_embeds.shape[1] + rows * cols  # the text and target keys beside the kept tokens
+            settings = selection_settings(strategy, keep_fraction, token_count, allocation, seed, masks,
+                                          self.token_pixels, images=prepared if reference_latents is not None
+                                          else None, key_tile=key_tile, other_keys=other_keys)
+            selections = remembered_selections(
+                self.kv_cache if kv_state is None else None, use_kv, references_in, settings,
+                lambda: self._select(prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed,
+                                     key_tile, other_keys))
+        timings["selection"] = time.perf_counter() - clock
+
+        # 4. Target latents (seeded on the CPU, as diffusers' randn_tensor does with a CPU generator)
         channels = self.transformer.config.in_channels if self.transformer is not None else self.backend.dims.in_channels
         if latents is None:
             generator = torch.Generator("cpu").manual_seed(int(seed))
@@ -375,7 +381,8 @@ class SparseContextGenerator:
                                 ref_tokens_available=core.ref_tokens_available, selections=core.selections,
                                 timings=timings, kv_state=core.kv_state, cache_hit=core.cache_hit)
 
-    def _select(self, prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed):
+    def _select(self, prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed, key_tile=None,
+                other_keys=0):
         from sparse_context.runtime.selection import select_references
 
         if not prepared:
@@ -383,7 +390,7 @@ class SparseContextGenerator:
                                        "images to score, or explicit selections"))
         chosen = select_references(prepared, strategy=strategy, keep_fraction=None if token_count else keep_fraction,
                                    token_count=token_count, allocation=allocation, seed=seed, masks=masks,
-                                   multiple_of=self.token_pixels)
+                                   multiple_of=self.token_pixels, key_tile=key_tile, other_keys=other_keys)
         return [s.indices for s in chosen]
 
 

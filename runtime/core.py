@@ -55,8 +55,8 @@ class References:
 
 
 def selection_settings(strategy: Any, keep_fraction: float, token_count: int | None, allocation: str, seed: Any,
-                       masks: Sequence[Any] | None, multiple_of: int,
-                       images: Sequence[Any] | None = None) -> Callable[[], dict[str, Any]] | None:
+                       masks: Sequence[Any] | None, multiple_of: int, images: Sequence[Any] | None = None,
+                       key_tile: int | None = None, other_keys: int = 0) -> Callable[[], dict[str, Any]] | None:
     """Everything a token selection depends on besides the references' content, for :func:`remembered_selections`
     (computed only when it is used: separately scored ``images`` are hashed then). None with ``masks``: hashing
     the masks costs more than the mask strategy's scoring (20 against 16 ms for six 1024^2 references on 2 cores),
@@ -68,7 +68,8 @@ def selection_settings(strategy: Any, keep_fraction: float, token_count: int | N
         return {"strategy": str(getattr(strategy, "value", strategy)), "token_count": token_count,
                 "keep_fraction": None if token_count else keep_fraction, "allocation": str(allocation),
                 "seed": seed, "multiple_of": multiple_of,
-                "images": None if images is None else list(array_digests(images))}
+                "images": None if images is None else list(array_digests(images)),
+                **({"key_tile": key_tile, "other_keys": other_keys} if key_tile else {})}
     return settings
 
 

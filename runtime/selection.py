@@ -27,7 +27,8 @@ from PIL import Image
 from sparse_context.runtime.errors import SelectionError, bad_value
 from sparse_context.runtime.images import prepare_mask, prepare_reference_with_size
 from sparse_context.runtime.tokens import (
-    MAX_REFERENCE_AREA, TOKEN_PIXELS, check_keep_fraction, check_reference_count, kept_token_count, token_grid,
+    MAX_REFERENCE_AREA, TOKEN_PIXELS, check_keep_fraction, check_key_tile, check_reference_count, kept_token_count,
+    token_grid, whole_tile_tokens,
 )
 
 
@@ -350,6 +351,8 @@ def allocate_budget(
     keep_fraction: float | None = None,
     token_count: int | None = None,
     allocation: str | Allocation = Allocation.PER_REFERENCE,
+    key_tile: int | None = None,
+    other_keys: int = 0,
 ) -> list[int]:
     """Tokens to keep per reference, from exactly one of ``keep_fraction`` (--keep) or ``token_count`` (--tokens).
 
@@ -357,7 +360,34 @@ def allocate_budget(
     ``global``: one pool of ``kept_token_count(sum n_i, keep_fraction)`` or ``token_count`` tokens, shared in
     proportion to each reference's total importance (flat maps: its token count), at least one and at most
     ``n_i`` per reference, rounded by largest remainder so the sum is exact.
+
+    ``key_tile`` (--key-tile): then the total is topped up so that it and ``other_keys`` (the step's text and
+    target tokens) fill whole tiles of that many attention keys (``whole_tile_tokens``); the extra tokens go one
+    per reference in turn, to those with tokens left, so each reference keeps its next-best tokens.
     """
+    key_tile = check_key_tile(key_tile)
+    if not _is_int(other_keys) or other_keys < 0:
+        raise SelectionError(bad_value("other attention keys", other_keys, "an integer >= 0"))
+    counts = _allocate(importances, keep_fraction, token_count, allocation)
+    if key_tile is None or not counts:
+        return counts
+    available = np.array([np.asarray(importance).size for importance in importances], dtype=np.int64)  # (R,)
+    kept = np.array(counts, dtype=np.int64)  # (R,)
+    extra = whole_tile_tokens(int(kept.sum()), int(other_keys), key_tile, int(available.sum())) - int(kept.sum())
+    while extra > 0:  # at most key_tile rounds; each gives one token to every reference with tokens left
+        open_ = np.flatnonzero(kept < available)[:extra]
+        kept[open_] += 1
+        extra -= len(open_)
+    return kept.tolist()
+
+
+def _allocate(
+    importances: Sequence[np.ndarray],
+    keep_fraction: float | None,
+    token_count: int | None,
+    allocation: str | Allocation,
+) -> list[int]:
+    """:func:`allocate_budget` before any top-up to whole key tiles."""
     allocation = parse_allocation(allocation)
     check_budget_choice(keep_fraction, token_count)
     available = np.array([np.asarray(importance).size for importance in importances], dtype=np.int64)  # (R,)
@@ -455,6 +485,8 @@ def select_references(
     multiple_of: int = TOKEN_PIXELS,
     floor_fraction: float = DEFAULT_FLOOR_FRACTION,
     workers: int | None = None,
+    key_tile: int | None = None,
+    other_keys: int = 0,
 ) -> list[Selection]:
     """Prepare each reference as the VAE will see it, score its tokens, split the budget and pick the tokens.
 
@@ -465,7 +497,8 @@ def select_references(
 
     ``images``: anything ``load_image`` accepts. ``masks``: one per image, only with ``strategy="mask"``, each of
     the shape of the image as given (then resized and cropped like the image), of the prepared image, or of its
-    token grid.
+    token grid. ``key_tile`` and ``other_keys``: round the budget up to whole attention-key tiles
+    (:func:`allocate_budget`).
     """
     # 1. check inputs before any decoding
     strategy = parse_strategy(strategy)
@@ -479,6 +512,7 @@ def select_references(
         raise SelectionError(bad_value("number of reference images", 0, "at least 1", "--ref"))
     check_reference_count(len(images))
     check_budget_choice(keep_fraction, token_count)
+    check_key_tile(key_tile)
     if not _is_int(seed) or seed < 0:
         raise SelectionError(bad_value("seed", seed, "a non-negative integer", "--seed"))
     if strategy is Strategy.MASK:
@@ -517,7 +551,7 @@ def select_references(
     importances = [importance for _, _, importance in scored]
 
     # 3. budget, select
-    budgets = allocate_budget(importances, keep_fraction, token_count, allocation)
+    budgets = allocate_budget(importances, keep_fraction, token_count, allocation, key_tile, other_keys)
     selections = []
     for index, (pixels, grid, importance, budget) in enumerate(zip(prepared, grids, importances, budgets)):
         indices = select_tokens(importance, budget, strategy, reference_seed(int(seed), index), floor_fraction)

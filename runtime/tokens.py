@@ -42,6 +42,34 @@ def kept_token_count(available: int, keep_fraction: float) -> int:
     return int(min(available, max(1, math.floor(keep_fraction * available + 0.5))))
 
 
+KEY_TILE_FLAG = "--key-tile"
+MAX_KEY_TILE = 1024  # attention kernels tile keys by 64..256; more would only add tokens
+
+
+def check_key_tile(key_tile: int | None, flag: str = KEY_TILE_FLAG) -> int | None:
+    """Return ``key_tile`` (None or 0: no rounding) if it is an integer 1..MAX_KEY_TILE, else raise InputError."""
+    if key_tile is None or (isinstance(key_tile, int) and not isinstance(key_tile, bool) and key_tile == 0):
+        return None
+    if isinstance(key_tile, bool) or not isinstance(key_tile, (int, np.integer)) or not 1 <= key_tile <= MAX_KEY_TILE:
+        raise InputError(bad_value("key tile", key_tile, f"an integer from 1 to {MAX_KEY_TILE}, or 0 for none "
+                                   "(128: the attention kernels' key tile at head size 128)", flag))
+    return int(key_tile)
+
+
+def whole_tile_tokens(kept: int, other_keys: int, key_tile: int | None, available: int) -> int:
+    """Reference tokens to keep so that the joint attention's keys fill whole tiles of ``key_tile``.
+
+    The attention of a step runs over ``other_keys`` (text and target tokens) plus the ``kept`` reference tokens;
+    a kernel tiles the keys by a fixed size, so a last partial tile costs about a whole one. This returns the
+    smallest count >= ``kept`` with ``(count + other_keys) % key_tile == 0``, at most ``available`` (all the
+    references' tokens); ``kept`` unchanged without a tile. Never fewer tokens than asked: only more.
+    """
+    key_tile = check_key_tile(key_tile)
+    if key_tile is None or kept <= 0:
+        return kept
+    return min(max(kept, available), kept + (-(kept + other_keys)) % key_tile)
+
+
 def check_keep_fraction(keep_fraction: float, flag: str = "--keep") -> float:
     """Return ``keep_fraction`` as a float if 0 < keep_fraction <= 1, else raise InputError."""
     try:
