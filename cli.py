@@ -368,7 +368,9 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
-    from sparse_context.reference.gpu_plan import DEFAULT_VARIANTS, GpuCheckOptions, estimate_plan
+    from sparse_context.reference.gpu_plan import (
+        DEFAULT_KEY_TILE, DEFAULT_VARIANTS, GpuCheckOptions, estimate_plan,
+    )
 
     options = GpuCheckOptions(
         config=args.config, depths=tuple(args.depths) if args.depths else None,
@@ -377,7 +379,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
         device=args.device, precision=args.dtype, budget_s=args.budget_s, seed=args.seed, out=Path(args.out),
         work_dir=Path(args.work_dir) if args.work_dir else None, export_workers=args.export_workers,
         bf16=not args.no_bf16, full=not args.no_full, gpu_memory_gb=args.gpu_memory_gb,
-        sync=args.sync or "image", cuda_graphs=not args.no_cuda_graphs).validate()
+        sync=args.sync or "image", cuda_graphs=not args.no_cuda_graphs,
+        key_tile=DEFAULT_KEY_TILE if args.key_tile is None else args.key_tile).validate()
     if args.dry_run:
         print("\n".join(estimate_plan(options).lines()))
         return 0
@@ -532,6 +535,9 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     bench.add_argument(FLAG_SYNC, choices=SYNC_MODES, default=None,
                        help="`gpu`: onnxruntime rows wait for the GPU once per image (image, the default; the KV "
                        "row and its persistent-cache call are also timed waiting after every run) or after every run")
+    bench.add_argument(FLAG_KEY_TILE, type=int, default=None, metavar="N",
+                       help="`gpu`: also time 6 refs at keep 0.10 + KV and its persistent-cache call with the kept "
+                       "tokens topped up so the attention's keys fill whole tiles of N (default 128; 0: not)")
     bench.add_argument("--dry-run", action="store_true", help="`gpu`: print the plan with estimated seconds and stop")
     bench.add_argument("--gpu-memory-gb", type=float, default=None,
                        help="`gpu --dry-run`: plan for a GPU of this size (default 80)")

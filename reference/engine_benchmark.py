@@ -121,19 +121,27 @@ class EngineBenchOptions:
 
 @dataclass(frozen=True)
 class RowKey:
-    """One timed configuration. ``cache_hit``: a second call reusing the K/V of the KV row before it."""
+    """One timed configuration. ``cache_hit``: a second call reusing the K/V of the KV row before it. ``tile``: the
+    kept tokens topped up so the attention's keys fill whole tiles of that many (``--key-tile``; 0: as kept)."""
 
     refs: int
     keep: float
     kv: bool
     cache_hit: bool = False
+    tile: int = 0
 
     @property
     def label(self) -> str:
         if self.refs == 0:
             return "target only"
         return f"refs {self.refs} keep {self.keep:g} " + ("kv cached" if self.cache_hit else
-                                                           "kv on" if self.kv else "kv off")
+                                                           "kv on" if self.kv else "kv off") + \
+            (f" tile {self.tile}" if self.tile else "")
+
+    @property
+    def kv_row(self) -> RowKey:
+        """The KV row whose K/V this row's cache hit reuses (itself for a KV row)."""
+        return RowKey(self.refs, self.keep, True, tile=self.tile)
 
     @property
     def dense(self) -> RowKey:
@@ -193,7 +201,7 @@ class BenchInputs:
     text_ids: np.ndarray  # (L, 4)
     grids: list[np.ndarray]  # max(refs) x (C, rows, cols) reference latents
     schedule: Any
-    kept: dict[tuple[int, float], list[np.ndarray] | None] = field(default_factory=dict)
+    kept: dict[tuple, list[np.ndarray] | None] = field(default_factory=dict)  # (refs, keep[, tile])
 
     @classmethod
     def create(cls, options: EngineBenchOptions, channels: int, text_dim: int) -> BenchInputs:
@@ -214,8 +222,31 @@ class BenchInputs:
                     np.sort(picks.choice(grid * grid, count, replace=False)) for _ in range(refs)]
         return inputs
 
+    def kept_for(self, row: RowKey) -> list[np.ndarray] | None:
+        """Kept flat indices per reference of ``row`` (None: every token). A row with a key tile keeps its plain
+        row's tokens and, per reference, the extra ones ``allocate_budget`` tops up, drawn from the rest."""
+        plain = self.kept[(row.refs, row.keep)]
+        if not row.tile or plain is None:
+            return plain
+        key = (row.refs, row.keep, row.tile)
+        if key not in self.kept:
+            from sparse_context.runtime.selection import allocate_budget
+
+            grid = self.options.ref_grid ** 2
+            counts = allocate_budget([np.ones(grid, np.float32)] * row.refs, token_count=int(plain[0].size),
+                                     key_tile=row.tile, other_keys=self.options.text_tokens + self.latents.shape[1])
+            picks = np.random.default_rng((self.options.seed, row.refs, round(row.keep * 1e6), row.tile))
+            self.kept[key] = [np.sort(np.concatenate([kept, picks.choice(np.setdiff1d(np.arange(grid), kept),
+                                                                         count - kept.size, replace=False)]))
+                              for kept, count in zip(plain, counts, strict=True)]
+        return self.kept[key]
+
     def ref_tokens(self, row: RowKey) -> int:
-        return row.refs * kept_token_count(self.options.ref_grid ** 2, row.keep) if row.refs else 0
+        if not row.refs:
+            return 0
+        kept = self.kept_for(row) if row.tile else None
+        return sum(k.size for k in kept) if kept is not None else \
+            row.refs * kept_token_count(self.options.ref_grid ** 2, row.keep)
 
     def token_steps(self, row: RowKey) -> int:
         """Tokens through the transformer over all calls of a row (warm-up included): the cost model's unit."""
@@ -254,7 +285,7 @@ class LoopRunner:
         self.samples: list[float] = []  # every timed call of the last row run, in order
 
     def has_state_for(self, row: RowKey) -> bool:
-        return self._kv is not None and self._kv[0] == RowKey(row.refs, row.keep, True)
+        return self._kv is not None and self._kv[0] == row.kv_row
 
     def run(self, row: RowKey, repeats: int | None = None) -> tuple[float, float, np.ndarray]:
         """(median seconds over repeats, wall seconds of every call incl. warm-up, final latents as float32).
@@ -265,7 +296,7 @@ class LoopRunner:
         self._kv = None  # drop a stale cache before allocating the next one
         refs = ref_ids = None
         if row.refs:
-            packed = pack_references(self.grids[:row.refs], self.inputs.kept[(row.refs, row.keep)])
+            packed = pack_references(self.grids[:row.refs], self.inputs.kept_for(row))
             refs, ref_ids = packed.tokens[None], packed.position_ids  # (1, N_r, C), (N_r, 4)
         repeats = self.inputs.options.repeats if repeats is None else repeats
         with _collector_paused():
@@ -296,7 +327,7 @@ class LoopRunner:
         self.step_seconds = statistics.median(in_steps) if in_steps else None
         self.samples = list(times)
         if row.kv and row.refs:
-            self._kv = (RowKey(row.refs, row.keep, True), state)
+            self._kv = (row.kv_row, state)
         return statistics.median(times), time.perf_counter() - started, _as_float32(latents)
 
     def release(self) -> None:

@@ -283,7 +283,7 @@ class _Check:
         self.torch = torch
         self.options, self.budget, self.report, self.log = options, budget, report, log
         self.dtype = {"fp16": torch.float16, "fp32": torch.float32}[options.precision]
-        self.rows = check_rows(options.refs)
+        self.rows = check_rows(options.refs, options.key_tile)
         self.full_config = CONFIGS[options.config]
         self.geometry = Geometry.of(options, self.full_config)
         self.rate: float | None = None  # measured FLOP/s on PyTorch (the slowest row's)
@@ -440,7 +440,7 @@ class _Check:
         check. Side rows (no ``phase``) keep three."""
         factor = ORT_CACHE_HIT_REPEAT_FACTOR if phase is not None and phase.startswith("ort_") \
             else CACHE_HIT_REPEAT_FACTOR
-        return self.options.repeats * (factor if row.cache_hit else 1)
+        return self.options.repeats * (factor if row.cache_hit and not row.tile else 1)
 
     def _row(self, phase: str, row: RowKey, runner: LoopRunner, estimate: float | None) -> Any:
         if row.cache_hit and not runner.has_state_for(row):
@@ -765,7 +765,7 @@ class _Check:
 
         inputs, most = self.inputs, self.options.refs
         for keep, use_kv in ((1.0, False), (ACCEPTANCE_KEEP, True)):
-            packed = pack_references(inputs.grids[:most], inputs.kept[(most, keep)])
+            packed = pack_references(inputs.grids[:most], inputs.kept_for(RowKey(most, keep, use_kv)))
             conditioning = LoopRunner(backend, inputs, read_only).conditioning
             denoise(backend, inputs.latents, inputs.target_ids, conditioning, inputs.schedule, packed.tokens[None],
                     packed.position_ids, use_kv=use_kv)

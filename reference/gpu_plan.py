@@ -22,9 +22,16 @@ from sparse_context.engines.streams import SYNC_MODES
 from sparse_context.reference.benchmark_configs import CONFIGS, REDUCED_DEPTHS
 from sparse_context.reference.engine_benchmark import RowKey as Row
 from sparse_context.runtime.errors import InputError, bad_value
-from sparse_context.runtime.tokens import MAX_REFERENCES, kept_token_count, token_grid
+from sparse_context.runtime.tokens import (
+    MAX_REFERENCES, check_key_tile, kept_token_count, token_grid, whole_tile_tokens,
+)
 
 ACCEPTANCE_KEEP = 0.10
+# The key tile of the cuDNN / flash attention kernels at head size 128. Text (512) and target (4,096) tokens fill 36
+# whole tiles; keep 0.10 of six 1024^2 references adds 2,460 keys, 19 tiles and 28 keys of a 20th, which the
+# kernels compute as a whole tile (run 8: 603 TFLOP/s at 7,068 keys, 652 at 4,608). The check also times the
+# persistent-cache call at 2,560 kept tokens (--key-tile 128): more tokens, maybe less time.
+DEFAULT_KEY_TILE = 128
 CACHE_HIT_REPEAT_FACTOR = 3  # the persistent-cache row is timed 3x as often (gpu_check.GpuCheck.repeats_for)
 # ... and 6x in the onnxruntime phases, whose full-depth figure is extrapolated from two depths (run 7: 2-3 % spread
 # per call against PyTorch's 0.2-0.7 %, a 9.30-9.68 interval around 9.51x); PyTorch's is measured at full depth.
@@ -68,15 +75,19 @@ SAVE_SECONDS_PER_GB = 2.0  # a reduced depth's weights drawn on the device and s
 RAM_PER_EXPORT_BYTES_PER_PARAM = 10  # fp32 init, fp16 copy, the ONNX program's own copy while saving
 
 
-def check_rows(most: int) -> list[Row]:
+def check_rows(most: int, key_tile: int = 0) -> list[Row]:
     """The issue's rows in priority order: 6 references dense, at keep 0.10 + KV, its persistent-cache second
-    call, keep 0.10 without KV, target only; 1 and 3 references at keep 0.10 + KV; their dense baselines."""
+    call, keep 0.10 without KV, target only; 1 and 3 references at keep 0.10 + KV; with ``key_tile``, 6 references
+    at keep 0.10 + KV and its persistent-cache call topped up to whole key tiles (timed as often as the other rows:
+    one row pair more); last, the dense baselines of 1 and 3 references, which runs 3-9 measured alike."""
     keep = ACCEPTANCE_KEEP
     rows = [Row(most, 1.0, False), Row(most, keep, True), Row(most, keep, True, True), Row(most, keep, False),
             Row(0, 1.0, False)]
     for refs in sorted({1, 3} - {most}, reverse=True):
         if refs < most:
             rows += [Row(refs, keep, True)]
+    if key_tile:
+        rows += [Row(most, keep, True, tile=key_tile), Row(most, keep, True, True, tile=key_tile)]
     for refs in sorted({1, 3} - {most}, reverse=True):
         if refs < most:
             rows += [Row(refs, 1.0, False)]
@@ -116,6 +127,7 @@ class GpuCheckOptions:
     gpu_memory_gb: float | None = None  # dry-run: the GPU to plan for (None: the one present, else 80)
     sync: str = "image"  # onnxruntime rows: one wait per image (side rows wait per run), or a wait after every run
     cuda_graphs: bool = True  # plain-kv variants replay cached calls as CUDA graphs (side rows: without them)
+    key_tile: int = DEFAULT_KEY_TILE  # also time keep 0.10 + KV and its cache hit topped up to whole key tiles (0: no)
 
     @property
     def cuda(self) -> bool:
@@ -175,6 +187,7 @@ class GpuCheckOptions:
                                                 <= 8):
             raise InputError(bad_value("export workers", self.export_workers, "an integer in 0..8 (0: in-process)",
                                        "--export-workers"))
+        check_key_tile(self.key_tile)
         if self.gpu_memory_gb is not None and not (isinstance(self.gpu_memory_gb, (int, float))
                                                    and 1 <= self.gpu_memory_gb <= 4096):
             raise InputError(bad_value("GPU memory in GB", self.gpu_memory_gb, "a number in 1..4096",
@@ -217,7 +230,8 @@ class Geometry:
         return cls(options.text_tokens, rows * cols, ref_rows * ref_cols, width, 4 * width ** 2 + 3 * width * hidden)
 
     def ref_tokens(self, row: Row) -> int:
-        return row.refs * kept_token_count(self.ref_grid_tokens, row.keep) if row.refs else 0
+        kept = row.refs * kept_token_count(self.ref_grid_tokens, row.keep) if row.refs else 0
+        return whole_tile_tokens(kept, self.text + self.target, row.tile or None, row.refs * self.ref_grid_tokens)
 
     def cached_attention(self, refs: int) -> tuple[int, int]:
         """(queries, keys) of the persistent-cache call's joint attention: text and target over themselves and the
@@ -283,12 +297,12 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
     rate = EFFECTIVE_TFLOPS[kind] * 1e12
     full = CONFIGS[options.config]
     geometry = Geometry.of(options, full)
-    rows = check_rows(options.refs)
+    rows = check_rows(options.refs, options.key_tile)
     scale = 1.0 if options.precision == "fp16" else 2.0
     plan = Plan(budget_s=options.budget_s)
 
     def rows_seconds(config: dict[str, Any], hit_factor: int = CACHE_HIT_REPEAT_FACTOR) -> float:
-        calls = lambda row: options.repeats * (hit_factor if row.cache_hit else 1) + 1  # noqa: E731
+        calls = lambda row: options.repeats * (hit_factor if row.cache_hit and not row.tile else 1) + 1  # noqa: E731
         return sum(calls(row) * scale * geometry.call_flops(row, config, options.steps) for row in rows) / rate
 
     def side_rows_seconds(config: dict[str, Any], variant: str) -> float:

@@ -189,6 +189,16 @@ def test_loop_runner_single_untimed_call_and_its_cache_hit():
     assert runner.has_state_for(RowKey(2, 0.1, True, cache_hit=True))
     _, _, cached = runner.run(RowKey(2, 0.1, True, cache_hit=True), repeats=0)
     assert cached.shape == once.shape and np.isfinite(cached).all()
+    # A whole-key-tile row keeps its plain row's tokens and more: 8 text + 16 target + 2 x 2 kept = 28 keys, topped
+    # up to 32 (tiles of 16): 4 more tokens, two per reference. Its cache hit needs its own KV row's K/V.
+    tiled_kv, tiled_hit = RowKey(2, 0.1, True, tile=16), RowKey(2, 0.1, True, cache_hit=True, tile=16)
+    plain, tiled = inputs.kept_for(kv_row), inputs.kept_for(tiled_kv)
+    assert [k.size for k in plain] == [2, 2] and [k.size for k in tiled] == [4, 4]
+    assert all(np.isin(p, t).all() and np.unique(t).size == t.size for p, t in zip(plain, tiled))
+    assert inputs.ref_tokens(tiled_hit) == 8 and inputs.ref_tokens(kv_row) == 4
+    assert not runner.has_state_for(tiled_hit)
+    runner.run(tiled_kv, repeats=0)
+    assert runner.has_state_for(tiled_hit) and not runner.has_state_for(RowKey(2, 0.1, True, cache_hit=True))
 
 
 def test_loop_runner_times_with_the_cycle_collector_paused():

@@ -20,7 +20,7 @@ import pytest
 from sparse_context.cli import main
 from sparse_context.reference.benchmark_configs import CONFIGS
 from sparse_context.reference.gpu_plan import (
-    GpuCheckOptions, Geometry, check_rows, depth_units, estimate_plan, extrapolate,
+    DEFAULT_KEY_TILE, GpuCheckOptions, Geometry, check_rows, depth_units, estimate_plan, extrapolate,
 )
 from sparse_context.reference.gpu_report import acceptance, derive, speedups, summary_lines
 
@@ -126,8 +126,9 @@ def test_the_deeper_pair_is_opt_in_and_plans_inside_the_budget():
 
 def test_the_persistent_cache_row_is_timed_more_often_where_it_is_extrapolated(monkeypatch):
     """The persistent-cache row: 3x the timed calls in PyTorch phases and side rows, 6x in onnxruntime phases (the
-    extrapolated figure whose noise decided runs 5-7); the plan counts them, and the next run's d4/d16 command and
-    the default plan both stay inside 480 s on an 80 GB GPU."""
+    extrapolated figure whose noise decided runs 5-7); the plan counts them, and the next run's d4/d16 command (with
+    the whole-key-tile rows), the default plan and runs 5-7's command (both variants, --repeats 5, --key-tile 0)
+    stay inside 480 s on an 80 GB GPU."""
     from types import SimpleNamespace
 
     from sparse_context.reference import gpu_plan
@@ -141,13 +142,68 @@ def test_the_persistent_cache_row_is_timed_more_often_where_it_is_extrapolated(m
     assert _Check.repeats_for(checker, kv, "ort_d8_mha-split") == 5
     next_run = GpuCheckOptions(config="klein-9b", depths=("d4", "d16"), variants=("mha-split",), repeats=5,
                                bf16=False, export_workers=4).validate()
-    for options in (next_run, GpuCheckOptions(config="klein-9b", repeats=5, bf16=False, export_workers=4)):
+    for options in (next_run, GpuCheckOptions(config="klein-9b"),
+                    GpuCheckOptions(config="klein-9b", repeats=5, bf16=False, export_workers=4, key_tile=0)):
         plan = estimate_plan(options, gpu_memory_gb=80)
         assert plan.total_s <= 480 and all(p.fits for p in plan.phases), [(p.name, p.seconds) for p in plan.phases]
     ort_phase = lambda plan: {p.name: p.seconds for p in plan.phases}["ort_d16_mha-split"]  # noqa: E731
     six = ort_phase(estimate_plan(next_run, gpu_memory_gb=80))
     monkeypatch.setattr(gpu_plan, "ORT_CACHE_HIT_REPEAT_FACTOR", gpu_plan.CACHE_HIT_REPEAT_FACTOR)
     assert ort_phase(estimate_plan(next_run, gpu_memory_gb=80)) < six
+
+
+def test_whole_key_tile_rows_come_before_the_dense_baselines_and_keep_more_tokens():
+    """--key-tile (default 128): 6 refs at keep 0.10 + KV and its persistent-cache call once more, with the kept
+    tokens topped up to whole tiles of attention keys (klein-9b: 2,460 -> 2,560, 7,068 -> 7,168 keys), timed as
+    often as the other rows, after the issue's rows and before the dense baselines of 1 and 3 references."""
+    from types import SimpleNamespace
+
+    from sparse_context.reference.gpu_check import _Check
+    from sparse_context.runtime.errors import InputError
+
+    plain, rows = check_rows(6), check_rows(6, DEFAULT_KEY_TILE)
+    assert DEFAULT_KEY_TILE == 128 and check_rows(6, 0) == plain and len(rows) == len(plain) + 2
+    assert rows[:7] == plain[:7] and rows[9:] == plain[7:]
+    assert [row.label for row in rows[7:9]] == ["refs 6 keep 0.1 kv on tile 128", "refs 6 keep 0.1 kv cached tile 128"]
+    assert rows[8].kv_row == rows[7] and rows[2].kv_row == rows[1]  # each cache hit reuses its own KV row's K/V
+    geometry = Geometry.of(GpuCheckOptions(config="klein-9b"), CONFIGS["klein-9b"])
+    assert geometry.ref_tokens(rows[2]) == 2460 and geometry.ref_tokens(rows[8]) == 2560
+    assert geometry.call_flops(rows[8], CONFIGS["klein-9b"], 4) > geometry.call_flops(rows[2], CONFIGS["klein-9b"], 4)
+    checker = SimpleNamespace(options=SimpleNamespace(repeats=5))
+    assert _Check.repeats_for(checker, rows[8], "ort_d16_mha-split") == _Check.repeats_for(checker, rows[7]) == 5
+    with pytest.raises(InputError, match="key tile: got -1.*--key-tile"):
+        GpuCheckOptions(key_tile=-1).validate()
+    untiled = estimate_plan(GpuCheckOptions(config="klein-9b", key_tile=0), gpu_memory_gb=80)
+    assert untiled.total_s < estimate_plan(GpuCheckOptions(config="klein-9b"), gpu_memory_gb=80).total_s
+
+
+def test_whole_key_tile_rows_are_compared_side_by_side_and_judged_like_the_rows_they_top_up():
+    data = _data(ort_factor=0.9)
+    for rows in data["rows"].values():
+        for row in list(rows)[1:]:  # 2 % faster with 100 more tokens
+            rows.append({**row, "label": f"{row['label']} tile 128", "tile": 128, "seconds": 0.98 * row["seconds"],
+                         "ref_tokens": 2560})
+            row["ref_tokens"] = 2460
+    data["setup"]["key_tile"] = 128
+    data["derived"] = derive(data)
+    tiles = data["derived"]["key_tiles"]
+    cached = tiles["torch_full"]["refs 6 keep 0.1 kv cached"]
+    assert cached["tiled_over_plain"] == pytest.approx(0.98) and (cached["plain_tokens"], cached["tiled_tokens"]) == (
+        2460, 2560)
+    assert tiles["ort mha full (extrapolated)"]["refs 6 keep 0.1 kv cached"]["tiled_over_plain"] == pytest.approx(0.98)
+    criteria = acceptance(data)
+    dense, hit = 0.01 + 0.17 * 40, 0.01 + 0.018 * 40
+    entry = criteria["torch: speedup persistent cache, whole key tiles of 128"]
+    assert entry["value"] == pytest.approx(dense / (0.98 * hit)) and entry["target"] == ">= 9.5"
+    assert criteria["torch: speedup persistent cache"]["value"] == pytest.approx(dense / hit)
+    assert "ort mha: speedup persistent cache, whole key tiles of 128 (extrapolated)" in criteria
+    text = "\n".join(summary_lines({**data, "acceptance": criteria, "skipped": [], "precision": "fp16",
+                                     "device": "cuda", "setup": {**data["setup"], "target_px": 1024, "ref_px": 1024,
+                                                                 "text_tokens": 512, "steps": 4}}))
+    assert (f"torch_full refs 6 keep 0.1 kv cached: whole key tiles of 128 {0.98 * hit:.3f}s, as kept {hit:.3f}s "
+            "(0.980x) (2560 against 2460 reference tokens)") in text
+    table = [line for line in text.splitlines() if line.startswith("refs 6 keep 0.1 kv cached tile 128 ")]
+    assert len(table) == 1 and f"{0.98 * hit:.3f}s" in table[0]  # the table's own row, its label in full
 
 
 def test_sync_option_of_the_check():
@@ -458,7 +514,7 @@ def test_tiny_plan_killed_mid_run_leaves_every_finished_row(tmp_path):
     assert report["phases"]["torch_full"]["status"] == "done" and report["phases"]["torch_d2"]["status"] == "done"
     for phase in ("torch_full", "torch_d2"):
         labels = {row["label"] for row in report["rows"][phase]}
-        assert labels == {row.label for row in check_rows(6)}
+        assert labels == {row.label for row in check_rows(6, DEFAULT_KEY_TILE)}
     assert report["selection"]["edge"]["references"] == 6
     assert not list(out.glob(".gpu_check.json.*")), "a half-written report was left behind"
 
