@@ -464,10 +464,11 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     generate.add_argument(FLAG_LORA_SCALE, type=float, default=None, help="LoRA scale (default 1)")
     generate.add_argument(FLAG_PROMPT, required=True, help="at most 2048 characters")
     _add_selection_arguments(generate, default_keep=1.0)
-    generate.add_argument(FLAG_KEY_TILE, type=int, default=0, metavar="N",
+    generate.add_argument(FLAG_KEY_TILE, type=int, default=None, metavar="N",
                           help="keep more reference tokens, never fewer, so the attention's keys (text + target + "
                           "kept) fill whole tiles of N keys: a last partial tile costs the kernel about a whole one "
-                          "(128: the key tile at head size 128; default 0, off)")
+                          "(128: the key tile at head size 128; 0: off; default: with --engines, what they were "
+                          "built with, else off)")
     kv = generate.add_mutually_exclusive_group()
     kv.add_argument("--kv", dest="kv", action="store_true", default=None, help="reuse reference K/V (KV cache)")
     kv.add_argument("--no-kv", dest="kv", action="store_false")

@@ -19,8 +19,8 @@ from sparse_context.engines.errors import ProfileError
 from sparse_context.runtime.errors import InputError, bad_value
 from sparse_context.runtime.limits import MAX_OUTPUT_PIXELS, MAX_SIDE_PIXELS, check_output_size
 from sparse_context.runtime.tokens import (
-    MAX_REFERENCE_AREA, MAX_REFERENCES, TOKEN_PIXELS, check_keep_fraction, check_reference_count, kept_token_count,
-    token_grid,
+    KEY_TILE_FLAG, MAX_REFERENCE_AREA, MAX_REFERENCES, TOKEN_PIXELS, check_keep_fraction, check_key_tile,
+    check_reference_count, kept_token_count, token_grid, whole_tile_tokens,
 )
 
 # Symbolic axis names of the graphs' token axes; export specs map their own names onto these if they differ.
@@ -44,6 +44,7 @@ FLAG_TYPICAL_REFS = "--typical-refs"
 FLAG_REF_RESOLUTION = "--ref-resolution"
 FLAG_TARGET_RESOLUTIONS = "--target-resolutions"
 FLAG_TEXT_TOKENS = "--text-tokens"
+FLAG_KEY_TILE = KEY_TILE_FLAG
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,9 @@ class BucketPlan:
     ref_resolution: Resolution = DEFAULT_RESOLUTION
     target_resolutions: tuple[Resolution, ...] = (DEFAULT_RESOLUTION,)  # the first one is the opt shape
     text_tokens: int = DEFAULT_TEXT_TOKENS
+    # Kept tokens are topped up to whole tiles of this many attention keys (--key-tile; 0: as kept): each bucket holds
+    # up to key_tile - 1 tokens more, and the engines' generations top up by default.
+    key_tile: int = 0
 
     def validate(self) -> BucketPlan:
         """Raise InputError (naming the flag) for any out-of-range option; return self. No side effects."""
@@ -149,25 +153,39 @@ class BucketPlan:
             resolution.tokens  # raises InputError below one token
         if not isinstance(self.text_tokens, int) or self.text_tokens < 2:  # the export's least (export.spec)
             raise InputError(bad_value("text tokens", self.text_tokens, "an integer >= 2", FLAG_TEXT_TOKENS))
+        check_key_tile(self.key_tile, FLAG_KEY_TILE)
         return self
 
     @property
     def tokens_per_ref(self) -> int:
         return self.ref_resolution.tokens
 
+    def topped_up(self, tokens: int, refs: int, target_tokens: int | None = None) -> int:
+        """``tokens`` kept of ``refs`` references as a generation with this plan's key tile keeps them: the most
+        (``key_tile - 1`` more, for any target size) or, given ``target_tokens``, exactly (``whole_tile_tokens``)."""
+        if not self.key_tile:
+            return tokens
+        available = refs * self.tokens_per_ref
+        if target_tokens is None:
+            return min(tokens + self.key_tile - 1, max(tokens, available))
+        return whole_tile_tokens(tokens, self.text_tokens + target_tokens, self.key_tile, available)
+
     @cached_property  # frozen dataclasses allow this: cached_property writes the instance __dict__ directly
     def buckets(self) -> tuple[Bucket, ...]:
         """Buckets sorted by maximum, tiling 0..largest maximum; a keep whose maximum repeats a smaller keep's
-        is dropped (it would get an empty range), keeping the smaller fraction's name."""
+        is dropped (it would get an empty range), keeping the smaller fraction's name. With a key tile each
+        maximum holds the top-up, and the opt shape is topped up for the first target size."""
         self.validate()
         typical = self.typical_refs or self.max_refs
         buckets: list[Bucket] = []
         next_min = 0
         for keep in sorted(set(float(k) for k in self.keep_fractions)):
-            maximum = tokens_at(keep, self.max_refs, self.tokens_per_ref)
+            maximum = self.topped_up(tokens_at(keep, self.max_refs, self.tokens_per_ref), self.max_refs)
             if maximum < next_min:
                 continue
-            opt = min(maximum, max(next_min, tokens_at(keep, typical, self.tokens_per_ref)))
+            opt = self.topped_up(tokens_at(keep, typical, self.tokens_per_ref), typical,
+                                 self.target_resolutions[0].tokens)
+            opt = min(maximum, max(next_min, opt))
             buckets.append(Bucket(keep, next_min, opt, maximum))
             next_min = maximum + 1
         return tuple(buckets)
@@ -200,12 +218,13 @@ class BucketPlan:
     def covering_option(self, ref_tokens: int) -> str:
         """The smallest build-option change whose buckets would hold ``ref_tokens``, as advice text."""
         for keep in KEEP_CHOICES:  # first: a larger keep fraction at the same reference count
-            if keep not in self.keep_fractions and tokens_at(keep, self.max_refs, self.tokens_per_ref) >= ref_tokens:
+            if keep not in self.keep_fractions and self.topped_up(tokens_at(keep, self.max_refs, self.tokens_per_ref),
+                                                                  self.max_refs) >= ref_tokens:
                 keeps = " ".join(f"{k:g}" for k in sorted({*self.keep_fractions, keep}))
                 return f"rebuild with {FLAG_KEEPS} {keeps}"
         largest_keep = max(self.keep_fractions)
         for refs in range(self.max_refs + 1, MAX_REFERENCES + 1):  # then: more references
-            if tokens_at(largest_keep, refs, self.tokens_per_ref) >= ref_tokens:
+            if self.topped_up(tokens_at(largest_keep, refs, self.tokens_per_ref), refs) >= ref_tokens:
                 return f"rebuild with {FLAG_MAX_REFS} {refs}"
         ceiling = tokens_at(1.0, MAX_REFERENCES, self.tokens_per_ref)
         return (f"no build covers it: {MAX_REFERENCES} references (the FLUX.2 limit) x {self.tokens_per_ref} "
@@ -232,7 +251,8 @@ class BucketPlan:
     def to_json(self) -> dict:
         return {"keep_fractions": list(self.keep_fractions), "max_refs": self.max_refs,
                 "typical_refs": self.typical_refs, "ref_resolution": self.ref_resolution.name,
-                "target_resolutions": [r.name for r in self.target_resolutions], "text_tokens": self.text_tokens}
+                "target_resolutions": [r.name for r in self.target_resolutions], "text_tokens": self.text_tokens,
+                "key_tile": self.key_tile}
 
     @classmethod
     def from_json(cls, data: dict) -> BucketPlan:
@@ -241,7 +261,7 @@ class BucketPlan:
             return cls(keep_fractions=tuple(float(k) for k in data["keep_fractions"]), max_refs=int(data["max_refs"]),
                        typical_refs=data.get("typical_refs"), ref_resolution=Resolution.parse(data["ref_resolution"]),
                        target_resolutions=tuple(Resolution.parse(r) for r in data["target_resolutions"]),
-                       text_tokens=int(data["text_tokens"])).validate()
+                       text_tokens=int(data["text_tokens"]), key_tile=int(data.get("key_tile", 0))).validate()
         except InputError as error:  # well formed, but a value out of range: say which
             raise ProfileError(f"recorded bucket plan: {error} (rebuild the engines with build_engines.py)") \
                 from error
@@ -257,6 +277,8 @@ class BucketPlan:
         args += [FLAG_REF_RESOLUTION, self.ref_resolution.name,
                  FLAG_TARGET_RESOLUTIONS, *(r.name for r in self.target_resolutions),
                  FLAG_TEXT_TOKENS, str(self.text_tokens)]
+        if self.key_tile:
+            args += [FLAG_KEY_TILE, str(self.key_tile)]
         return tuple(args)
 
 
@@ -280,6 +302,10 @@ def add_bucket_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{MAX_SIDE_PIXELS} px, at most {MAX_OUTPUT_PIXELS // 2**20} megapixels; the first is "
                              f"the opt shape (common: {', '.join(RESOLUTION_CHOICES)})")
     parser.add_argument(FLAG_TEXT_TOKENS, type=int, default=DEFAULT_TEXT_TOKENS)
+    parser.add_argument(FLAG_KEY_TILE, type=int, default=0, metavar="N",
+                        help="top the kept tokens up so the attention's keys (text + target + kept) fill whole tiles "
+                             "of N: each profile holds up to N - 1 tokens more, and generations on these engines "
+                             "top up by default (128: the key tile at head size 128; default 0, off)")
 
 
 def plan_from_args(args: argparse.Namespace) -> BucketPlan:
@@ -288,6 +314,6 @@ def plan_from_args(args: argparse.Namespace) -> BucketPlan:
         keep_fractions=tuple(args.keeps), max_refs=args.max_refs, typical_refs=args.typical_refs,
         ref_resolution=Resolution.parse(args.ref_resolution, FLAG_REF_RESOLUTION),
         target_resolutions=tuple(Resolution.parse(r) for r in args.target_resolutions),
-        text_tokens=args.text_tokens,
+        text_tokens=args.text_tokens, key_tile=args.key_tile,
     ).validate()
 

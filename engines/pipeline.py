@@ -42,8 +42,7 @@ from sparse_context.runtime.kv_cache import ReferenceKVCache
 from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
 from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
-    MAX_REFERENCE_AREA, TOKEN_PIXELS, check_keep_fraction, check_key_tile, check_reference_count, text_position_ids,
-    token_grid,
+    MAX_REFERENCE_AREA, TOKEN_PIXELS, check_keep_fraction, check_reference_count, text_position_ids, token_grid,
 )
 
 DEFAULT_SIZE = 1024  # without references or a size: diffusers' default_sample_size x vae_scale_factor
@@ -186,7 +185,7 @@ class EnginePipeline:
 
         # 1. Check inputs and prepare the references as the VAE sees them
         check_keep_fraction(keep_fraction)
-        key_tile = check_key_tile(key_tile)
+        key_tile = self.runtime.key_tile_for(key_tile)  # None: as the engines were built
         prepared = self.prepare_references(references) if len(references) else []
         from_reference = bool(prepared) and height is None and width is None
         if from_reference:

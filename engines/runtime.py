@@ -108,6 +108,14 @@ class EngineRuntime:
         return cls(open_backend(index, memory=memory, device=device, sync=sync, cuda_graphs=cuda_graphs), scheduler,
                    kv_cache, index)
 
+    def key_tile_for(self, key_tile: int | None) -> int | None:
+        """The key tile a generation tops its kept tokens up to: ``key_tile`` as asked (0: none), or for None the
+        one the engines were built with (``build_engines.py --key-tile``; none for engines without a plan)."""
+        if key_tile is None:
+            plan = getattr(self.index, "plan", None)
+            return (plan.key_tile or None) if plan is not None else None
+        return check_key_tile(key_tile)
+
     def check_built_size(self, width: int, height: int) -> None:
         """Raise ProfileError for an output the engines were not built for (``ProfileSelector.check_target``),
         before any engine runs; backends without a plan take any size."""
@@ -142,14 +150,14 @@ class EngineRuntime:
         patchified as the Klein VAE path produces them. Tokens are kept by ``selections`` (flat indices per
         reference), or scored on ``reference_images`` (the images those latents came from) with ``strategy``.
         ``key_tile``: round the kept tokens up so the attention's keys fill whole tiles of that many
-        (``runtime.selection.allocate_budget``)."""
+        (``runtime.selection.allocate_budget``); None: as the engines were built (:meth:`key_tile_for`), 0: not."""
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         check_keep_fraction(keep_fraction)
         check_steps(num_steps)
         check_guidance(guidance_scale)
         check_seed(seed)
-        key_tile = check_key_tile(key_tile)
+        key_tile = self.key_tile_for(key_tile)
         width, height = check_output_size(width, height)
         dims = self.backend.dims
         embeds = np.asarray(prompt_embeds, dtype=np.float32)

@@ -636,7 +636,7 @@ class _Check:
         plan = BucketPlan(keep_fractions=(1.0, ACCEPTANCE_KEEP), max_refs=options.refs,
                           ref_resolution=Resolution(options.ref_px, options.ref_px),
                           target_resolutions=(Resolution(options.target_px, options.target_px),),
-                          text_tokens=options.text_tokens)
+                          text_tokens=options.text_tokens, key_tile=options.key_tile)  # tiled rows: keep0.10's
         providers = PROVIDERS["ort-cuda" if options.cuda else "ort-cpu"]
         given = dict(full=exports["full"].path, kv=exports["kv"].path, providers=providers, plan=plan,
                      session_options=session_options)

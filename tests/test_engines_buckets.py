@@ -34,6 +34,7 @@ def test_default_buckets_use_kept_token_count():
     BucketPlan(keep_fractions=(0.5, 0.05), max_refs=3, typical_refs=1),
     BucketPlan(keep_fractions=(1.0,), max_refs=1, ref_resolution=Resolution(512, 512)),
     BucketPlan(keep_fractions=KEEP_CHOICES, max_refs=MAX_REFERENCES, ref_resolution=Resolution(768, 1344)),
+    BucketPlan(keep_fractions=(0.05, 0.1, 1.0), max_refs=3, ref_resolution=Resolution(256, 256), key_tile=128),
 ])
 def test_every_count_maps_to_exactly_one_bucket(plan):
     buckets = plan.buckets
@@ -118,6 +119,7 @@ def test_bucket_named_unknown():
     ({"target_resolutions": ()}, "target resolutions"),
     ({"target_resolutions": (Resolution(8, 8),)}, "image size: got '8x8 px'"),
     ({"text_tokens": 0}, "text tokens: got 0.*--text-tokens"),
+    ({"key_tile": 4096}, "key tile: got 4096.*--key-tile"),
 ])
 def test_plan_validation_names_the_flag(kwargs, match):
     with pytest.raises(InputError, match=match):
@@ -162,6 +164,30 @@ def test_cli_options_round_trip_through_build_args():
     plan = BucketPlan(keep_fractions=(0.05, 0.5), max_refs=8, typical_refs=2, ref_resolution=Resolution(512, 512),
                       target_resolutions=(Resolution(1344, 768), Resolution(1024, 1024)), text_tokens=256)
     assert plan_from_args(parser.parse_args(list(plan.build_args()))) == plan
+    assert "--key-tile" not in plan.build_args()  # rebuild hints of plans without a tile stay as they were
+    tiled = BucketPlan(key_tile=128)
+    assert plan_from_args(parser.parse_args(list(tiled.build_args()))) == tiled
+    assert BucketPlan.from_json(tiled.to_json()) == tiled
+    old = {k: v for k, v in BucketPlan().to_json().items() if k != "key_tile"}  # engines.json before --key-tile
+    assert BucketPlan.from_json(old) == BucketPlan()
+
+
+def test_a_key_tile_gives_each_bucket_room_for_the_top_up():
+    """--key-tile 128: a generation keeps up to 127 tokens more than its keep fraction asks (whole tiles of keys for
+    any target size), so each bucket's maximum holds them and its opt is the topped-up count at the first target
+    size: klein at 1024^2, six references, keep 0.10 -> 2,460 kept, 2,560 topped up (7,168 keys), at most 2,587."""
+    plan = BucketPlan(key_tile=128)
+    assert [b.max_ref_tokens for b in plan.buckets] == [1230 + 127, 2460 + 127, 6144 + 127, 24576]
+    assert [b.opt_ref_tokens for b in plan.buckets] == [1280, 2560, 6144, 24576]  # 512 + 4096 + opt: whole tiles
+    assert plan.bucket_for(2560).name == "keep0.10" and BucketPlan().bucket_for(2560).name == "keep0.25"
+    assert plan.topped_up(2460, 6, 4096) == 2560 and plan.topped_up(2460, 6) == 2587 and plan.topped_up(9, 1) == 136
+    assert BucketPlan(max_refs=1, ref_resolution=Resolution(64, 64), key_tile=128).topped_up(9, 1) == 16  # capped
+    assert BucketPlan().topped_up(2460, 6, 4096) == 2460  # no tile: as kept
+    small = BucketPlan(keep_fractions=(0.05, 0.1), key_tile=128)
+    assert small.bucket_for(2587).name == "keep0.10"
+    with pytest.raises(ProfileError, match="2588 reference tokens exceed every engine profile; nearest profile "
+                       "keep0.10 holds 1358..2587.*rebuild with --keeps 0.05 0.1 0.25"):
+        small.bucket_for(2588)
 
 
 def test_cli_choices_come_from_registry():

@@ -122,3 +122,25 @@ def test_generate_refuses_a_bad_key_tile_before_loading_anything(capsys):
     code = main(["generate", "--prompt", "x", "--key-tile", "4096", "--out", "/tmp/sparse-context-never.png"])
     err = capsys.readouterr().err
     assert code == 2 and "key tile: got 4096" in err and "--key-tile" in err and "Traceback" not in err
+
+
+def test_engines_built_with_a_key_tile_top_up_by_default(pipeline):
+    """``build_engines.py --key-tile N`` records the tile in the plan; a generation on those engines tops up unless
+    it asks otherwise (``key_tile=0``: as kept; another tile: that one). Engines without one keep what is asked."""
+    import dataclasses
+
+    from sparse_context.engines.runtime import EngineRuntime
+
+    plain = pipeline.runtime
+    index = dataclasses.replace(plain.index, plan=dataclasses.replace(plain.index.plan, key_tile=128))
+    tiled = EngineRuntime(plain.backend, plain.scheduler_config, None, index)
+    assert plain.key_tile_for(None) is None and tiled.key_tile_for(None) == 128
+    assert tiled.key_tile_for(0) is None and tiled.key_tile_for(16) == 16 and EngineRuntime(plain.backend).key_tile_for(
+        None) is None
+    rng = np.random.default_rng(5)
+    embeds = rng.standard_normal((1, 64, plain.backend.dims.text_dim)).astype(np.float32)
+    grids = [rng.standard_normal((plain.backend.dims.in_channels, 16, 16)).astype(np.float32) for _ in range(3)]
+    kwargs = dict(keep_fraction=0.1, strategy="uniform", height=256, width=256, num_steps=1)
+    assert tiled.generate_latents(embeds, grids, **kwargs).ref_tokens == 192  # 64 + 256 + 192 = 4 tiles of 128
+    assert tiled.generate_latents(embeds, grids, key_tile=0, **kwargs).ref_tokens == 78
+    assert plain.generate_latents(embeds, grids, **kwargs).ref_tokens == 78
