@@ -269,13 +269,16 @@ class SparseContextGenerator:
         ``selections`` (flat indices per reference) to fix them instead. ``reference_latents`` (each (128, rows,
         cols)) skip the VAE; ``prompt_embeds`` skip the text encoder; ``kv_state`` reuses reference K/V from an
         earlier KV call with the same references, selection and model. ``key_tile``: round the kept tokens up so
-        the attention's keys fill whole tiles of that many (``runtime.selection.allocate_budget``).
+        the attention's keys fill whole tiles of that many (``runtime.selection.allocate_budget``; 0: not; None:
+        as engines from :meth:`from_engines` were built, else not).
         """
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
         # 1. Check inputs
         check_keep_fraction(keep_fraction)
+        if key_tile is None and self.engines_index is not None:  # engines built with --key-tile top up by default
+            key_tile = self.engines_index.plan.key_tile or None
         key_tile = check_key_tile(key_tile)
         if output_type not in ("pil", "np", "latent"):
             raise InputError(bad_value("output_type", output_type, "'pil', 'np' or 'latent'"))

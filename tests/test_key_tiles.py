@@ -124,7 +124,7 @@ def test_generate_refuses_a_bad_key_tile_before_loading_anything(capsys):
     assert code == 2 and "key tile: got 4096" in err and "--key-tile" in err and "Traceback" not in err
 
 
-def test_engines_built_with_a_key_tile_top_up_by_default(pipeline):
+def test_engines_built_with_a_key_tile_top_up_by_default(pipeline, engines_dir, reference_photos):
     """``build_engines.py --key-tile N`` records the tile in the plan; a generation on those engines tops up unless
     it asks otherwise (``key_tile=0``: as kept; another tile: that one). Engines without one keep what is asked."""
     import dataclasses
@@ -144,3 +144,13 @@ def test_engines_built_with_a_key_tile_top_up_by_default(pipeline):
     assert tiled.generate_latents(embeds, grids, **kwargs).ref_tokens == 192  # 64 + 256 + 192 = 4 tiles of 128
     assert tiled.generate_latents(embeds, grids, key_tile=0, **kwargs).ref_tokens == 78
     assert plain.generate_latents(embeds, grids, **kwargs).ref_tokens == 78
+    # The PyTorch generator on the same engines (diffusers' text encoder and VAE) follows them alike.
+    from sparse_context.reference.generator import SparseContextGenerator
+
+    generator = SparseContextGenerator.from_engines(engines_dir)
+    request = dict(keep_fraction=0.1, strategy="edge", height=96, width=96, num_steps=1, output_type="latent")
+    untiled = generator.generate("a red bicycle", reference_photos, **request).ref_tokens
+    generator.engines_index = index
+    topped = generator.generate("a red bicycle", reference_photos, **request).ref_tokens
+    assert (topped + 64 + 36) % 128 == 0 and untiled < topped < untiled + 128
+    assert generator.generate("a red bicycle", reference_photos, key_tile=0, **request).ref_tokens == untiled
