@@ -533,11 +533,15 @@ class _Check:
         """GPU kernel time per category for one generation of the target-only row, the acceptance KV row and its
         persistent-cache call (``reference.kernel_profile``): where the cached call's time over target-only goes.
         Profiled at both depths, so GPU busy time and the time outside kernels extrapolate to full depth apart.
+        With a key tile, also the tiled KV row and its cache hit: the attention kernels' time with whole tiles.
         ``seconds``: the phase's timed rows, from which the profiles' cost is estimated."""
         from sparse_context.reference.kernel_profile import profile_kernels
 
         rows = [RowKey(0, 1.0, False), RowKey(self.options.refs, ACCEPTANCE_KEEP, True),
                 RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True)]
+        if self.options.key_tile:
+            rows += [RowKey(self.options.refs, ACCEPTANCE_KEEP, True, tile=self.options.key_tile),
+                     RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True, tile=self.options.key_tile)]
         if not self.options.cuda:
             return {"status": "skipped", "reason": "kernel times need CUPTI on a GPU"}
         estimate = profile_estimate([seconds.get(row) for row in rows], self.torch_wall.get(depth, 0.0))

@@ -238,6 +238,16 @@ def key_tiles(data: dict[str, Any], variants: dict[str, Any]) -> dict[str, dict[
                 result.setdefault(f"ort {variant} full (extrapolated)", {})[label] = {
                     "plain_s": values["predicted_full_s"], "tiled_s": tiled,
                     "tiled_over_plain": tiled / values["predicted_full_s"]}
+    for phase, entry in data.get("phases", {}).items():  # kernel profiles: GPU ms of attention and of all kernels
+        kernels = entry.get("kernels") or {}
+        for label, plain in kernels.items():
+            tiled = kernels.get(f"{label} tile {tile}")
+            if isinstance(plain, dict) and isinstance(tiled, dict) and plain.get("ms_per_category") is not None \
+                    and tiled.get("ms_per_category") is not None:
+                result.setdefault(phase, {}).setdefault(label, {}).update(
+                    attention_ms=[plain["ms_per_category"].get("attention", 0.0),
+                                  tiled["ms_per_category"].get("attention", 0.0)],
+                    busy_ms=[plain.get("busy_ms"), tiled.get("busy_ms")])
     return result
 
 
@@ -504,8 +514,14 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         for label, entry in entries.items():
             tokens = "" if entry.get("tiled_tokens") is None else (
                 f" ({entry['tiled_tokens']} against {entry['plain_tokens']} reference tokens)")
-            lines.append(f"{phase} {label}: whole key tiles of {tile} {entry['tiled_s']:.3f}s, as kept "
-                         f"{entry['plain_s']:.3f}s ({entry['tiled_over_plain']:.3f}x){tokens}")
+            if "tiled_s" in entry:
+                lines.append(f"{phase} {label}: whole key tiles of {tile} {entry['tiled_s']:.3f}s, as kept "
+                             f"{entry['plain_s']:.3f}s ({entry['tiled_over_plain']:.3f}x){tokens}")
+            if "attention_ms" in entry:
+                (plain, tiled), (busy, busy_tiled) = entry["attention_ms"], entry["busy_ms"]
+                lines.append(f"{phase} {label}, one generation's GPU time: attention {tiled:.1f} ms with whole key "
+                             f"tiles of {tile}, {plain:.1f} ms as kept; all kernels {busy_tiled:.1f} against "
+                             f"{busy:.1f} ms")
     for label, check in data["derived"].get("torch_extrapolation_check", {}).items():
         lines.append(f"extrapolation check (PyTorch) {label}: predicted {check['predicted_s']:.3f}s, measured "
                      f"{check['measured_s']:.3f}s ({100 * check['error']:+.1f} %)")

@@ -185,8 +185,14 @@ def test_whole_key_tile_rows_are_compared_side_by_side_and_judged_like_the_rows_
                          "ref_tokens": 2560})
             row["ref_tokens"] = 2460
     data["setup"]["key_tile"] = 128
+    profile = lambda attention, busy: {"status": "done", "busy_ms": busy, "ms_per_category": {  # noqa: E731
+        "attention": attention, "matmul": busy - attention}}
+    data["phases"] = {"ort_d4_mha": {"kernels": {"refs 6 keep 0.1 kv cached": profile(14.6, 76.1),
+                                                 "refs 6 keep 0.1 kv cached tile 128": profile(13.9, 75.5)}}}
     data["derived"] = derive(data)
     tiles = data["derived"]["key_tiles"]
+    in_kernels = tiles["ort_d4_mha"]["refs 6 keep 0.1 kv cached"]
+    assert in_kernels["attention_ms"] == [14.6, 13.9] and in_kernels["busy_ms"] == [76.1, 75.5]
     cached = tiles["torch_full"]["refs 6 keep 0.1 kv cached"]
     assert cached["tiled_over_plain"] == pytest.approx(0.98) and (cached["plain_tokens"], cached["tiled_tokens"]) == (
         2460, 2560)
@@ -202,6 +208,8 @@ def test_whole_key_tile_rows_are_compared_side_by_side_and_judged_like_the_rows_
                                                                  "text_tokens": 512, "steps": 4}}))
     assert (f"torch_full refs 6 keep 0.1 kv cached: whole key tiles of 128 {0.98 * hit:.3f}s, as kept {hit:.3f}s "
             "(0.980x) (2560 against 2460 reference tokens)") in text
+    assert ("ort_d4_mha refs 6 keep 0.1 kv cached, one generation's GPU time: attention 13.9 ms with whole key tiles "
+            "of 128, 14.6 ms as kept; all kernels 75.5 against 76.1 ms") in text
     table = [line for line in text.splitlines() if line.startswith("refs 6 keep 0.1 kv cached tile 128 ")]
     assert len(table) == 1 and f"{0.98 * hit:.3f}s" in table[0]  # the table's own row, its label in full
 
