@@ -48,12 +48,12 @@ MAX_KEY_TILE = 1024  # attention kernels tile keys by 64..256; more would only a
 
 def check_key_tile(key_tile: int | None, flag: str = KEY_TILE_FLAG) -> int | None:
     """Return ``key_tile`` (None or 0: no rounding) if it is an integer 1..MAX_KEY_TILE, else raise InputError."""
-    if key_tile is None or (isinstance(key_tile, int) and not isinstance(key_tile, bool) and key_tile == 0):
+    if key_tile is None:
         return None
-    if isinstance(key_tile, bool) or not isinstance(key_tile, (int, np.integer)) or not 1 <= key_tile <= MAX_KEY_TILE:
+    if isinstance(key_tile, bool) or not isinstance(key_tile, (int, np.integer)) or not 0 <= key_tile <= MAX_KEY_TILE:
         raise InputError(bad_value("key tile", key_tile, f"an integer from 1 to {MAX_KEY_TILE}, or 0 for none "
                                    "(128: the attention kernels' key tile at head size 128)", flag))
-    return int(key_tile)
+    return int(key_tile) or None
 
 
 def whole_tile_tokens(kept: int, other_keys: int, key_tile: int | None, available: int) -> int:

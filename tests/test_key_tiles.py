@@ -36,7 +36,8 @@ def test_whole_tile_tokens_rounds_up_to_the_next_tile_and_never_down():
 def test_a_key_tile_out_of_range_names_the_flag(bad):
     with pytest.raises(InputError, match=r"key tile: got .*allowed: an integer from 1 to 1024.*--key-tile"):
         check_key_tile(bad)
-    assert check_key_tile(None) is None and check_key_tile(0) is None and check_key_tile(np.int64(64)) == 64
+    assert check_key_tile(None) is None and check_key_tile(0) is None and check_key_tile(np.int64(0)) is None
+    assert check_key_tile(np.int64(64)) == 64 and check_key_tile(1) == 1
 
 
 @pytest.mark.parametrize("allocation", ["per_reference", "global"])
