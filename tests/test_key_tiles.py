@@ -155,3 +155,14 @@ def test_engines_built_with_a_key_tile_top_up_by_default(pipeline, engines_dir, 
     topped = generator.generate("a red bicycle", reference_photos, **request).ref_tokens
     assert (topped + 64 + 36) % 128 == 0 and untiled < topped < untiled + 128
     assert generator.generate("a red bicycle", reference_photos, key_tile=0, **request).ref_tokens == untiled
+
+
+def test_build_engines_and_bench_gpu_refuse_a_bad_key_tile_before_any_work(tmp_path, capsys):
+    from sparse_context.build_engines import main as build_main
+    from sparse_context.cli import main
+
+    assert build_main(["--demo", "--key-tile", "-1", "--out", str(tmp_path / "engines")]) == 2
+    err = capsys.readouterr().err
+    assert "key tile: got -1" in err and "--key-tile" in err and not (tmp_path / "engines").exists()
+    assert main(["bench", "gpu", "--dry-run", "--key-tile", "5000"]) == 2
+    assert "key tile: got 5000" in capsys.readouterr().err
