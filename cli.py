@@ -18,6 +18,7 @@ from sparse_context.runtime.limits import (
 )
 from sparse_context.runtime.progress import stderr_progress, stderr_warnings
 from sparse_context.runtime.selection import ALLOCATION_CHOICES, STRATEGY_CHOICES
+from sparse_context.runtime.tokens import KEY_TILE_FLAG
 
 SPEED_REFS = [1, 2, 3, 4, 5, 6]  # `bench speed`; `bench engines` defaults to engine_benchmark.DEFAULT_REFS
 # `generate` options that engines fix at build time (refused, or checked equal, with --engines)
@@ -35,7 +36,7 @@ FLAG_MASK = "--mask"
 FLAG_STRATEGY = "--strategy"
 FLAG_KEEP = "--keep"
 FLAG_TOKENS = "--tokens"
-FLAG_KEY_TILE = "--key-tile"
+FLAG_KEY_TILE = KEY_TILE_FLAG  # the selection's own flag name: its errors name it
 FLAG_OUT = "--out"
 # Output formats by file suffix (Pillow writes each); anything else is refused rather than written as PNG bytes.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
