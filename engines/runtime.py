@@ -81,6 +81,14 @@ def read_model_settings(model_dir: str | Path) -> tuple[dict[str, Any], bool]:
     return scheduler, bool(index.get("is_distilled", True))
 
 
+def engines_key_tile(key_tile: int | None, index: EnginesIndex | None) -> int | None:
+    """The key tile a generation tops its kept tokens up to: ``key_tile`` as asked (0: none), or for None the one
+    the engines of ``index`` were built with (``build_engines.py --key-tile``; none without an index)."""
+    if key_tile is None:
+        return (index.plan.key_tile or None) if index is not None else None
+    return check_key_tile(key_tile)
+
+
 class EngineRuntime:
     """Target latents from prompt embeddings and reference latents through any TransformerBackend with numpy
     tensors (:func:`~sparse_context.engines.index.open_backend`: TensorRT or onnxruntime)."""
@@ -109,12 +117,8 @@ class EngineRuntime:
                    kv_cache, index)
 
     def key_tile_for(self, key_tile: int | None) -> int | None:
-        """The key tile a generation tops its kept tokens up to: ``key_tile`` as asked (0: none), or for None the
-        one the engines were built with (``build_engines.py --key-tile``; none for engines without a plan)."""
-        if key_tile is None:
-            plan = getattr(self.index, "plan", None)
-            return (plan.key_tile or None) if plan is not None else None
-        return check_key_tile(key_tile)
+        """:func:`engines_key_tile` for these engines."""
+        return engines_key_tile(key_tile, self.index)
 
     def check_built_size(self, width: int, height: int) -> None:
         """Raise ProfileError for an output the engines were not built for (``ProfileSelector.check_target``),

@@ -277,8 +277,10 @@ class SparseContextGenerator:
 
         # 1. Check inputs
         check_keep_fraction(keep_fraction)
-        if key_tile is None and self.engines_index is not None:  # engines built with --key-tile top up by default
-            key_tile = self.engines_index.plan.key_tile or None
+        if self.engines_index is not None:  # engines built with --key-tile top up by default
+            from sparse_context.engines.runtime import engines_key_tile
+
+            key_tile = engines_key_tile(key_tile, self.engines_index)
         key_tile = check_key_tile(key_tile)
         if output_type not in ("pil", "np", "latent"):
             raise InputError(bad_value("output_type", output_type, "'pil', 'np' or 'latent'"))
