@@ -212,32 +212,46 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
     derived["without_graphs"] = without_graphs_at_full_depth(data, depths, units, variants)
     derived["cached_over_target"] = cached_over_target(data, depths, units)
     derived["attention_keys"] = aligned_keys_at_full_depth(data)
-    derived["key_tiles"] = key_tiles(data, variants)
+    derived["key_tiles"] = key_tiles(data, variants, depths, units)
     return derived
 
 
-def key_tiles(data: dict[str, Any], variants: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+def key_tiles(data: dict[str, Any], variants: dict[str, Any], depths: Sequence[str],
+              units: dict[str, float]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per phase (and onnxruntime extrapolated to full depth): the rows topped up to whole key tiles against the
-    same rows as kept, side by side: seconds, reference tokens and tiled / plain."""
+    same rows as kept, side by side: seconds, reference tokens, tiled / plain and that ratio's 5th-95th percentile
+    over bootstrap resamples of both rows' timed calls (``tiled_over_plain_interval``: below 1 throughout, the
+    top-up is faster beyond the runs' noise; above 1 throughout, slower)."""
     tile = data["setup"].get("key_tile") or 0
     if not tile:
         return {}
+    suffix = f" tile {tile}"
     result: dict[str, dict[str, dict[str, Any]]] = {}
     for phase, rows in data["rows"].items():
         table = _by_label(rows)
         for row in rows:
-            plain = table.get(row["label"].removesuffix(f" tile {tile}")) if row.get("tile") else None
+            plain = table.get(row["label"].removesuffix(suffix)) if row.get("tile") else None
             if plain and plain.get("seconds") and row.get("seconds"):
                 result.setdefault(phase, {})[plain["label"]] = {
                     "plain_s": plain["seconds"], "tiled_s": row["seconds"], "tiled_over_plain": row["seconds"]
-                    / plain["seconds"], "plain_tokens": plain.get("ref_tokens"), "tiled_tokens": row.get("ref_tokens")}
+                    / plain["seconds"], "tiled_over_plain_interval": bootstrap_interval(
+                        [row.get("samples_s"), plain.get("samples_s")], lambda tiled, as_kept: tiled / as_kept),
+                    "plain_tokens": plain.get("ref_tokens"), "tiled_tokens": row.get("ref_tokens")}
+    a, b, full = (units[d] for d in (*depths, "full"))
+
+    def extrapolated_ratio(tiled_a: Any, tiled_b: Any, plain_a: Any, plain_b: Any) -> Any:
+        return extrapolate(tiled_a, a, tiled_b, b, full) / extrapolate(plain_a, a, plain_b, b, full)
     for variant, entry in variants.items():
+        ort_at = [_by_label(data["rows"].get(f"ort_{d}_{variant}", [])) for d in depths]
         for label, values in entry["rows"].items():
-            tiled = entry["rows"].get(f"{label} tile {tile}", {}).get("predicted_full_s")
+            tiled = entry["rows"].get(f"{label}{suffix}", {}).get("predicted_full_s")
             if tiled and values.get("predicted_full_s"):
+                samples = [t.get(f"{label}{suffix}", {}).get("samples_s") for t in ort_at]
+                samples += [t.get(label, {}).get("samples_s") for t in ort_at]
                 result.setdefault(f"ort {variant} full (extrapolated)", {})[label] = {
                     "plain_s": values["predicted_full_s"], "tiled_s": tiled,
-                    "tiled_over_plain": tiled / values["predicted_full_s"]}
+                    "tiled_over_plain": tiled / values["predicted_full_s"],
+                    "tiled_over_plain_interval": bootstrap_interval(samples, extrapolated_ratio)}
     for phase, entry in data.get("phases", {}).items():  # kernel profiles: GPU ms of attention and of all kernels
         kernels = entry.get("kernels") or {}
         for label, plain in kernels.items():
@@ -515,8 +529,10 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             tokens = "" if entry.get("tiled_tokens") is None else (
                 f" ({entry['tiled_tokens']} against {entry['plain_tokens']} reference tokens)")
             if "tiled_s" in entry:
+                spread = entry.get("tiled_over_plain_interval")
+                spread = "" if not spread else f" [{spread[0]:.3f}-{spread[1]:.3f}]"
                 lines.append(f"{phase} {label}: whole key tiles of {tile} {entry['tiled_s']:.3f}s, as kept "
-                             f"{entry['plain_s']:.3f}s ({entry['tiled_over_plain']:.3f}x){tokens}")
+                             f"{entry['plain_s']:.3f}s ({entry['tiled_over_plain']:.3f}x{spread}){tokens}")
             if "attention_ms" in entry:
                 (plain, tiled), (busy, busy_tiled) = entry["attention_ms"], entry["busy_ms"]
                 lines.append(f"{phase} {label}, one generation's GPU time: attention {tiled:.1f} ms with whole key "

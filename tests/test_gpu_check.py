@@ -228,6 +228,37 @@ def _row(label, refs, keep, kv, hit, seconds):
     return {"label": label, "refs": refs, "keep": keep, "kv": kv, "cache_hit": hit, "seconds": seconds}
 
 
+def test_whole_key_tile_ratio_comes_with_its_spread_over_the_timed_calls():
+    """tiled / as kept per phase and extrapolated to full depth, with the 5th-95th percentile over bootstrap
+    resamples of both rows' calls: a 2 % gain over 1 % jitter clears 1.0; the same calls in both rows do not."""
+    data = _data(ort_factor=0.9)
+    jitter = [0.99, 1.0, 1.01, 0.995, 1.005, 1.0, 0.99, 1.01, 1.0]
+    for phase, rows in data["rows"].items():
+        for row in list(rows)[1:]:
+            gain = 1.0 if phase.endswith("d8_mha") else 0.98  # d8: no gain, so the extrapolation sees less of it
+            row["samples_s"] = [row["seconds"] * j for j in jitter]
+            rows.append({**row, "label": f"{row['label']} tile 128", "tile": 128, "seconds": gain * row["seconds"],
+                         "samples_s": [gain * row["seconds"] * j for j in reversed(jitter)]})
+    data["setup"]["key_tile"] = 128
+    tiles = derive(data)["key_tiles"]
+    low, high = tiles["torch_full"]["refs 6 keep 0.1 kv cached"]["tiled_over_plain_interval"]
+    assert low < 0.98 < high < 1.0  # faster beyond the noise
+    low, high = tiles["ort_d8_mha"]["refs 6 keep 0.1 kv cached"]["tiled_over_plain_interval"]
+    assert low < 1.0 < high  # the same calls: no verdict
+    full = tiles["ort mha full (extrapolated)"]["refs 6 keep 0.1 kv cached"]
+    low, high = full["tiled_over_plain_interval"]
+    assert low < full["tiled_over_plain"] < high and full["tiled_over_plain"] > 1.0  # d8 - d4 carries it up
+    data["derived"] = derive(data)
+    data["acceptance"] = acceptance(data)
+    text = "\n".join(summary_lines({**data, "skipped": [], "precision": "fp16", "device": "cuda",
+                                     "setup": {**data["setup"], "target_px": 1024, "ref_px": 1024,
+                                               "text_tokens": 512, "steps": 4}}))
+    entry = tiles["torch_full"]["refs 6 keep 0.1 kv cached"]
+    spread = entry["tiled_over_plain_interval"]
+    assert (f"torch_full refs 6 keep 0.1 kv cached: whole key tiles of 128 {entry['tiled_s']:.3f}s, as kept "
+            f"{entry['plain_s']:.3f}s (0.980x [{spread[0]:.3f}-{spread[1]:.3f}])") in text
+
+
 def _data(ort_factor):
     """A report with PyTorch at three depths following ``fixed + units x per unit``, onnxruntime at two."""
     rows = lambda scale, fixed: [  # noqa: E731
