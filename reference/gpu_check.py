@@ -44,7 +44,7 @@ from sparse_context.reference.engine_benchmark import (
 from sparse_context.reference.gpu_plan import (
     ACCEPTANCE_KEEP, BUILD_SECONDS_PER_GB, CACHE_HIT_REPEAT_FACTOR, ORT_CACHE_HIT_REPEAT_FACTOR, ORT_OVER_TORCH_GUESS,
     RAM_PER_EXPORT_BYTES_PER_PARAM, SESSION_SECONDS, Geometry, GpuCheckOptions, attention_sweep_seconds,
-    check_rows, depth_units, estimate_plan, export_variant, variant_export,
+    check_rows, depth_units, estimate_plan, export_variant, timed_calls, variant_export,
 )
 from sparse_context.reference.gpu_report import CheckReport
 from sparse_context.runtime.errors import InputError, bad_value
@@ -437,10 +437,11 @@ class _Check:
         """Timed calls of a row. The persistent-cache row gets three times as many, six times in the onnxruntime
         phases (``phase`` "ort_..."): the whole criterion it decides rests there on the small difference between
         two depths of a ~0.1 s call, which the extrapolation multiplies, and its calls are the cheapest of the
-        check. Side rows (no ``phase``) keep three."""
+        check. With whole-key-tile rows it shares them with its topped-up twin (:func:`gpu_plan.timed_calls`).
+        Side rows (no ``phase``) keep three, for the row as kept."""
         factor = ORT_CACHE_HIT_REPEAT_FACTOR if phase is not None and phase.startswith("ort_") \
             else CACHE_HIT_REPEAT_FACTOR
-        return self.options.repeats * (factor if row.cache_hit and not row.tile else 1)
+        return timed_calls(row, self.options.repeats, factor, self.options.key_tile if phase is not None else 0)
 
     def _row(self, phase: str, row: RowKey, runner: LoopRunner, estimate: float | None) -> Any:
         if row.cache_hit and not runner.has_state_for(row):

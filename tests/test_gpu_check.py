@@ -135,7 +135,7 @@ def test_the_persistent_cache_row_is_timed_more_often_where_it_is_extrapolated(m
     from sparse_context.reference.engine_benchmark import RowKey
     from sparse_context.reference.gpu_check import _Check
 
-    checker = SimpleNamespace(options=SimpleNamespace(repeats=5))
+    checker = SimpleNamespace(options=SimpleNamespace(repeats=5, key_tile=0))
     hit, kv = RowKey(6, 0.1, True, cache_hit=True), RowKey(6, 0.1, True)
     assert [_Check.repeats_for(checker, hit, phase) for phase in ("ort_d8_mha-split", "torch_full", None)] == [
         30, 15, 15]
@@ -169,8 +169,15 @@ def test_whole_key_tile_rows_come_before_the_dense_baselines_and_keep_more_token
     geometry = Geometry.of(GpuCheckOptions(config="klein-9b"), CONFIGS["klein-9b"])
     assert geometry.ref_tokens(rows[2]) == 2460 and geometry.ref_tokens(rows[8]) == 2560
     assert geometry.call_flops(rows[8], CONFIGS["klein-9b"], 4) > geometry.call_flops(rows[2], CONFIGS["klein-9b"], 4)
-    checker = SimpleNamespace(options=SimpleNamespace(repeats=5))
-    assert _Check.repeats_for(checker, rows[8], "ort_d16_mha-split") == _Check.repeats_for(checker, rows[7]) == 5
+    # The two persistent-cache rows share the extra calls: the same precision for both, at the same cost.
+    checker = SimpleNamespace(options=SimpleNamespace(repeats=5, key_tile=DEFAULT_KEY_TILE))
+    for phase, each, alone in (("ort_d16_mha-split", 18, 30), ("torch_full", 10, 15)):
+        assert _Check.repeats_for(checker, rows[8], phase) == _Check.repeats_for(checker, rows[2], phase) == each
+        assert abs(2 * each - (alone + 5)) <= 1  # the pair costs what the row alone and a twin at --repeats cost
+        assert _Check.repeats_for(SimpleNamespace(options=SimpleNamespace(repeats=5, key_tile=0)), rows[2],
+                                  phase) == alone
+    assert _Check.repeats_for(checker, rows[7], "ort_d16_mha-split") == _Check.repeats_for(checker, rows[1]) == 5
+    assert _Check.repeats_for(checker, rows[2]) == 15  # side rows: the row as kept alone, as before
     with pytest.raises(InputError, match="key tile: got -1.*--key-tile"):
         GpuCheckOptions(key_tile=-1).validate()
     untiled = estimate_plan(GpuCheckOptions(config="klein-9b", key_tile=0), gpu_memory_gb=80)
