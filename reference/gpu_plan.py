@@ -90,8 +90,9 @@ RAM_PER_EXPORT_BYTES_PER_PARAM = 10  # fp32 init, fp16 copy, the ONNX program's 
 def check_rows(most: int, key_tile: int = 0) -> list[Row]:
     """The issue's rows in priority order: 6 references dense, at keep 0.10 + KV, its persistent-cache second
     call, keep 0.10 without KV, target only; 1 and 3 references at keep 0.10 + KV; with ``key_tile``, 6 references
-    at keep 0.10 + KV and its persistent-cache call topped up to whole key tiles (timed as often as the other rows:
-    one row pair more); last, the dense baselines of 1 and 3 references, which runs 3-9 measured alike."""
+    at keep 0.10 + KV and its persistent-cache call topped up to whole key tiles (the two persistent-cache rows
+    share that row's extra calls: :func:`timed_calls`); last, the dense baselines of 1 and 3 references, which runs
+    3-9 measured alike."""
     keep = ACCEPTANCE_KEEP
     rows = [Row(most, 1.0, False), Row(most, keep, True), Row(most, keep, True, True), Row(most, keep, False),
             Row(0, 1.0, False)]
