@@ -381,7 +381,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
         work_dir=Path(args.work_dir) if args.work_dir else None, export_workers=args.export_workers,
         bf16=not args.no_bf16, full=not args.no_full, gpu_memory_gb=args.gpu_memory_gb,
         sync=args.sync or "image", cuda_graphs=not args.no_cuda_graphs,
-        key_tile=DEFAULT_KEY_TILE if args.key_tile is None else args.key_tile).validate()
+        key_tile=DEFAULT_KEY_TILE if args.key_tile is None else args.key_tile, focus=args.focus).validate()
     if args.dry_run:
         print("\n".join(estimate_plan(options).lines()))
         return 0
@@ -531,6 +531,11 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--no-bf16", action="store_true", help="`gpu`: skip the PyTorch bf16 row set")
     bench.add_argument("--no-full", action="store_true",
                        help="`gpu`: skip PyTorch at full depth (a shorter run comparing the two reduced depths)")
+    bench.add_argument("--focus", action="store_true",
+                       help="`gpu`: time only the rows the speedup criteria rest on (6 refs dense, keep 0.10 + KV and "
+                       "its persistent-cache call, and their whole-key-tile twins), without the key sweep, side "
+                       "measurements and kernel profiles: a second call on a warm machine spends its budget on "
+                       "samples")
     bench.add_argument("--no-cuda-graphs", action="store_true",
                        help="`gpu`: run the plain kv graph's cached calls without CUDA graphs (by default they are "
                        "replayed as CUDA graphs and also timed without, side by side)")

@@ -53,6 +53,7 @@ from sparse_context.runtime.files import replace_folder
 Event = Callable[[str], None]
 SELECTION_STRATEGIES = ("uniform", "edge", "saliency")
 SELECTION_REPEATS = 10
+FOCUS_SKIP = "not asked for (--focus: the rows the speedup criteria rest on, nothing beside them)"
 GRAPH_REL_TOLERANCE = 1e-3  # graph replays run the ordinary runs' kernels: any larger difference is a wrong replay
 PROBE_BYTES = 4096  # a CPU node whose output is larger than this is real work, not shape arithmetic
 # A profiled generation: CUPTI's slowdown of the call, and per row the profiler's start, stop and trace parsing.
@@ -283,7 +284,7 @@ class _Check:
         self.torch = torch
         self.options, self.budget, self.report, self.log = options, budget, report, log
         self.dtype = {"fp16": torch.float16, "fp32": torch.float32}[options.precision]
-        self.rows = check_rows(options.refs, options.key_tile)
+        self.rows = check_rows(options.refs, options.key_tile, options.focus)
         self.full_config = CONFIGS[options.config]
         self.geometry = Geometry.of(options, self.full_config)
         self.rate: float | None = None  # measured FLOP/s on PyTorch (the slowest row's)
@@ -307,7 +308,9 @@ class _Check:
                                          int(self.full_config["joint_attention_dim"]))
         with self.report.phase("selection"):
             self.report.data["selection"] = time_selection(options, self.inputs.grids[:options.refs])
-        if self._fits_phase("attention_keys", attention_sweep_seconds(options, self.full_config)):
+        if options.focus:
+            self.report.skip("attention_keys", "phase", "not asked for (--focus)")
+        elif self._fits_phase("attention_keys", attention_sweep_seconds(options, self.full_config)):
             with self.report.phase("attention_keys"):
                 self.report.data["attention_keys"] = self._attention_keys()
         with self.report.phase("weights") as phase:
@@ -543,6 +546,8 @@ class _Check:
         if self.options.key_tile:
             rows += [RowKey(self.options.refs, ACCEPTANCE_KEEP, True, tile=self.options.key_tile),
                      RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True, tile=self.options.key_tile)]
+        if self.options.focus:
+            return {"status": "skipped", "reason": FOCUS_SKIP}
         if not self.options.cuda:
             return {"status": "skipped", "reason": "kernel times need CUPTI on a GPU"}
         estimate = profile_estimate([seconds.get(row) for row in rows], self.torch_wall.get(depth, 0.0))
@@ -722,6 +727,8 @@ class _Check:
     def _side(self, name: str, what: str, measure: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
         """``measure(*args)``, a side measurement of a phase; if it fails, its entry says so and the phase (and
         the check) go on."""
+        if self.options.focus:
+            return {"status": "skipped", "reason": FOCUS_SKIP}
         try:
             return measure(*args)
         except Exception as error:  # a provider's kernel, CUDA or the package's own errors

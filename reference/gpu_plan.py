@@ -87,13 +87,17 @@ SAVE_SECONDS_PER_GB = 2.0  # a reduced depth's weights drawn on the device and s
 RAM_PER_EXPORT_BYTES_PER_PARAM = 10  # fp32 init, fp16 copy, the ONNX program's own copy while saving
 
 
-def check_rows(most: int, key_tile: int = 0) -> list[Row]:
+def check_rows(most: int, key_tile: int = 0, focus: bool = False) -> list[Row]:
     """The issue's rows in priority order: 6 references dense, at keep 0.10 + KV, its persistent-cache second
     call, keep 0.10 without KV, target only; 1 and 3 references at keep 0.10 + KV; with ``key_tile``, 6 references
     at keep 0.10 + KV and its persistent-cache call topped up to whole key tiles (the two persistent-cache rows
     share that row's extra calls: :func:`timed_calls`); last, the dense baselines of 1 and 3 references, which runs
-    3-9 measured alike."""
+    3-9 measured alike. ``focus`` (``--focus``): only the rows the two speedup criteria rest on, 6 references dense,
+    at keep 0.10 + KV and its persistent-cache call (and their whole-key-tile twins)."""
     keep = ACCEPTANCE_KEEP
+    if focus:
+        twins = [Row(most, keep, True, tile=key_tile), Row(most, keep, True, True, tile=key_tile)] if key_tile else []
+        return [Row(most, 1.0, False), Row(most, keep, True), Row(most, keep, True, True), *twins]
     rows = [Row(most, 1.0, False), Row(most, keep, True), Row(most, keep, True, True), Row(most, keep, False),
             Row(0, 1.0, False)]
     for refs in sorted({1, 3} - {most}, reverse=True):
@@ -141,6 +145,9 @@ class GpuCheckOptions:
     sync: str = "image"  # onnxruntime rows: one wait per image (side rows wait per run), or a wait after every run
     cuda_graphs: bool = True  # plain-kv variants replay cached calls as CUDA graphs (side rows: without them)
     key_tile: int = DEFAULT_KEY_TILE  # also time keep 0.10 + KV and its cache hit topped up to whole key tiles (0: no)
+    # Only the rows the speedup criteria rest on, without the side measurements, kernel profiles and key sweep: a
+    # second call on a warm machine spends its budget on samples of those rows (check_rows).
+    focus: bool = False
 
     @property
     def cuda(self) -> bool:
@@ -310,7 +317,7 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
     rate = EFFECTIVE_TFLOPS[kind] * 1e12
     full = CONFIGS[options.config]
     geometry = Geometry.of(options, full)
-    rows = check_rows(options.refs, options.key_tile)
+    rows = check_rows(options.refs, options.key_tile, options.focus)
     scale = 1.0 if options.precision == "fp16" else 2.0
     plan = Plan(budget_s=options.budget_s)
 
@@ -319,6 +326,8 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
         return sum(calls(row) * scale * geometry.call_flops(row, config, options.steps) for row in rows) / rate
 
     def side_rows_seconds(config: dict[str, Any], variant: str) -> float:
+        if options.focus:
+            return 0.0
         kv, hit = (Row(options.refs, ACCEPTANCE_KEEP, True, cache_hit) for cache_hit in (False, True))
         calls = {kv: options.repeats + 1, hit: 0}  # host steps
         if options.sync == "image":  # and the rows waiting after every run
@@ -334,9 +343,13 @@ def estimate_plan(options: GpuCheckOptions, gpu_memory_gb: float | None = None) 
     plan.phases.append(PlannedPhase("selection (6 numpy refs)", selection))
     clock += selection
     weights = sum(SAVE_SECONDS_PER_GB * geometry.weights_gb(CONFIGS[options.depth_config(d)]) for d in options.ladder)
-    sweep = attention_sweep_seconds(options, full)
-    plan.phases.append(PlannedPhase("attention_keys (PyTorch attention)", sweep))
-    clock += sweep
+    if options.focus:
+        plan.notes.append("--focus: the rows the speedup criteria rest on, without the key sweep, side measurements "
+                          "and kernel profiles")
+    else:
+        sweep = attention_sweep_seconds(options, full)
+        plan.phases.append(PlannedPhase("attention_keys (PyTorch attention)", sweep))
+        clock += sweep
     plan.phases.append(PlannedPhase("weights (reduced depths, saved)", weights))
     clock += weights
     workers_start = clock

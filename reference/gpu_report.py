@@ -35,7 +35,8 @@ class CheckReport:
             "variants": list(options.variants), "precision": options.precision, "device": options.device,
             "setup": {"refs": options.refs, "target_px": options.target_px, "ref_px": options.ref_px,
                       "text_tokens": options.text_tokens, "steps": options.steps, "repeats": options.repeats,
-                      "budget_s": options.budget_s, "seed": options.seed, "key_tile": options.key_tile},
+                      "budget_s": options.budget_s, "seed": options.seed, "key_tile": options.key_tile,
+                      "focus": options.focus},
             "status": "running", "phases": {}, "rows": {}, "skipped": [], "exports": {},
         }
         self.out.mkdir(parents=True, exist_ok=True)
