@@ -49,6 +49,10 @@ def test_dry_run_prints_the_plan_without_torch_work(capsys):
     assert main(["bench", "gpu", "--dry-run", "--gpu-memory-gb", "80"]) == 0
     printed = capsys.readouterr().out
     assert "planned total" in printed and "export d8 mha-split kv" in printed and "of a 480 s budget" in printed
+    assert "attention_keys" in printed and "--focus" not in printed
+    assert main(["bench", "gpu", "--dry-run", "--focus", "--no-full", "--budget-s", "250"]) == 0
+    printed = capsys.readouterr().out
+    assert "attention_keys" not in printed and "--focus: the rows the speedup criteria rest on" in printed
 
 
 def test_split_projection_variant_plans_and_exports_mha_with_split_projections(capsys, tmp_path):
