@@ -1,7 +1,7 @@
 """``bench gpu`` (issue 8's GPU check) on the CPU: the plan and its estimates, the depth extrapolation, the report's
 derived figures, the placement summary of a real onnxruntime profile, option errors, and the tiny plan killed
 mid-plan. The whole tiny plan runs end to end in ``.ci/run`` (every phase, both attention variants, onnxruntime
-latents checked against PyTorch's). The numbers mean nothing here (tiny model, CPU); the GPU command is in the
+latents checked against PyTorch's), and after it the README's second call with ``--focus`` on its exports. The numbers mean nothing here (tiny model, CPU); the GPU command is in the
 README."""
 
 from __future__ import annotations
@@ -1004,38 +1004,3 @@ def test_focus_keeps_the_criteria_rows_and_fits_the_second_call():
     assert any(name.startswith("attention_keys") for name in all_names)
     assert any(note.startswith("--focus") for note in notes)
 
-
-def test_focus_run_times_only_the_criteria_rows_and_derives_their_figures(tmp_path):
-    """The tiny plan with --focus, end to end on the CPU: every phase holds exactly the criteria rows, the side
-    measurements, kernel profiles and the key sweep say they were not asked for, and the report still derives the
-    extrapolated speedups (with their intervals), the tile comparison and the acceptance lines."""
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime")
-    from sparse_context.reference.gpu_check import FOCUS_SKIP, run_gpu_check
-
-    options = GpuCheckOptions(config="tiny", device="cpu", target_px=64, ref_px=64, text_tokens=16,
-                              precision="fp32", repeats=2, steps=2, bf16=False, variants=("mha-split",),
-                              export_workers=0, key_tile=16, focus=True, out=tmp_path / "out",
-                              work_dir=tmp_path / "work")
-    report = run_gpu_check(options)
-    expected = [row.label for row in check_rows(6, 16, focus=True)]
-    assert report["status"] == "finished" and report["setup"]["focus"] is True
-    assert set(report["rows"]) == {"torch_full", "torch_d2", "torch_d4", "ort_d2_mha-split", "ort_d4_mha-split"}
-    for name, rows in report["rows"].items():
-        assert [row["label"] for row in rows] == expected, name
-        assert all(row.get("rel_diff", 0.0) < 1e-4 for row in rows), (name, rows)  # onnxruntime equals PyTorch
-    for name in ("ort_d2_mha-split", "ort_d4_mha-split"):
-        phase = report["phases"][name]
-        for side in ("host_steps", "waits_per_run", "kernels"):
-            assert phase[side] == {"status": "skipped", "reason": FOCUS_SKIP}, (name, side, phase[side])
-        assert phase["placement"]["full"]["cpu_fallback_count"] == 0  # the placement probe still runs
-    assert report["phases"]["torch_d2"]["kernels"]["reason"] == FOCUS_SKIP
-    assert "attention_keys" not in report
-    assert [s["reason"] for s in report["skipped"] if s["what"] == "attention_keys"] == ["not asked for (--focus)"]
-    derived = report["derived"]
-    assert "refs 6 keep 0.1 kv cached" in derived["ort"]["mha-split"]["predicted_full_speedup_intervals"]
-    low, high = derived["key_tiles"]["ort mha-split full (extrapolated)"]["refs 6 keep 0.1 kv cached"][
-        "tiled_over_plain_interval"]
-    assert 0 < low <= high
-    assert "ort mha-split: speedup persistent cache, whole key tiles of 16 (extrapolated)" in report["acceptance"]
-    assert (tmp_path / "out" / "gpu_check.png").stat().st_size > 0
