@@ -34,7 +34,6 @@ from sparse_context.runtime.tokens import (
     MAX_REFERENCE_AREA,
     TOKEN_PIXELS,
     check_keep_fraction,
-    check_key_tile,
     check_reference_count,
     text_position_ids,
 )
@@ -277,11 +276,9 @@ class SparseContextGenerator:
 
         # 1. Check inputs
         check_keep_fraction(keep_fraction)
-        if self.engines_index is not None:  # engines built with --key-tile top up by default
-            from sparse_context.engines.runtime import engines_key_tile
+        from sparse_context.engines.runtime import engines_key_tile
 
-            key_tile = engines_key_tile(key_tile, self.engines_index)
-        key_tile = check_key_tile(key_tile)
+        key_tile = engines_key_tile(key_tile, self.engines_index)  # None: as engines were built (--key-tile), else off
         if output_type not in ("pil", "np", "latent"):
             raise InputError(bad_value("output_type", output_type, "'pil', 'np' or 'latent'"))
         if (prompt is None) == (prompt_embeds is None):

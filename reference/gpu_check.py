@@ -309,7 +309,7 @@ class _Check:
         with self.report.phase("selection"):
             self.report.data["selection"] = time_selection(options, self.inputs.grids[:options.refs])
         if options.focus:
-            self.report.skip("attention_keys", "phase", "not asked for (--focus)")
+            self.report.skip("attention_keys", "phase", FOCUS_SKIP)
         elif self._fits_phase("attention_keys", attention_sweep_seconds(options, self.full_config)):
             with self.report.phase("attention_keys"):
                 self.report.data["attention_keys"] = self._attention_keys()
@@ -541,13 +541,13 @@ class _Check:
         ``seconds``: the phase's timed rows, from which the profiles' cost is estimated."""
         from sparse_context.reference.kernel_profile import profile_kernels
 
+        if self.options.focus:
+            return {"status": "skipped", "reason": FOCUS_SKIP}
         rows = [RowKey(0, 1.0, False), RowKey(self.options.refs, ACCEPTANCE_KEEP, True),
                 RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True)]
         if self.options.key_tile:
             rows += [RowKey(self.options.refs, ACCEPTANCE_KEEP, True, tile=self.options.key_tile),
                      RowKey(self.options.refs, ACCEPTANCE_KEEP, True, cache_hit=True, tile=self.options.key_tile)]
-        if self.options.focus:
-            return {"status": "skipped", "reason": FOCUS_SKIP}
         if not self.options.cuda:
             return {"status": "skipped", "reason": "kernel times need CUPTI on a GPU"}
         estimate = profile_estimate([seconds.get(row) for row in rows], self.torch_wall.get(depth, 0.0))

@@ -37,17 +37,6 @@ CACHE_HIT_REPEAT_FACTOR = 3  # the persistent-cache row is timed 3x as often (gp
 # per call against PyTorch's 0.2-0.7 %, a 9.30-9.68 interval around 9.51x); PyTorch's is measured at full depth.
 ORT_CACHE_HIT_REPEAT_FACTOR = 6
 
-
-def timed_calls(row: Row, repeats: int, factor: int, key_tile: int = 0) -> int:
-    """Timed calls of a row: ``repeats``, times ``factor`` for the persistent-cache row. With whole-key-tile rows in
-    the check (``key_tile``) its two persistent-cache rows, as kept and topped up, share the extra calls evenly: the
-    check then answers for both with the same precision, at the same cost (6x at --repeats 5: 30 calls for one row,
-    or 18 for each of the two; 3x: 15, or 10 each)."""
-    if not row.cache_hit:
-        return repeats
-    if not key_tile:
-        return repeats * factor
-    return round(repeats * (1 + (factor - 1) / 2))
 # onnxruntime graph variants: contrib MultiHeadAttention, ONNX Attention (opset 23), contrib MultiHeadAttention with
 # the fused projections split into one product per slice (export.graphs.projection_form), and that with the kv
 # graph's reference stream written without If guards (export.graphs.ref_stream_form; its full graph is mha-split's).
@@ -119,6 +108,18 @@ def depth_units(config: dict[str, Any]) -> int:
 def extrapolate(seconds_a: float, units_a: float, seconds_b: float, units_b: float, units: float) -> float:
     """The time at ``units`` on the line through two measured depths."""
     return seconds_a + (seconds_b - seconds_a) * (units - units_a) / (units_b - units_a)
+
+
+def timed_calls(row: Row, repeats: int, factor: int, key_tile: int = 0) -> int:
+    """Timed calls of a row: ``repeats``, times ``factor`` for the persistent-cache row. With whole-key-tile rows in
+    the check (``key_tile``) its two persistent-cache rows, as kept and topped up, share the extra calls evenly: the
+    check then answers for both with the same precision, at the same cost (6x at --repeats 5: 30 calls for one row,
+    or 18 for each of the two; 3x: 15, or 10 each)."""
+    if not row.cache_hit:
+        return repeats
+    if not key_tile:
+        return repeats * factor
+    return round(repeats * (1 + (factor - 1) / 2))
 
 
 @dataclass(frozen=True)

@@ -256,7 +256,7 @@ def key_tiles(data: dict[str, Any], variants: dict[str, Any], depths: Sequence[s
     for phase, entry in data.get("phases", {}).items():  # kernel profiles: GPU ms of attention and of all kernels
         kernels = entry.get("kernels") or {}
         for label, plain in kernels.items():
-            tiled = kernels.get(f"{label} tile {tile}")
+            tiled = kernels.get(f"{label}{suffix}")
             if isinstance(plain, dict) and isinstance(tiled, dict) and plain.get("ms_per_category") is not None \
                     and tiled.get("ms_per_category") is not None:
                 result.setdefault(phase, {}).setdefault(label, {}).update(
