@@ -441,7 +441,11 @@ def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Seque
     from sparse_context.engines.trt.loader import build_engine, import_tensorrt
 
     trt = import_tensorrt()
-    device = default_memory().device_info()
+    memory = default_memory()
+    try:
+        device = memory.device_info()
+    finally:
+        memory.close()
     gpu_name, capability = device.name, device.compute_capability
     recipe = {"precision": request.precision, "attention": ATTENTION_BY_BACKEND["trt"]}
     quantization = (exported.manifest.get("quantization") or {}).get("recipe_sha256")
@@ -457,9 +461,16 @@ def _build_trt(request: BuildRequest, graph: str, exported: Any, profiles: Seque
         return cached
     engine_path = engine_cache_path(request.out_dir / "trt", wanted)
     build_engine(exported.path, engine_path, wanted, workspace_bytes=request.workspace_bytes,
-                 timing_cache_path=request.out_dir / "trt" / "timing.cache",
+                 timing_cache_path=request.out_dir / "trt" / timing_cache_name(trt.__version__, capability),
                  progress=_trt_progress(graph, progress) if progress else None)
     return engine_path
+
+
+def timing_cache_name(tensorrt_version: str, compute_capability: str) -> str:
+    """One timing cache per TensorRT version and GPU architecture: a cache holds kernel timings of one GPU, and
+    TensorRT refuses another's, so an engines folder built on two machines keeps one for each."""
+    safe = lambda text: "".join(c if c.isalnum() or c in ".-" else "_" for c in str(text))
+    return f"timing-trt{safe(tensorrt_version)}-sm{safe(compute_capability).replace('.', '')}.cache"
 
 
 def _trt_progress(graph: str, progress: Callable[[str, int, int], None]) -> Callable[[Any], None]:

@@ -18,6 +18,7 @@ device copies too.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -98,14 +99,24 @@ class FeedBuilder:
         d = self.dims
         return (d.num_layers, 1, int(tokens), d.heads, d.head_dim)  # (layers, 1, N_r, H, D)
 
-    def kv_layers(self, family: str, tokens: int, itemsize: int) -> list[tuple[str, int, tuple[int, ...]]]:
+    def kv_stride_tokens(self, tokens: int, itemsize: int, align: int = 1) -> int:
+        """The tokens one layer of a K/V buffer spans: ``tokens``, rounded up so each layer starts ``align`` bytes
+        aligned (TensorRT takes 256-byte aligned addresses only; a token of a real model is a multiple of 256
+        bytes already, so only small test models round)."""
+        row = self.dims.heads * self.dims.head_dim * int(itemsize)
+        step = int(align) // math.gcd(row, int(align))  # tokens per aligned run of rows
+        return -(-int(tokens) // step) * step
+
+    def kv_layers(self, family: str, tokens: int, itemsize: int,
+                  align: int = 1) -> list[tuple[str, int, tuple[int, ...]]]:
         """(tensor name, byte offset into the state's buffer, shape) of each layer's tensor of a K/V ``family``
         with ``tokens`` reference tokens: layer ``l`` of a ``(layers, 1, N, H, D)`` buffer starts ``l * N * H * D``
-        elements in, so binding these views reads and writes the stacked layout without a copy. 0 tokens: every
-        layer at offset 0 (nothing is read or written)."""
+        elements in, so binding these views reads and writes the stacked layout without a copy (with ``align``,
+        layers start every :meth:`kv_stride_tokens` tokens instead). 0 tokens: every layer at offset 0 (nothing is
+        read or written)."""
         d = self.dims
         shape = (1, int(tokens), d.heads, d.head_dim)
-        stride = int(tokens) * d.heads * d.head_dim * int(itemsize)
+        stride = self.kv_stride_tokens(tokens, itemsize, align) * d.heads * d.head_dim * int(itemsize)
         return [(layer_name(family, layer), layer * stride, shape) for layer in range(d.num_layers)]
 
     def full(self, target, target_ids, refs, ref_ids, text, text_ids, timestep) -> CallFeed:

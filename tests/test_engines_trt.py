@@ -52,7 +52,8 @@ class Recorder:
 def fake_trt(version="10.3.0", parse_ok=True, parse_errors=(), engine=b"engine"):
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
-    trt.BuilderFlag = types.SimpleNamespace(REFIT="REFIT", STRIP_PLAN="STRIP_PLAN", FP16="FP16", INT8="INT8")
+    trt.BuilderFlag = types.SimpleNamespace(REFIT="REFIT", STRIP_PLAN="STRIP_PLAN", FP16="FP16", INT8="INT8",
+                                            TF32="TF32", WEIGHTLESS="WEIGHTLESS")
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
     trt.ILogger = type("ILogger", (), {"Severity": types.SimpleNamespace(
@@ -110,10 +111,18 @@ def test_precision_flags_refused(version, strongly_typed):
 
 def test_flags_by_name():
     trt = fake_trt("10.3.0")
-    assert check_build_flags(trt, ["refit", "STRIP_PLAN"], True) == ["REFIT", "STRIP_PLAN"]
+    assert check_build_flags(trt, ["refit", "tf32"], True) == ["REFIT", "TF32"]  # TF32: a math mode, not a type
     assert check_build_flags(trt, ["FP16"], strongly_typed=False) == ["FP16"]  # weakly typed 10.x only
-    with pytest.raises(BuildOptionError, match="builder flag: got 'SPEED'; allowed: REFIT, STRIP_PLAN.*flags="):
+    with pytest.raises(BuildOptionError, match="builder flag: got 'SPEED'; allowed: REFIT, TF32.*flags="):
         check_build_flags(trt, ["SPEED"], True)
+
+
+@pytest.mark.parametrize("flag", ["STRIP_PLAN", "weightless"])
+def test_flags_whose_engines_need_a_refit_are_refused(flag):
+    """A weight-stripped plan runs only after a refit, which the runner does not do: refuse the flag at build time
+    instead of building an engine that cannot run."""
+    with pytest.raises(BuildOptionError, match=rf"builder flag '{flag}' is not supported: .* refitted .*drop the flag"):
+        check_build_flags(fake_trt("10.3.0"), ["REFIT", flag], True)
 
 
 def test_network_from_onnx_path_collects_parser_errors(install, tmp_path):

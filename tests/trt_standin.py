@@ -19,9 +19,14 @@ import numpy as np
 from sparse_context.engines.trt.memory import DeviceInfo
 
 VERSION = "10.3.0"
-STRONGLY_TYPED = 0  # NetworkDefinitionCreationFlag.STRONGLY_TYPED
+STRONGLY_TYPED = 1  # NetworkDefinitionCreationFlag.STRONGLY_TYPED in 10.x (EXPLICIT_BATCH is 0; 11.x made it 0)
+ALIGNMENT = 256  # setTensorAddress: "the pointer must have at least 256-byte alignment"
+CURRENT_DEVICE = [0]  # the thread's current CUDA device, as HostMemory.current() sets it
 TRT_TYPES = {1: "FLOAT", 10: "HALF", 7: "INT64", 6: "INT32"}  # ONNX elem_type -> TensorRT DataType name
 NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
+
+
+TIMING_CACHE_MAGIC = b"stand-in timing cache:"
 
 
 def _scaled(dim: str) -> tuple[int, str]:
@@ -52,8 +57,8 @@ class HostMemory:
 
     stream_handle = 0
 
-    def __init__(self, compute_capability: str = "8.7"):
-        self.cc = compute_capability
+    def __init__(self, compute_capability: str = "8.7", device: int = 0):
+        self.cc, self.device = compute_capability, device
         self.uploads: list[int] = []  # bytes of each upload
         self.downloads: list[int] = []
         self.allocated: list[int] = []
@@ -62,9 +67,26 @@ class HostMemory:
     def device_info(self) -> DeviceInfo:
         return DeviceInfo("Stand-in GPU (host memory)", self.cc)
 
+    def current(self):
+        """This memory's device as the current one while the runner calls TensorRT (like cudaSetDevice)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            before = CURRENT_DEVICE[0]
+            CURRENT_DEVICE[0] = self.device
+            try:
+                yield
+            finally:
+                CURRENT_DEVICE[0] = before
+        return scope()
+
     def alloc(self, nbytes: int) -> np.ndarray:
+        """Zeroed bytes at a 256-byte aligned address, as cudaMalloc gives (numpy alone aligns to 16 or 64)."""
         self.allocated.append(int(nbytes))
-        return np.zeros(max(int(nbytes), 1), np.uint8)
+        raw = np.zeros(max(int(nbytes), 1) + ALIGNMENT, np.uint8)
+        start = -raw.ctypes.data % ALIGNMENT
+        return raw[start: start + max(int(nbytes), 1)]
 
     def pointer(self, buffer: np.ndarray) -> int:
         return int(buffer.ctypes.data)
@@ -130,6 +152,9 @@ class _OptimizationProfile:
         self.shapes = {}
 
     def set_shape(self, name, low, opt, high):
+        # The binding raises (it does not return false) on ranks that differ or min > opt > max.
+        if not len(low) == len(opt) == len(high) or not all(a <= b <= c for a, b, c in zip(low, opt, high)):
+            raise RuntimeError("Shape provided for min is inconsistent with other shapes.")
         self.shapes[name] = [list(low), list(opt), list(high)]
 
 
@@ -145,13 +170,22 @@ class _Config:
         self.flags.append(flag)
 
     def create_timing_cache(self, data):
-        return types.SimpleNamespace(serialize=lambda: b"stand-in timing cache")
+        """A cache records the device it timed; bytes that are no cache at all are refused (None)."""
+        data = bytes(data)
+        if data and not data.startswith(TIMING_CACHE_MAGIC):
+            return None
+        device = data[len(TIMING_CACHE_MAGIC):].decode() if data else None
+        return types.SimpleNamespace(device=device, serialize=lambda: TIMING_CACHE_MAGIC + b"sm" + VERSION.encode())
 
     def set_timing_cache(self, cache, ignore_mismatch):
+        """False for a cache made on another device (or TensorRT version), as setTimingCache returns."""
+        if cache.device is not None and cache.device != "sm" + VERSION and not ignore_mismatch:
+            return False
         self.timing_cache = cache
+        return True
 
     def get_timing_cache(self):
-        return self.timing_cache
+        return getattr(self, "timing_cache", None)
 
     def add_optimization_profile(self, profile):
         self.profiles.append(profile.shapes)
@@ -176,7 +210,8 @@ class _Builder:
         if monitor is not None:
             monitor.phase_start("Building engine", None, 2)
             for step in range(2):
-                monitor.step_complete("Building engine", step)
+                if monitor.step_complete("Building engine", step) is False:
+                    return None  # cancelled: TensorRT stops and returns no engine
             monitor.phase_finish("Building engine")
         if network.has_qdq and not network.strongly_typed:
             # TensorRT 10 takes Q/DQ precision only from a strongly typed network (or the removed INT8/FP8 flags).
@@ -186,11 +221,21 @@ class _Builder:
                            "strongly_typed": network.strongly_typed, "qdq": network.has_qdq}).encode()
 
 
+def _deserialize(data):
+    """``Runtime.deserialize_cuda_engine``: None for bytes that are no engine (TensorRT logs why)."""
+    try:
+        json.loads(data)
+    except ValueError:
+        return None
+    return _Engine(data)
+
+
 class _Engine:
     def __init__(self, data: bytes):
         import onnx
         import onnxruntime as ort
 
+        self.device = CURRENT_DEVICE[0]  # an engine belongs to the device current when it is deserialized
         described = json.loads(data)
         self.profiles = described["profiles"]
         self.strongly_typed = described.get("strongly_typed", False)
@@ -238,8 +283,11 @@ class _Context:
         self.executions = []  # (profile index, {input: shape}, {tensor: address}) per call
 
     def set_optimization_profile_async(self, index, stream):
+        # The binding turns the C++ call's false into a RuntimeError: it returns True or raises.
+        if not 0 <= index < len(self.engine.profiles):
+            raise RuntimeError("Error in set optimization profile async.")
         self.profile = index
-        return 0 <= index < len(self.engine.profiles)
+        return True
 
     def set_input_shape(self, name, shape):
         ranges = self.engine.profiles[self.profile].get(name)
@@ -266,10 +314,14 @@ class _Context:
         return tuple(d if isinstance(d, int) else _evaluate(d, values) for d in self.engine.io[name][2])
 
     def set_tensor_address(self, name, pointer):
+        if int(pointer) % ALIGNMENT:
+            return False  # TensorRT refuses (and logs) an address that is not 256-byte aligned
         self.addresses[name] = int(pointer)
         return True
 
     def execute_async_v3(self, stream):
+        if CURRENT_DEVICE[0] != self.engine.device:
+            return False  # the engine's kernels and memory live on another device than the current one
         feeds = {}
         for name, (mode, dtype, _) in self.engine.io.items():
             if mode == "INPUT":
@@ -285,7 +337,8 @@ def make_module():
     """A ``tensorrt`` module object for ``sys.modules``."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = VERSION
-    trt.BuilderFlag = types.SimpleNamespace(REFIT="REFIT", STRIP_PLAN="STRIP_PLAN", FP16="FP16", INT8="INT8")
+    trt.BuilderFlag = types.SimpleNamespace(REFIT="REFIT", STRIP_PLAN="STRIP_PLAN", FP16="FP16", INT8="INT8",
+                                            TF32="TF32", VERSION_COMPATIBLE="VERSION_COMPATIBLE")
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=STRONGLY_TYPED)
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
@@ -294,5 +347,5 @@ def make_module():
     trt.IProgressMonitor = object
     trt.Builder = _Builder
     trt.OnnxParser = _Parser
-    trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=_Engine)
+    trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=_deserialize)
     return trt

@@ -28,7 +28,7 @@ from sparse_context.engines.feeds import KV_INPUTS, KV_OUTPUTS, CallFeed, Empty,
 from sparse_context.engines.index import EnginesIndex
 from sparse_context.engines.profiles import ProfileSelector
 from sparse_context.engines.step_graphs import STEP_OUTPUTS, rounded_scalar
-from sparse_context.engines.trt.memory import default_memory
+from sparse_context.engines.trt.memory import ALIGNMENT, default_memory
 from sparse_context.engines.trt.runner import DeviceTensor, TrtRunner, _itemsize
 from sparse_context.export.manifest import read_export_manifest
 from sparse_context.runtime.fingerprints import text_digest
@@ -241,7 +241,7 @@ class TrtTransformerBackend:
         the scratch address."""
         views = {}
         for family, which in zip(families, ("keys", "values")):
-            for name, offset, shape in self.feeds.kv_layers(family, tokens, self.kv_itemsize):
+            for name, offset, shape in self.feeds.kv_layers(family, tokens, self.kv_itemsize, ALIGNMENT):
                 if buffers is None:
                     views[name] = self._empty(shape)
                 else:
@@ -255,9 +255,14 @@ class TrtTransformerBackend:
         return self.runners["kv"].dtypes[layer_name(KV_OUTPUTS[0], 0)]
 
     def _read(self, buffer: Any, shape: tuple[int, ...]) -> np.ndarray:
-        array = self.memory.download(buffer, shape, self.kv_dtype)
+        """A state's stacked ``(layers, 1, N, H, D)`` K or V on the host; layers lie every aligned stride of tokens
+        in the buffer (:meth:`FeedBuilder.kv_stride_tokens`), so the padding between them is cut off."""
+        stride = self.feeds.kv_stride_tokens(shape[2], self.kv_itemsize, ALIGNMENT)
+        padded = (*shape[:2], stride, *shape[3:])
+        array = self.memory.download(buffer, padded, self.kv_dtype)
         self.memory.synchronize()
-        return np.asarray(array.float().cpu().numpy() if hasattr(array, "cpu") else array)
+        array = np.asarray(array.float().cpu().numpy() if hasattr(array, "cpu") else array)
+        return array[:, :, : shape[2]]
 
     # -- TransformerBackend ----------------------------------------------------------------------------------
 
@@ -273,7 +278,8 @@ class TrtTransformerBackend:
     def kv_extract(self, target, target_ids, refs, ref_ids, text, text_ids, timestep):
         num_refs = int(ref_ids.shape[0])
         choice = self.selector.choose("kv", "extract", num_refs, np.shape(target)[1], np.shape(text)[1])
-        buffers = self.kv_pool.acquire(choice.bucket.max_ref_tokens)
+        buffers = self.kv_pool.acquire(self.feeds.kv_stride_tokens(choice.bucket.max_ref_tokens, self.kv_itemsize,
+                                                                   ALIGNMENT))
         velocity = self._run_kv(target, target_ids, refs, ref_ids, text, text_ids, timestep, "extract", into=buffers,
                                 choice=choice)
         dtype = KV_HOST_DTYPES.get(self.kv_dtype, np.float32)

@@ -20,9 +20,15 @@ from sparse_context.engines.profiles import Profile
 from sparse_context.runtime.errors import bad_value
 
 LOG = logging.getLogger(__name__)
-# Builder flags that set precision: removed in TensorRT 11, refused by strongly typed networks in 10.x.
-PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "TF32",
+# Builder flags that set precision: removed in TensorRT 11, refused by strongly typed networks in 10.x. (TF32 is a
+# math mode of float32 layers, on by default, and stays in both.)
+PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4",
                    "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS")
+# Flags whose engines need a step this package does not take: refitting weights into a stripped plan.
+UNSUPPORTED_FLAGS = {"STRIP_PLAN": "a weight-stripped plan must be refitted with the weights before it runs, and the "
+                                   "runner does not refit",
+                     "WEIGHTLESS": "a weightless plan must be refitted with the weights before it runs, and the "
+                                   "runner does not refit"}
 OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT's builder_optimization_level; 3 is its default
 
 
@@ -60,7 +66,13 @@ def _logger_class(base: type) -> type:
 
 
 def logged_errors(logger: Any) -> list[str]:
-    return list(getattr(logger, "errors", []))  # a caller-supplied trt.Logger keeps none
+    """The errors TensorRT logged since the last call (taken: a later failure does not quote earlier ones)."""
+    errors = getattr(logger, "errors", None)  # a caller-supplied trt.Logger keeps none
+    if not errors:
+        return []
+    taken = list(errors)
+    del errors[: len(taken)]
+    return taken
 
 
 def make_logger(trt: Any) -> Any:
@@ -93,20 +105,32 @@ def _progress_class(base: type) -> type:
             self._callback = callback
             self._steps: dict[str, int] = {}
             self.cancelled = False
+            self.error: BaseException | None = None  # what the callback raised (the build is then cancelled)
+
+        def _report(self, event: BuildProgress) -> bool:
+            # TensorRT calls these from its build; an exception cannot cross back into it, so it is kept, the
+            # build is cancelled at the next step, and engine_bytes_from_network raises it.
+            if self.error is not None:
+                return False
+            try:
+                return self._callback(event) is not False
+            except BaseException as error:  # noqa: BLE001 - Ctrl-C lands here too; engine_bytes_from_network
+                self.error = error          # raises it once TensorRT has stopped
+                return False
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             self._steps[phase_name] = num_steps
-            self._callback(BuildProgress("start", phase_name, parent_phase, 0, num_steps))
+            self._report(BuildProgress("start", phase_name, parent_phase, 0, num_steps))
 
         def step_complete(self, phase_name, step):
-            keep_going = self._callback(BuildProgress("step", phase_name, None, step + 1,
-                                                      self._steps.get(phase_name, 0))) is not False
+            keep_going = self._report(BuildProgress("step", phase_name, None, step + 1,
+                                                    self._steps.get(phase_name, 0)))
             self.cancelled = self.cancelled or not keep_going
             return keep_going  # False asks TensorRT to stop; build_serialized_network then returns None
 
         def phase_finish(self, phase_name):
-            self._callback(BuildProgress("finish", phase_name, None, self._steps.get(phase_name, 0),
-                                         self._steps.get(phase_name, 0)))
+            self._report(BuildProgress("finish", phase_name, None, self._steps.get(phase_name, 0),
+                                       self._steps.get(phase_name, 0)))
 
     return ProgressMonitor
 
@@ -157,8 +181,12 @@ def check_build_flags(trt: Any, flags: Sequence[str], strongly_typed: bool) -> l
                 f"builder flag {name!r} sets precision, which TensorRT {trt.__version__} takes from the ONNX types "
                 "and Q/DQ nodes of a strongly typed network (TensorRT 11 removed these flags); export the graph "
                 "in the precision you want (--dtype) or quantize it with ModelOpt, and drop the flag")
+        if name.upper() in UNSUPPORTED_FLAGS:
+            raise BuildOptionError(f"builder flag {name!r} is not supported: {UNSUPPORTED_FLAGS[name.upper()]}; "
+                                   "drop the flag")
         if not hasattr(trt.BuilderFlag, name.upper()):
-            known = sorted(n for n in dir(trt.BuilderFlag) if n.isupper() and n not in PRECISION_FLAGS)
+            known = sorted(n for n in dir(trt.BuilderFlag)
+                           if n.isupper() and n not in PRECISION_FLAGS and n not in UNSUPPORTED_FLAGS)
             raise BuildOptionError(bad_value("builder flag", name, ", ".join(known), "flags="))
         values.append(getattr(trt.BuilderFlag, name.upper()))
     return values
@@ -182,13 +210,27 @@ def builder_config(parsed: ParsedNetwork, *, workspace_bytes: int | None = None,
                                              "optimization_level="))
         config.builder_optimization_level = int(optimization_level)
     if timing_cache_path is not None:
-        # A timing cache from an earlier build skips re-timing kernels; mismatched caches are refused, not mixed.
-        path = Path(timing_cache_path)
-        cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        use_timing_cache(config, Path(timing_cache_path))
     if monitor is not None:
         config.progress_monitor = monitor
     return config
+
+
+def use_timing_cache(config: Any, path: Path) -> bool:
+    """Start the build from the timing cache at ``path`` (an earlier build's kernel timings) where TensorRT accepts
+    it; a cache it refuses (another GPU or TensorRT version, a damaged file) is left unused with a warning and the
+    build starts from an empty one, which is saved over it. Returns whether the file's timings are used."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data) if data else None
+    accepted = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False) is not False
+    if data and not accepted:
+        LOG.warning("TensorRT refused the timing cache %s (made on another GPU or TensorRT version, or damaged); "
+                    "building without it and saving a new one", path)
+    if not accepted:
+        empty = config.create_timing_cache(b"")
+        if empty is None or config.set_timing_cache(empty, ignore_mismatch=False) is False:
+            LOG.warning("TensorRT refused an empty timing cache; building without one")
+    return accepted
 
 
 def add_profiles(parsed: ParsedNetwork, config: Any, profiles: Sequence[Profile]) -> list[int]:
@@ -209,7 +251,13 @@ def add_profiles(parsed: ParsedNetwork, config: Any, profiles: Sequence[Profile]
         trt_profile = parsed.builder.create_optimization_profile()
         for name, (low, opt, high) in profile.shapes:
             if name in dynamic:  # static inputs need no range and some TensorRT versions reject one
-                trt_profile.set_shape(name, low, opt, high)
+                try:
+                    trt_profile.set_shape(name, low, opt, high)
+                except (RuntimeError, TypeError, ValueError) as error:  # the binding raises where C++ returns false
+                    raise EngineBuildError(
+                        f"TensorRT rejected the shapes of {name!r} in profile {profile.name} (min {tuple(low)}, opt "
+                        f"{tuple(opt)}, max {tuple(high)}, network {inputs[name]}): {error}; check --keeps, "
+                        f"--max-refs and the resolutions against the export", logged_errors(parsed.logger)) from None
         index = config.add_optimization_profile(trt_profile)
         if index < 0:
             raise EngineBuildError(f"TensorRT rejected profile {profile.name}", logged_errors(parsed.logger))
@@ -220,6 +268,12 @@ def add_profiles(parsed: ParsedNetwork, config: Any, profiles: Sequence[Profile]
 def engine_bytes_from_network(parsed: ParsedNetwork, config: Any, monitor: Any = None) -> bytes:
     """``build_serialized_network``; None (failure or cancel) becomes an EngineBuildError quoting TensorRT."""
     serialized = parsed.builder.build_serialized_network(parsed.network, config)
+    error = getattr(monitor, "error", None)
+    if error is not None and not isinstance(error, Exception):
+        raise error  # KeyboardInterrupt / SystemExit: TensorRT has stopped, now the caller's handlers run
+    if error is not None:
+        raise EngineBuildError(f"engine build cancelled: the progress callback raised "
+                               f"{type(error).__name__}: {error}") from error
     if serialized is None:
         if monitor is not None and getattr(monitor, "cancelled", False):
             raise EngineBuildError("engine build cancelled by the progress callback")
@@ -228,8 +282,18 @@ def engine_bytes_from_network(parsed: ParsedNetwork, config: Any, monitor: Any =
     return bytes(memoryview(serialized))
 
 
-def save_timing_cache(config: Any, path: str | os.PathLike) -> Path:
-    return atomic_write_bytes(path, bytes(memoryview(config.get_timing_cache().serialize())))
+def save_timing_cache(config: Any, path: str | os.PathLike) -> Path | None:
+    """Write the build's timing cache (atomic); None, with a warning, where there is none to write or writing it
+    fails: the cache only saves time, and the engine it came with is saved already."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        LOG.warning("TensorRT kept no timing cache for this build; %s is left as it was", path)
+        return None
+    try:
+        return atomic_write_bytes(path, bytes(memoryview(cache.serialize())))
+    except OSError as error:
+        LOG.warning("could not save the timing cache %s: %s", path, error)
+        return None
 
 
 def save_engine(engine_bytes: bytes, path: str | os.PathLike, manifest: EngineManifest) -> EngineManifest:
@@ -243,13 +307,14 @@ def save_engine(engine_bytes: bytes, path: str | os.PathLike, manifest: EngineMa
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, manifest: EngineManifest, *,
                  workspace_bytes: int | None = None, timing_cache_path: str | os.PathLike | None = None,
                  optimization_level: int | None = None, progress: ProgressCallback | None = None) -> EngineManifest:
-    """The steps in order: parse -> config -> profiles -> build -> timing cache -> engine + manifest."""
+    """The steps in order: parse -> config -> profiles -> build -> engine + manifest -> timing cache."""
     parsed = network_from_onnx_path(onnx_path)  # 1. ONNX -> strongly typed network
     monitor = progress_monitor(progress) if progress else None  # held here: TensorRT keeps no Python reference
     config = builder_config(parsed, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache_path,
                             flags=manifest.build_flags, optimization_level=optimization_level, monitor=monitor)
     add_profiles(parsed, config, manifest.profiles)  # 2. one profile per bucket and step
     engine = engine_bytes_from_network(parsed, config, monitor)  # 3. minutes to hours for the 9B model
-    if timing_cache_path is not None:
+    saved = save_engine(engine, engine_path, manifest)  # 4. engine first, manifest last
+    if timing_cache_path is not None:  # 5. after the engine: nothing here may cost a finished build
         save_timing_cache(config, timing_cache_path)
-    return save_engine(engine, engine_path, manifest)  # 4. engine first, manifest last
+    return saved

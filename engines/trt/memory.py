@@ -6,8 +6,9 @@ otherwise cuda-python's runtime API moves numpy arrays. Both are imported lazily
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -18,7 +19,9 @@ from sparse_context.runtime.errors import bad_value
 # TensorRT DataType names -> numpy dtype names. bfloat16 has no numpy dtype: it needs the torch path.
 NUMPY_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8",
                 "UINT8": "uint8", "BOOL": "bool"}
-TORCH_DTYPES = {**NUMPY_DTYPES, "BF16": "bfloat16"}
+TORCH_DTYPES = {**NUMPY_DTYPES, "BF16": "bfloat16", "FP8": "float8_e4m3fn"}
+# TensorRT requires every tensor address it is given to be 256-byte aligned (IExecutionContext::setTensorAddress).
+ALIGNMENT = 256
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,19 @@ class CudartMemory:
     @property
     def stream_handle(self) -> int:
         return self.queue.handle
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        """This memory's GPU as the thread's current device while TensorRT runs (engines and contexts belong to the
+        device current when they are made, and run only there); the caller's device comes back after."""
+        before = cuda_check(self.cudart, self.cudart.cudaGetDevice(), "cudaGetDevice")
+        if int(before) != self.device:
+            cuda_check(self.cudart, self.cudart.cudaSetDevice(self.device), "cudaSetDevice")
+        try:
+            yield
+        finally:
+            if int(before) != self.device:
+                cuda_check(self.cudart, self.cudart.cudaSetDevice(int(before)), "cudaSetDevice")
 
     def device_info(self) -> DeviceInfo:
         props = cuda_check(self.cudart, self.cudart.cudaGetDeviceProperties(self.device), "cudaGetDeviceProperties")
@@ -96,6 +112,10 @@ class TorchMemory:
     def stream_handle(self) -> int:
         return int(self.stream.cuda_stream)
 
+    def current(self) -> Any:
+        """This memory's GPU as the current device while TensorRT runs (see :meth:`CudartMemory.current`)."""
+        return self.torch.cuda.device(self.device)
+
     def device_info(self) -> DeviceInfo:
         major, minor = self.torch.cuda.get_device_capability(self.device)
         return DeviceInfo(self.torch.cuda.get_device_name(self.device), f"{major}.{minor}")
@@ -111,8 +131,10 @@ class TorchMemory:
 
     def upload(self, buffer: Any, value: Any, dtype_name: str) -> int:
         dtype = getattr(self.torch, TORCH_DTYPES[dtype_name])
-        if isinstance(value, self.torch.Tensor) and value.is_cuda and value.dtype == dtype and value.is_contiguous():
-            # Zero copy; work queued on the caller's stream must finish before ours reads it.
+        if (isinstance(value, self.torch.Tensor) and value.is_cuda and value.device == self.device
+                and value.dtype == dtype and value.is_contiguous() and value.data_ptr() % ALIGNMENT == 0):
+            # Zero copy (a view at an unaligned offset is copied: TensorRT takes 256-byte aligned addresses only);
+            # work queued on the caller's stream must finish before ours reads it.
             self.stream.wait_stream(self.torch.cuda.current_stream(value.device))
             return int(value.data_ptr())
         source = self.torch.as_tensor(value).to(dtype).contiguous().view(-1)

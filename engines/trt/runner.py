@@ -6,6 +6,7 @@ a call picks its bucket's profile and sets the real shapes. ``tensorrt`` is impo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from sparse_context.engines.trt.memory import default_memory
+from sparse_context.engines.trt.memory import ALIGNMENT, default_memory
 from sparse_context.engines.errors import EngineCorruptError, ProfileError, RunnerError
 from sparse_context.engines.manifest import EngineManifest, read_manifest, verify_engine
 from sparse_context.engines.profiles import Profile
@@ -64,7 +65,10 @@ class TrtRunner:
     # -- lifecycle -----------------------------------------------------------------------------------------
     def activate(self) -> TrtRunner:
         try:
-            return self._activate()
+            self.memory = self._memory or default_memory(self._device)
+            self._owns_memory = self._memory is None
+            with _current(self.memory):
+                return self._activate()
         except BaseException:
             self.deactivate()  # a half-activated runner must not keep a stream or buffers
             raise
@@ -72,13 +76,14 @@ class TrtRunner:
     def _activate(self) -> TrtRunner:
         trt = import_tensorrt()
         self.manifest = self.manifest or read_manifest(self.engine_path)
-        self.memory = self._memory or default_memory(self._device)
-        self._owns_memory = self._memory is None
         device = self.memory.device_info()
         # 1. refuse engines from another TensorRT / GPU, or with a bad checksum, before TensorRT reads a byte
         data = verify_engine(self.engine_path, self.manifest, trt.__version__, device.compute_capability)
         self.logger = make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
+        if "VERSION_COMPATIBLE" in self.manifest.build_flags:
+            # A version-compatible plan embeds the lean runtime it runs on: TensorRT loads it only when allowed.
+            self.runtime.engine_host_code_allowed = True
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise EngineCorruptError(f"TensorRT could not deserialize {self.engine_path}: "
@@ -108,13 +113,16 @@ class TrtRunner:
 
     def deactivate(self) -> None:
         memory = getattr(self, "memory", None)
-        for buffer in self._buffers.values():
-            memory.free(buffer)
-        self._buffers.clear()
-        self._uploaded.clear()
-        self.context = self.engine = None  # release before the runtime that created them
-        if memory is not None and getattr(self, "_owns_memory", False):
-            memory.close()  # an injected memory object belongs to the caller
+        with _current(memory):
+            if memory is not None and self._buffers:
+                memory.synchronize()  # queued calls (synchronize=False) may still read or write these buffers
+            for buffer in self._buffers.values():
+                memory.free(buffer)
+            self._buffers.clear()
+            self._uploaded.clear()
+            self.context = self.engine = None  # release before the runtime that created them
+            if memory is not None and getattr(self, "_owns_memory", False):
+                memory.close()  # an injected memory object belongs to the caller
         self.memory = None
 
     def __enter__(self) -> TrtRunner:
@@ -145,6 +153,11 @@ class TrtRunner:
         outputs are valid only after the memory's ``synchronize()``.
         """
         manifest = self._require_active()
+        with _current(self.memory):
+            return self._infer(manifest, profile, feed, into, synchronize)
+
+    def _infer(self, manifest: EngineManifest, profile: str | int, feed: Mapping[str, Any],
+               into: Mapping[str, DeviceTensor] | None, synchronize: bool) -> dict[str, Any]:
         index = self.profile_index(profile)
         into = dict(into or {})
         missing, extra = set(self.inputs) - set(feed), set(feed) - set(self.inputs)
@@ -153,11 +166,7 @@ class TrtRunner:
                                f"{sorted(extra)}, unknown outputs {sorted(set(into) - set(self.outputs))}")
         stream = self.memory.stream_handle
         if index != self._active_profile:  # switching has a cost; consecutive calls of one bucket skip it
-            if not self.context.set_optimization_profile_async(index, stream):
-                raise RunnerError(f"TensorRT refused profile {index} ({manifest.profiles[index].name}) of "
-                                  f"{len(manifest.profiles)}: the engine holds fewer profiles than its manifest "
-                                  f"records, or another execution context of it uses the profile; rebuild the "
-                                  f"engines, or open one backend per engine")
+            self._switch_profile(index, stream)
             self._active_profile = index
         for name in self.inputs:
             value = feed[name]
@@ -166,7 +175,7 @@ class TrtRunner:
             if not self.context.set_input_shape(name, shape):
                 raise ProfileError(f"input {name!r} shape {shape} does not satisfy profile "
                                    f"{manifest.profiles[index].name}: {'; '.join(logged_errors(self.logger))}")
-            self.context.set_tensor_address(name, self._input_address(name, value))
+            self._bind(name, self._input_address(name, value))
         results: dict[str, Any] = {}
         for name in self.outputs:
             if name in into:
@@ -176,12 +185,12 @@ class TrtRunner:
                 if target.capacity is not None and needed > target.capacity:
                     raise RunnerError(f"output {name!r} of shape {shape} needs {needed} bytes; the buffer given "
                                       f"holds {target.capacity}")
-                self.context.set_tensor_address(name, int(target.pointer))
+                self._bind(name, int(target.pointer))
                 results[name] = DeviceTensor(int(target.pointer), shape, target.capacity)
             elif name in self.external:
                 raise RunnerError(f"output {name!r} is external: pass its buffer in `into`")
             else:
-                self.context.set_tensor_address(name, self.memory.pointer(self._buffers[name]))
+                self._bind(name, self.memory.pointer(self._buffers[name]))
         if not self.context.execute_async_v3(stream):
             raise RunnerError(f"execute_async_v3 failed: {'; '.join(logged_errors(self.logger)) or 'see log'}")
         for name in self.outputs:
@@ -207,6 +216,32 @@ class TrtRunner:
         return pointer
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _switch_profile(self, index: int, stream: int) -> None:
+        """The Python binding raises RuntimeError where the C++ call returns false (an index out of range, a
+        context that cannot take the profile); both become a RunnerError naming the profile and the fix."""
+        problem = None
+        try:
+            accepted = self.context.set_optimization_profile_async(index, stream)
+        except RuntimeError as error:
+            accepted, problem = False, str(error)
+        if not accepted:
+            reasons = "; ".join([p for p in [problem] if p] + logged_errors(self.logger)) or "no reason given"
+            profiles = self.manifest.profiles
+            raise RunnerError(f"TensorRT refused profile {index} ({profiles[index].name}) of {len(profiles)} "
+                              f"for {self.engine_path.name}: {reasons}; rebuild the engines with build_engines.py "
+                              f"(the engine may hold other profiles than its manifest records)")
+
+    def _bind(self, name: str, pointer: int) -> None:
+        """``set_tensor_address`` with TensorRT's two conditions checked: a 256-byte aligned address, and the
+        call's own verdict (TensorRT only logs why it refuses one)."""
+        if pointer % ALIGNMENT:
+            raise RunnerError(f"tensor {name!r}: address {pointer:#x} is not {ALIGNMENT}-byte aligned (offset "
+                              f"{pointer % ALIGNMENT}), which TensorRT requires of every tensor it is given; bind a "
+                              f"buffer from the backend's memory or pool, or copy the tensor to an aligned one")
+        if self.context.set_tensor_address(name, int(pointer)) is False:
+            raise RunnerError(f"TensorRT refused the address {pointer:#x} for tensor {name!r}: "
+                              f"{'; '.join(logged_errors(self.logger)) or 'no reason given'}")
+
     def _require_active(self) -> EngineManifest:
         if self.context is None:
             raise RunnerError("TrtRunner.infer() before activate(): use `with TrtRunner(path) as runner:`")
@@ -231,7 +266,7 @@ class TrtRunner:
         sizes = {name: 0 for name in self.inputs + self.outputs}
         stream = self.memory.stream_handle
         for index in range(self.engine.num_optimization_profiles):
-            self.context.set_optimization_profile_async(index, stream)
+            self._switch_profile(index, stream)
             for name in self.inputs:
                 if name in self.external and name not in self.manifest.profiles[index].shape_dict():
                     continue
@@ -249,3 +284,9 @@ class TrtRunner:
                 sizes[name] = max(sizes[name], count * _itemsize(self.dtypes[name]))
         self.memory.synchronize()
         return sizes
+
+
+def _current(memory: Any) -> Any:
+    """``memory.current()`` (its GPU as the current device) where the memory has one; a no-op otherwise."""
+    current = getattr(memory, "current", None)
+    return current() if current is not None else contextlib.nullcontext()
