@@ -14,7 +14,7 @@ from sparse_context.runtime.benchmark_selection import DEFAULT_GENERATION_S, GEN
 from sparse_context.runtime.errors import InputError, SparseContextError, bad_value
 from sparse_context.runtime.files import atomic_write_bytes, nearest_existing
 from sparse_context.runtime.limits import (
-    FLAG_GUIDANCE, FLAG_HEIGHT, FLAG_PROMPT, FLAG_SEED, FLAG_STEPS, FLAG_WIDTH,
+    FLAG_GUIDANCE, FLAG_HEIGHT, FLAG_PROMPT, FLAG_SEED, FLAG_SELECTION_SEED, FLAG_STEPS, FLAG_WIDTH,
 )
 from sparse_context.runtime.progress import stderr_progress, stderr_warnings
 from sparse_context.runtime.selection import ALLOCATION_CHOICES, STRATEGY_CHOICES
@@ -56,7 +56,8 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, default_keep: floa
                         help="budget per reference, or global (importance-weighted across references)")
     parser.add_argument(FLAG_MASK, action="append", default=None, metavar="IMAGE",
                         help="importance mask per reference for --strategy mask (grayscale image)")
-    parser.add_argument(FLAG_SEED, type=int, default=0, help="0 to 2**63 - 1")
+    parser.add_argument(FLAG_SEED, type=int, default=0, help="0 to 2**63 - 1; for `select` the selection's seed "
+                        f"(generate's {FLAG_SELECTION_SEED}), for `generate` the noise's")
 
 
 def _masks(args: argparse.Namespace):
@@ -201,8 +202,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = generator.generate(
         args.prompt, args.ref, keep_fraction=args.keep if args.keep is not None else 1.0, token_count=args.tokens,
         strategy=args.strategy, allocation=args.allocation, masks=_masks(args), use_kv=use_kv, height=args.height,
-        width=args.width, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, key_tile=args.key_tile,
-        on_step=stderr_progress("denoise"))
+        width=args.width, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+        selection_seed=args.selection_seed, key_tile=args.key_tile, on_step=stderr_progress("denoise"))
     save_image(out, np.asarray(result.image))
     timings = " ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
     print(f"reference tokens: {result.ref_tokens} of {result.ref_tokens_available} | kv={'on' if use_kv else 'off'}"
@@ -214,13 +215,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def check_generate_options(args: argparse.Namespace) -> None:
     """Everything about a generate request that can be checked before loading a model."""
     from sparse_context.runtime.limits import (
-        DEFAULT_SIDE_PIXELS, check_guidance, check_lora_scale, check_output_size, check_prompt, check_steps,
+        DEFAULT_SIDE_PIXELS, check_guidance, check_lora_scale, check_output_size, check_prompt, check_selection_seed,
+        check_steps,
     )
 
     from sparse_context.runtime.tokens import check_key_tile
 
     check_prompt(args.prompt)
     check_selection_options(args)
+    check_selection_seed(args.selection_seed)
     check_key_tile(args.key_tile, FLAG_KEY_TILE)
     check_steps(args.steps)
     check_guidance(args.guidance)
@@ -465,6 +468,10 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     generate.add_argument(FLAG_LORA_SCALE, type=float, default=None, help="LoRA scale (default 1)")
     generate.add_argument(FLAG_PROMPT, required=True, help="at most 2048 characters")
     _add_selection_arguments(generate, default_keep=1.0)
+    generate.add_argument(FLAG_SELECTION_SEED, type=int, default=0,
+                          help="seed of the selection's random parts (random, the uniform lattice's shift, ties), "
+                          f"apart from {FLAG_SEED}: a new {FLAG_SEED} keeps the kept tokens, so the reference K/V "
+                          "cache still hits (default 0)")
     generate.add_argument(FLAG_KEY_TILE, type=int, default=None, metavar="N",
                           help="keep more reference tokens, never fewer, so the attention's keys (text + target + "
                           "kept) fill whole tiles of N keys: a last partial tile costs the kernel about a whole one "

@@ -39,6 +39,7 @@ from sparse_context.runtime.core import (
 from sparse_context.runtime.errors import InputError, bad_value
 from sparse_context.runtime.fingerprints import array_digests
 from sparse_context.runtime.kv_cache import ReferenceKVCache
+from sparse_context.runtime.limits import check_guidance, check_seed, check_selection_seed, check_steps
 from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
 from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
@@ -171,6 +172,7 @@ class EnginePipeline:
         num_steps: int = 4,
         guidance_scale: float = 4.0,
         seed: int = 0,
+        selection_seed: int = 0,
         latents: np.ndarray | None = None,
         key_tile: int | None = None,
         on_step: Callable[[int, int], None] | None = None,
@@ -179,12 +181,17 @@ class EnginePipeline:
 
         ``references``: paths, PIL images or (H, W, 3) arrays. ``keep_fraction`` (or ``token_count``) and
         ``strategy`` choose the reference tokens kept; ``selections`` (flat indices per reference) fix them.
-        ``latents``: (1, rows*cols, 128) initial noise (default: numpy's for ``seed``)."""
+        ``latents``: (1, rows*cols, 128) initial noise (default: numpy's for ``seed``). ``selection_seed`` seeds
+        the selection's random parts, apart from the noise: a new ``seed`` keeps the selection (and K/V cache hits)."""
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
         # 1. Check inputs and prepare the references as the VAE sees them
         check_keep_fraction(keep_fraction)
+        check_steps(num_steps)
+        check_guidance(guidance_scale)
+        check_seed(seed)
+        check_selection_seed(selection_seed)
         key_tile = self.runtime.key_tile_for(key_tile)  # None: as the engines were built
         prepared = self.prepare_references(references) if len(references) else []
         from_reference = bool(prepared) and height is None and width is None
@@ -222,14 +229,15 @@ class EnginePipeline:
             from sparse_context.runtime.selection import select_references
 
             other_keys = embeds.shape[1] + rows * cols  # the text and target keys beside the kept tokens
-            settings = selection_settings(strategy, keep_fraction, token_count, allocation, seed, masks,
+            settings = selection_settings(strategy, keep_fraction, token_count, allocation, selection_seed, masks,
                                           TOKEN_PIXELS, key_tile=key_tile, other_keys=other_keys)
             selections = remembered_selections(
                 runtime.kv_cache, use_kv, references_in, settings,
                 lambda: [s.indices for s in select_references(
                     prepared, strategy=strategy, token_count=token_count,
-                    keep_fraction=None if token_count else keep_fraction, allocation=allocation, seed=seed,
-                    masks=masks, multiple_of=TOKEN_PIXELS, key_tile=key_tile, other_keys=other_keys)])
+                    keep_fraction=None if token_count else keep_fraction, allocation=allocation,
+                    seed=selection_seed, masks=masks, multiple_of=TOKEN_PIXELS, key_tile=key_tile,
+                    other_keys=other_keys)])
         timings["selection"] = time.perf_counter() - clock
 
         # 4. The generation core: reference cache, VAE encoder engine on a miss, packing, schedule, denoise

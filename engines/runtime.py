@@ -28,7 +28,9 @@ from sparse_context.runtime.core import (
 from sparse_context.runtime.errors import InputError, ModelLoadError, bad_value
 from sparse_context.runtime.fingerprints import array_digests
 from sparse_context.runtime.kv_cache import ReferenceKVCache
-from sparse_context.runtime.limits import check_guidance, check_output_size, check_seed, check_steps
+from sparse_context.runtime.limits import (
+    check_guidance, check_output_size, check_seed, check_selection_seed, check_steps,
+)
 from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
     TOKEN_PIXELS, check_keep_fraction, check_key_tile, check_reference_count, text_position_ids, token_grid,
@@ -144,6 +146,7 @@ class EngineRuntime:
         width: int = 1024,
         num_steps: int = 4,
         seed: int = 0,
+        selection_seed: int = 0,
         latents: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
         guidance_scale: float = 1.0,
@@ -152,7 +155,8 @@ class EngineRuntime:
     ) -> RuntimeResult:
         """Denoise ``num_steps`` steps. ``reference_latents``: per reference (C, rows, cols), normalised and
         patchified as the Klein VAE path produces them. Tokens are kept by ``selections`` (flat indices per
-        reference), or scored on ``reference_images`` (the images those latents came from) with ``strategy``.
+        reference), or scored on ``reference_images`` (the images those latents came from) with ``strategy`` (its
+        random parts seeded by ``selection_seed``; ``seed`` draws the noise).
         ``key_tile``: round the kept tokens up so the attention's keys fill whole tiles of that many
         (``runtime.selection.allocate_budget``); None: as the engines were built (:meth:`key_tile_for`), 0: not."""
         timings: dict[str, float] = {}
@@ -161,6 +165,7 @@ class EngineRuntime:
         check_steps(num_steps)
         check_guidance(guidance_scale)
         check_seed(seed)
+        check_selection_seed(selection_seed)
         key_tile = self.key_tile_for(key_tile)
         width, height = check_output_size(width, height)
         dims = self.backend.dims
@@ -186,12 +191,13 @@ class EngineRuntime:
                                     lambda: grids)
         if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
             other_keys = embeds.shape[1] + rows * cols  # the text and target keys beside the kept tokens
-            settings = selection_settings(strategy, keep_fraction, token_count, allocation, seed, None, TOKEN_PIXELS,
+            settings = selection_settings(strategy, keep_fraction, token_count, allocation, selection_seed, None,
+                                          TOKEN_PIXELS,
                                           images=reference_images, key_tile=key_tile, other_keys=other_keys)
             selections = remembered_selections(
                 self.kv_cache, use_kv, references, settings,
-                lambda: self._select(reference_images, grids, keep_fraction, token_count, strategy, allocation, seed,
-                                     key_tile, other_keys))
+                lambda: self._select(reference_images, grids, keep_fraction, token_count, strategy, allocation,
+                                     selection_seed, key_tile, other_keys))
         timings["selection"] = time.perf_counter() - clock
 
         # 2. Noise and prompt

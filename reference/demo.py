@@ -88,8 +88,8 @@ def _run(out_dir: Path, keep_fraction: float, steps: int, seed: int, size: int, 
     for mode, settings in modes.items():
         on_step = progress(f"generate {mode:9s}") if progress else None
         start = time.perf_counter()
-        result = generator.generate(DEMO_PROMPT, references, num_steps=steps, seed=seed, height=size, width=size,
-                                    on_step=on_step, **settings)
+        result = generator.generate(DEMO_PROMPT, references, num_steps=steps, seed=seed, selection_seed=seed,
+                                    height=size, width=size, on_step=on_step, **settings)
         total = time.perf_counter() - start
         path = out_dir / f"generated_{mode}.png"
         save_png(path, np.asarray(result.image))

@@ -25,7 +25,8 @@ from sparse_context.runtime.fingerprints import array_digests, weights_fingerpri
 from sparse_context.runtime.images import load_image, prepare_reference
 from sparse_context.runtime.kv_cache import ReferenceKVCache
 from sparse_context.runtime.limits import (
-    check_guidance, check_output_size, check_prompt, check_seed, check_steps, warn_if_prompt_cut,
+    check_guidance, check_output_size, check_prompt, check_seed, check_selection_seed, check_steps,
+    warn_if_prompt_cut,
 )
 from sparse_context.runtime.packing import pack_grid, unpack_grid
 from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
@@ -254,6 +255,7 @@ class SparseContextGenerator:
         num_steps: int = 4,
         guidance_scale: float = 4.0,
         seed: int = 0,
+        selection_seed: int = 0,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         reference_latents: Sequence[torch.Tensor] | None = None,
@@ -267,7 +269,9 @@ class SparseContextGenerator:
         ``keep_fraction`` (or ``token_count``) and ``strategy`` choose which reference tokens are kept; pass
         ``selections`` (flat indices per reference) to fix them instead. ``reference_latents`` (each (128, rows,
         cols)) skip the VAE; ``prompt_embeds`` skip the text encoder; ``kv_state`` reuses reference K/V from an
-        earlier KV call with the same references, selection and model. ``key_tile``: round the kept tokens up so
+        earlier KV call with the same references, selection and model. ``seed`` draws the noise;
+        ``selection_seed`` the selection's random parts (apart, so a new ``seed`` keeps the selection and the
+        reference K/V cache hits). ``key_tile``: round the kept tokens up so
         the attention's keys fill whole tiles of that many (``runtime.selection.allocate_budget``; 0: not; None:
         as engines from :meth:`from_engines` were built, else not).
         """
@@ -291,6 +295,7 @@ class SparseContextGenerator:
         check_steps(num_steps)
         check_guidance(guidance_scale)
         check_seed(seed)
+        check_selection_seed(selection_seed)
         if prompt is not None:
             check_prompt(prompt)
         if height is not None or width is not None:  # a side not given is the default one
@@ -335,12 +340,13 @@ class SparseContextGenerator:
             # A request the K/V cache has seen finds its selection there. Scored images other than the ones the
             # digests are of (latents given beside the images) are part of the settings.
             other_keys = prompt_embeds.shape[1] + rows * cols  # the text and target keys beside the kept tokens
-            settings = selection_settings(strategy, keep_fraction, token_count, allocation, seed, masks,
+            settings = selection_settings(strategy, keep_fraction, token_count, allocation, selection_seed, masks,
                                           self.token_pixels, images=prepared if reference_latents is not None
                                           else None, key_tile=key_tile, other_keys=other_keys)
             selections = remembered_selections(
                 self.kv_cache if kv_state is None else None, use_kv, references_in, settings,
-                lambda: self._select(prepared, grids, keep_fraction, token_count, strategy, allocation, masks, seed,
+                lambda: self._select(prepared, grids, keep_fraction, token_count, strategy, allocation, masks,
+                                     selection_seed,
                                      key_tile, other_keys))
         timings["selection"] = time.perf_counter() - clock
 

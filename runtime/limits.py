@@ -30,6 +30,7 @@ FLAG_HEIGHT = "--height"
 FLAG_STEPS = "--steps"
 FLAG_GUIDANCE = "--guidance"
 FLAG_SEED = "--seed"
+FLAG_SELECTION_SEED = "--selection-seed"
 FLAG_PROMPT = "--prompt"
 FLAG_LORA_SCALE = "--lora-scale"
 
@@ -78,10 +79,16 @@ def check_lora_scale(scale: Any) -> float:
     return check_finite("LoRA scale", scale, -MAX_LORA_SCALE, MAX_LORA_SCALE, FLAG_LORA_SCALE)
 
 
-def check_seed(seed: Any) -> int:
+def check_seed(seed: Any, what: str = "seed", flag: str = FLAG_SEED) -> int:
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise InputError(bad_value("seed", seed, "an integer from 0 to 2**63 - 1", FLAG_SEED))
+        raise InputError(bad_value(what, seed, "an integer from 0 to 2**63 - 1", flag))
     return int(seed)
+
+
+def check_selection_seed(seed: Any) -> int:
+    """The seed of the token selection's random parts (``random``, the ``uniform`` lattice's shift, ties), apart
+    from the noise seed: a new noise seed keeps the selection, so the reference K/V cache still hits."""
+    return check_seed(seed, "selection seed", FLAG_SELECTION_SEED)
 
 
 def warn_if_prompt_cut(tokens: int, limit: int) -> None:

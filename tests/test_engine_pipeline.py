@@ -85,6 +85,29 @@ def test_cache_hit_skips_the_vae_encoder(engines_dir, reference_photos, monkeypa
     assert pipe.prompt_cache.stats.hits >= 1
 
 
+def test_a_new_noise_seed_is_a_cache_hit_on_the_engines(engines_dir, reference_photos):
+    """The torch-free pipeline keeps the selection across noise seeds (``selection_seed`` apart), so a new sample
+    of the same request reuses the references' K/V; bad seeds are refused naming their flag."""
+    from sparse_context.engines.pipeline import EnginePipeline
+    from sparse_context.runtime.errors import InputError
+    from sparse_context.runtime.kv_cache import ReferenceKVCache
+
+    pipe = EnginePipeline.from_engines(engines_dir, kv_cache=ReferenceKVCache(64 << 20))
+    kwargs = dict(keep_fraction=0.1, strategy="uniform", use_kv=True, num_steps=1, height=64, width=64)
+    first = pipe.generate("a harbour", reference_photos, seed=1, **kwargs)
+    second = pipe.generate("a harbour", reference_photos, seed=2, **kwargs)
+    assert not first.cache_hit and second.cache_hit
+    assert [s.tolist() for s in second.selections] == [s.tolist() for s in first.selections]
+    assert not np.array_equal(second.latents, first.latents)
+    assert not pipe.generate("a harbour", reference_photos, seed=1, selection_seed=9, **kwargs).cache_hit
+    for bad, message in ((dict(seed=-1), "seed: got -1.*--seed"), (dict(selection_seed=2**63),
+                         "selection seed: got 9223372036854775808.*--selection-seed"),
+                         (dict(num_steps=0), "got 0.*--steps"), (dict(guidance_scale=float("nan")),
+                                                                  "got nan.*--guidance")):
+        with pytest.raises(InputError, match=message):
+            pipe.generate("a harbour", reference_photos, **{**kwargs, **bad})
+
+
 def test_an_output_larger_than_the_built_sizes_is_refused_before_any_engine_runs(engines_dir, tmp_path, capsys):
     """The engines were built for outputs up to 512x512 px: 1024x1024 asked for, or taken from a large first
     reference, is refused before the text, VAE or transformer engines run (on onnxruntime it would run, with

@@ -14,7 +14,7 @@ import pytest
 
 from sparse_context.runtime.errors import InputError, SelectionError
 from sparse_context.runtime.selection import allocate_budget, select_references
-from sparse_context.runtime.tokens import check_key_tile, kept_token_count, whole_tile_tokens
+from sparse_context.runtime.tokens import check_key_tile, whole_tile_tokens
 
 TEXT, TARGET = 512, 4096  # klein's padded prompt and a 1024^2 target: 4608 keys, 36 whole tiles of 128
 
@@ -56,20 +56,45 @@ def test_budgets_fill_whole_tiles_with_one_extra_token_per_reference_in_turn(all
     assert allocate_budget(small, token_count=3, key_tile=128, other_keys=0) == [4, 64]  # capped: every token
 
 
+def test_top_up_takes_what_each_strategy_would_take_next():
+    from sparse_context.runtime.selection import top_up_tokens
+
+    importance = np.zeros((8, 8), np.float32)
+    importance.flat[[5, 9, 40]] = [3.0, 2.0, 1.0]
+    kept = np.array([9])
+    # Scored strategies: the most important tokens not kept, in importance order.
+    assert top_up_tokens(importance, kept, 2, "edge", 0).tolist() == [5, 40]
+    # uniform: farthest from everything kept, one at a time: the far corner of an 8x8 grid from token 9 (1, 1),
+    # then the corner farthest from both.
+    assert top_up_tokens(importance, kept, 2, "uniform", 0).tolist() == [7, 63]
+    assert top_up_tokens(importance, np.zeros(0, np.int64), 1, "uniform", 0).tolist() == [0]
+    picks = top_up_tokens(importance, kept, 5, "random", 4)
+    assert picks.size == 5 and 9 not in picks and picks.tolist() == top_up_tokens(importance, kept, 5, "random",
+                                                                                    4).tolist()
+    assert top_up_tokens(importance, kept, 0, "edge", 0).size == 0
+    with pytest.raises(SelectionError, match=r"extra tokens: got 64; allowed: an integer from 0 to 63"):
+        top_up_tokens(importance, kept, 64, "edge", 0)
+
+
 def test_a_negative_key_count_is_refused():
     with pytest.raises(SelectionError, match="other attention keys: got -1"):
         allocate_budget([np.ones((4, 4))], 0.5, key_tile=16, other_keys=-1)
 
 
-@pytest.mark.parametrize("strategy", ["uniform", "edge", "saliency"])
-def test_select_references_keeps_the_topped_up_count_of_distinct_tokens(reference_photos, strategy):
-    plain = select_references(reference_photos, strategy=strategy, keep_fraction=0.1)
-    tiled = select_references(reference_photos, strategy=strategy, keep_fraction=0.1, key_tile=16, other_keys=100)
+@pytest.mark.parametrize("allocation", ["per_reference", "global"])
+@pytest.mark.parametrize("strategy", ["uniform", "random", "edge", "saliency"])
+def test_select_references_tops_up_the_plain_selection_with_distinct_tokens(reference_photos, strategy, allocation):
+    """The top-up adds tokens to the selection as kept and removes none, so 'more tokens than asked' means the
+    asked-for ones and a few more."""
+    plain = select_references(reference_photos, strategy=strategy, keep_fraction=0.1, allocation=allocation, seed=3)
+    tiled = select_references(reference_photos, strategy=strategy, keep_fraction=0.1, allocation=allocation, seed=3,
+                              key_tile=16, other_keys=100)
     kept, asked = sum(s.indices.size for s in tiled), sum(s.indices.size for s in plain)
-    assert (kept + 100) % 16 == 0 and asked <= kept < asked + 16
-    for selection in tiled:
+    assert (kept + 100) % 16 == 0 and asked < kept < asked + 16
+    for base, selection in zip(plain, tiled, strict=True):
         assert np.unique(selection.indices).size == selection.indices.size
-        assert selection.indices.size >= kept_token_count(selection.available, 0.1)
+        assert np.all(np.diff(selection.indices) > 0)
+        assert np.isin(base.indices, selection.indices).all()  # a superset of the plain selection
     with pytest.raises(InputError, match="--key-tile"):
         select_references(reference_photos, strategy=strategy, keep_fraction=0.1, key_tile=-8)
 

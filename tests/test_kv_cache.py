@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from sparse_context.runtime.errors import InputError
 from sparse_context.runtime.fingerprints import array_digest, reference_key
@@ -56,6 +57,27 @@ def test_generator_second_call_served_from_cache(tiny_model_dir, reference_photo
     other = generator.generate("a boat", reference_photos, keep_fraction=0.2, strategy="saliency", use_kv=True,
                                num_steps=2, seed=4, output_type="np")
     assert not other.cache_hit and len(cache) == 2  # another selection is another entry
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "random", "edge"])
+def test_a_new_noise_seed_keeps_the_selection_and_hits_the_cache(tiny_model_dir, reference_photos, strategy):
+    """"Another sample of the same request" (a new seed) is what a persistent reference cache is for: the noise
+    seed does not reach the selection (its random parts have their own ``selection_seed``), so the kept tokens and
+    the cached K/V stay; a new selection seed is a new selection, and a miss."""
+    from sparse_context.reference.generator import SparseContextGenerator
+
+    generator = SparseContextGenerator.from_pretrained(tiny_model_dir)
+    generator.kv_cache = ReferenceKVCache(max_bytes=64 << 20)
+    kwargs = dict(keep_fraction=0.2, strategy=strategy, use_kv=True, num_steps=1, output_type="latent")
+    first = generator.generate("a boat", reference_photos, seed=4, **kwargs)
+    again = generator.generate("a boat", reference_photos, seed=5, **kwargs)
+    assert not first.cache_hit and again.cache_hit
+    assert [s.tolist() for s in again.selections] == [s.tolist() for s in first.selections]
+    assert not torch.equal(again.image, first.image)  # another noise, another image
+    reseeded = generator.generate("a boat", reference_photos, seed=4, selection_seed=1, **kwargs)
+    assert not reseeded.cache_hit
+    if strategy != "edge":  # edge ranks by image content: its seed only orders ties and the floor lattice
+        assert [s.tolist() for s in reseeded.selections] != [s.tolist() for s in first.selections]
 
 
 def test_array_digests_equal_one_by_one_and_the_bytes_they_hash():
@@ -130,7 +152,10 @@ def test_generator_cache_hit_skips_selection_and_digests_only_with_a_cache(tiny_
         [s.tolist() for s in plain.selections]
     np.testing.assert_array_equal(second.image, first.image)
     np.testing.assert_array_equal(first.image, plain.image)
-    for changed in (dict(seed=5), dict(keep_fraction=0.3), dict(strategy="edge"), dict(allocation="global")):
+    generator.generate("a boat", reference_photos, **{**kwargs, "seed": 5})
+    assert selects == []  # the noise seed is not a selection setting
+    for changed in (dict(selection_seed=5), dict(keep_fraction=0.3), dict(strategy="edge"),
+                    dict(allocation="global")):
         generator.generate("a boat", reference_photos, **{**kwargs, **changed})
     assert len(selects) == 4  # each change is another selection
     generator.generate("a boat", reference_photos, **{**kwargs, "use_kv": False})
