@@ -27,6 +27,10 @@ class LoraError(ModelLoadError):
     """A LoRA file does not fit the model it is applied to."""
 
 
+class GenerationError(SparseContextError):
+    """A generation ran but its result cannot be used (non-finite latents): nothing is written or cached."""
+
+
 class PromptTruncatedWarning(UserWarning):
     """The prompt has more tokens than the text encoder reads; the rest was dropped, as diffusers drops it. An app
     that must not generate from a cut prompt turns this into an error with
