@@ -28,7 +28,7 @@ from sparse_context.export.spec import (
 )
 from sparse_context.export.manifest import FORMAT_VERSION, MANIFEST, ONNX_FILE, read_export_manifest
 from sparse_context.runtime.errors import bad_value
-from sparse_context.runtime.files import publish_mode, replace_folder
+from sparse_context.runtime.files import replace_folder
 from sparse_context.runtime.fingerprints import file_sha256, file_sha256_memo
 
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph itself
@@ -319,7 +319,6 @@ def export_onnx(options: ExportOptions, progress: Progress | None = None, transf
             "versions": exporter_versions(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        publish_mode(staging)  # mkdtemp made it 0700
         replace_folder(staging, final)  # an older folder there failed _load_complete (damaged)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -35,7 +35,7 @@ from sparse_context.reference.engine_report import (
     ACCEPTANCE_KEEP, REL_ERROR_FLAG, acceptance, correctness, selection_shares, speedup_limits,
 )
 from sparse_context.runtime.errors import InputError, bad_value
-from sparse_context.runtime.files import publish_mode, replace_folder
+from sparse_context.runtime.files import replace_folder
 from sparse_context.runtime.packing import pack_references
 from sparse_context.runtime.sampler import Conditioning, denoise
 from sparse_context.runtime.schedule import flow_match_schedule
@@ -579,7 +579,6 @@ def write_model_folder(model: Any, options: EngineBenchOptions) -> Path:
         recipe = {"config": options.config, "seed": options.seed, "device_type": torch.device(options.device).type,
                   "torch": torch.__version__, "built_by": "sparse_context.reference.benchmark.build_transformer"}
         (staging / "transformer" / "random_weights.json").write_text(json.dumps(recipe, sort_keys=True))
-        publish_mode(staging)  # mkdtemp made it 0700
         replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -64,8 +64,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def replace_folder(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Rename a complete ``staging`` folder to ``final``. A folder already there (one that failed its check) is
     renamed aside first and removed after, so a reader sees the old folder whole, then for a moment none, then the
-    new one whole: never a folder half removed. POSIX cannot rename a folder over a non-empty one in one step."""
+    new one whole: never a folder half removed. POSIX cannot rename a folder over a non-empty one in one step.
+    The folder gets the modes the umask gives (:func:`publish_mode`) first: ``mkdtemp`` made it 0700."""
     staging, final = Path(staging), Path(final)
+    publish_mode(staging)
     aside = None
     if final.exists():
         aside = Path(tempfile.mkdtemp(prefix=f".replaced-{final.name}-", dir=final.parent))

@@ -555,3 +555,15 @@ def test_model_folder_with_pickled_weights_is_refused(tiny_model_dir, tmp_path):
     weights.unlink()
     with pytest.raises(ModelLoadError, match="--model"):
         load_pipeline(folder)
+
+
+def test_every_folder_and_file_of_an_engines_folder_has_the_umasks_modes(engines_dir):
+    """A service user must be able to read an engines folder someone else built: nothing in it keeps the 0700 /
+    0600 of ``mkdtemp`` / ``mkstemp`` (the part exports did, before ``replace_folder`` published its folder)."""
+    from sparse_context.runtime.files import current_umask
+
+    mask = current_umask()
+    wrong = [(str(p.relative_to(engines_dir)), oct(p.stat().st_mode & 0o777)) for p in engines_dir.rglob("*")
+             if not p.name.startswith(".") and p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~mask]
+    assert wrong == []
+    assert any(p.name.startswith("text_encoder") for p in (engines_dir / "onnx").iterdir())
