@@ -22,6 +22,7 @@ image there; pass ``latents`` to both to compare them.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,9 @@ from sparse_context.runtime.core import (
 from sparse_context.runtime.errors import InputError, bad_value
 from sparse_context.runtime.fingerprints import array_digests
 from sparse_context.runtime.kv_cache import ReferenceKVCache
-from sparse_context.runtime.limits import check_guidance, check_seed, check_selection_seed, check_steps
+from sparse_context.runtime.limits import (
+    check_guidance, check_output_size, check_prompt, check_seed, check_selection_seed, check_steps,
+)
 from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
 from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
@@ -151,6 +154,10 @@ class EnginePipeline:
         """Load and resize/crop each reference exactly as the Klein pipelines do before VAE encoding."""
         from sparse_context.runtime.images import load_image, prepare_reference
 
+        if isinstance(references, (str, bytes, os.PathLike, np.ndarray)) or hasattr(references, "getpixel"):
+            # a path would otherwise be taken as a sequence of one-character "images", an array as rows
+            given = references if isinstance(references, (str, bytes, os.PathLike)) else type(references).__name__
+            raise InputError(bad_value("references", given, "a list of images, e.g. [\"ref.jpg\"]", "--ref"))
         check_reference_count(len(references))
         return [prepare_reference(load_image(ref), max_area=MAX_REFERENCE_AREA, multiple_of=TOKEN_PIXELS)
                 for ref in references]
@@ -187,6 +194,7 @@ class EnginePipeline:
         clock = time.perf_counter()
 
         # 1. Check inputs and prepare the references as the VAE sees them
+        check_prompt(prompt)
         check_keep_fraction(keep_fraction)
         check_steps(num_steps)
         check_guidance(guidance_scale)
@@ -197,7 +205,9 @@ class EnginePipeline:
         from_reference = bool(prepared) and height is None and width is None
         if from_reference:
             height, width = prepared[0].height, prepared[0].width
-        width, height = int(width or DEFAULT_SIZE), int(height or DEFAULT_SIZE)
+        # No silent rounding: a side not given is the default one, a side given must be whole tokens.
+        width, height = check_output_size(DEFAULT_SIZE if width is None else width,
+                                          DEFAULT_SIZE if height is None else height)
         rows, cols = token_grid(width, height)
         try:  # before the text and VAE engines run
             self.runtime.check_built_size(width, height)

@@ -103,9 +103,15 @@ def test_a_new_noise_seed_is_a_cache_hit_on_the_engines(engines_dir, reference_p
     for bad, message in ((dict(seed=-1), "seed: got -1.*--seed"), (dict(selection_seed=2**63),
                          "selection seed: got 9223372036854775808.*--selection-seed"),
                          (dict(num_steps=0), "got 0.*--steps"), (dict(guidance_scale=float("nan")),
-                                                                  "got nan.*--guidance")):
+                                                                  "got nan.*--guidance"),
+                         (dict(height=100), "output height: got 100.*e.g. 96, 112.*--height"),
+                         (dict(height=0), "output height: got 0"), (dict(width="64"), "output width: got '64'")):
         with pytest.raises(InputError, match=message):
             pipe.generate("a harbour", reference_photos, **{**kwargs, **bad})
+    with pytest.raises(InputError, match=r"references: got 'ref.jpg'; allowed: a list of images.*--ref"):
+        pipe.generate("a harbour", "ref.jpg", **kwargs)
+    with pytest.raises(InputError, match="prompt length: got '2049 characters'"):
+        pipe.generate("a" * 2049, reference_photos, **kwargs)
 
 
 def test_an_output_larger_than_the_built_sizes_is_refused_before_any_engine_runs(engines_dir, tmp_path, capsys):
