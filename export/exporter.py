@@ -148,7 +148,7 @@ def load_transformer(options: ExportOptions) -> tuple[Any, dict[str, Any]]:
     import torch
     from diffusers import Flux2Transformer2DModel
 
-    from sparse_context.export.loading import load_transformer_file, read_model_index
+    from sparse_context.export.loading import check_module_weights, load_transformer_file, read_model_index
     from sparse_context.export.lora import merge_lora
     from sparse_context.runtime.errors import ModelLoadError
 
@@ -160,6 +160,7 @@ def load_transformer(options: ExportOptions) -> tuple[Any, dict[str, Any]]:
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load the transformer of {options.model_dir}: {error} (check --model)") \
             from error
+    check_module_weights(transformer, "transformer", options.model_dir)
     if options.transformer_file is not None:
         load_transformer_file(transformer, options.transformer_file)
     lora_info = merge_lora(transformer, options.lora, options.lora_scale) if options.lora is not None else None

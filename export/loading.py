@@ -19,16 +19,62 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32, wit
     ``with_transformer=False`` loads only the text encoder and VAE (an engine runs the transformer)."""
     import diffusers
 
+    from sparse_context.engines.model_files import REQUIRED_FILES
+
     index = read_model_index(model_dir)
+    missing = [name for name in REQUIRED_FILES if not (Path(model_dir) / name).is_file()]
+    if missing:  # diffusers would load without them and fail at the first prompt
+        raise ModelLoadError(bad_value("model folder", str(model_dir), "a diffusers folder with "
+                                       + ", ".join(REQUIRED_FILES) + f" (missing: {', '.join(missing)})", "--model"))
     pipeline_class = getattr(diffusers, index["_class_name"])
     skip = {} if with_transformer else {"transformer": None}
     try:
         # safetensors only: a folder holding pickled .bin weights is refused instead of unpickled
-        return pipeline_class.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
+        pipe = pipeline_class.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
                                               use_safetensors=True, **skip)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load {index['_class_name']} from {model_dir}: {error} (check --model)") \
             from error
+    check_loaded_weights(pipe, model_dir)
+    return pipe
+
+
+def check_loaded_weights(pipe: Any, model_dir: str | Path) -> None:
+    """:func:`check_module_weights` for each component the pipeline loaded."""
+    for name in ("transformer", "vae", "text_encoder"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            check_module_weights(module, name, model_dir)
+
+
+def check_module_weights(module: Any, name: str, model_dir: str | Path) -> None:
+    """ModelLoadError unless every weight of ``module`` (the folder's ``name`` component) came from its files, and,
+    for the transformer, its files hold no weight the model lacks. diffusers and transformers load missing keys as
+    meta tensors (which fail later: "Cannot copy out of meta tensor") and extra keys (a config of fewer blocks
+    than the weights) with a warning, which would generate with the rest silently dropped."""
+    folder = Path(model_dir) / name
+    empty = sorted(key for key, value in module.state_dict().items() if value.is_meta)
+    if empty:
+        raise ModelLoadError(
+            f"{name} weights in {folder}: {len(empty)} missing e.g. {empty[:3]} (a partial copy, renamed keys, or a "
+            f"config.json that does not match the weights; check --model)")
+    if name == "transformer":
+        unused = sorted(safetensors_keys(folder) - set(module.state_dict()))
+        if unused:
+            raise ModelLoadError(
+                f"{name} weights in {folder}: {len(unused)} the model does not have e.g. {unused[:3]} (its "
+                f"config.json describes a smaller model, or the keys are not diffusers names; check --model)")
+
+
+def safetensors_keys(folder: Path) -> set[str]:
+    """Every tensor name in the ``.safetensors`` files of ``folder`` (headers only)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
 
 
 @torch.no_grad()

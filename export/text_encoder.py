@@ -76,7 +76,7 @@ def load_text_encoder(model_dir: str | Path, precision: str = "fp32") -> Any:
     """The folder's ``Qwen3ForCausalLM`` in eval mode at the export precision."""
     from transformers import Qwen3ForCausalLM
 
-    from sparse_context.export.loading import read_model_index
+    from sparse_context.export.loading import check_module_weights, read_model_index
 
     read_model_index(model_dir)
     try:
@@ -84,6 +84,7 @@ def load_text_encoder(model_dir: str | Path, precision: str = "fp32") -> Any:
                                                  torch_dtype=PRECISION_DTYPES[precision], local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load the text encoder of {model_dir}: {error} (check --model)") from error
+    check_module_weights(model, "text_encoder", model_dir)
     return model.eval()
 
 

@@ -81,7 +81,7 @@ def load_vae(model_dir: str | Path, precision: str = "fp32") -> Any:
     """The folder's ``AutoencoderKLFlux2`` in eval mode at the export precision."""
     from diffusers import AutoencoderKLFlux2
 
-    from sparse_context.export.loading import read_model_index
+    from sparse_context.export.loading import check_module_weights, read_model_index
     from sparse_context.runtime.errors import ModelLoadError
 
     read_model_index(model_dir)
@@ -90,6 +90,7 @@ def load_vae(model_dir: str | Path, precision: str = "fp32") -> Any:
                                                  torch_dtype=PRECISION_DTYPES[precision], local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load the VAE of {model_dir}: {error} (check --model)") from error
+    check_module_weights(vae, "vae", model_dir)
     return vae.eval()
 
 
