@@ -12,7 +12,7 @@ from typing import Sequence
 from sparse_context.engines.streams import SYNC_MODES
 from sparse_context.runtime.benchmark_selection import DEFAULT_GENERATION_S, GENERATION_FLAG
 from sparse_context.runtime.errors import InputError, SparseContextError, bad_value
-from sparse_context.runtime.files import atomic_write_bytes, nearest_existing
+from sparse_context.runtime.files import atomic_write_bytes, check_output_folder, nearest_existing
 from sparse_context.runtime.limits import (
     FLAG_GUIDANCE, FLAG_HEIGHT, FLAG_PROMPT, FLAG_SEED, FLAG_SELECTION_SEED, FLAG_STEPS, FLAG_WIDTH,
 )
@@ -97,20 +97,6 @@ def check_selection_options(args: argparse.Namespace, all_allowed: bool = False)
                                    f"{FLAG_STRATEGY} mask (a mask is only read by that strategy)", FLAG_STRATEGY))
 
 
-def check_output_folder(folder: str) -> Path:
-    """``folder`` can be created and written (checked before any work)."""
-    path = Path(folder)
-    existing = nearest_existing(path, "output folder", FLAG_OUT)
-    if existing == path and not path.is_dir():
-        raise InputError(bad_value("output folder", folder, "a folder (this is a file)", FLAG_OUT))
-    if not existing.is_dir():
-        raise InputError(bad_value("output folder", folder, f"a folder ({existing} is a file)", FLAG_OUT))
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(bad_value("output folder", folder, f"a folder you can write ({existing} is not writable)",
-                                   FLAG_OUT))
-    return path
-
-
 def check_output_file(file: str) -> Path:
     """``file`` has an image suffix we write in that format, is not a folder, and its folder is writable."""
     path = Path(file)
@@ -183,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_generate_options(args)
     out = check_output_file(args.out)
 
-    if args.engines:  # torch-free: every step runs on the engines folder
+    if args.engines is not None:  # torch-free: every step runs on the engines folder
         from sparse_context.engines.pipeline import EnginePipeline
 
         check_engine_options(args)
@@ -195,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from sparse_context.reference.tiny import tiny_model_dir
 
         generator = SparseContextGenerator.from_pretrained(
-            args.model or tiny_model_dir(), lora=args.lora,
+            tiny_model_dir() if args.model is None else args.model, lora=args.lora,
             lora_scale=1.0 if args.lora_scale is None else args.lora_scale, transformer_file=args.transformer,
             dtype=_dtype(args.dtype or "fp32"), device=args.device or "cpu")
     use_kv = generator.prefers_kv if args.kv is None else args.kv
@@ -242,6 +228,10 @@ def check_generate_options(args: argparse.Namespace) -> None:
     if args.cuda_graphs and args.engines is None:
         raise InputError(bad_value("CUDA graphs", "on without engines", "set only with --engines (onnxruntime CUDA "
                                    "engines replay their cached KV calls as CUDA graphs)", FLAG_CUDA_GRAPHS))
+    for flag, value in ((FLAG_ENGINES, args.engines), (FLAG_MODEL, args.model), (FLAG_TRANSFORMER, args.transformer),
+                        (FLAG_LORA, args.lora)):
+        if value is not None and not value.strip():  # an unset $VARIABLE in a deploy script: never "not given"
+            raise InputError(bad_value(f"{flag} path", value, "a path (leave the flag out for the default)", flag))
     if args.engines is not None:
         if not Path(args.engines).is_dir():
             raise InputError(bad_value("engines folder", args.engines, "an existing folder from build_engines.py",

@@ -10,6 +10,7 @@ from sparse_context.export.exporter import DEFAULT_OPSET, ExportOptions, export_
 from sparse_context.export.graphs import ATTENTION_FORMS, PROJECTION_FORMS, REF_STREAM_FORMS
 from sparse_context.export.spec import DEFAULT_MAX_REF_TOKENS, GRAPHS, PRECISIONS
 from sparse_context.runtime.errors import SparseContextError, bad_value
+from sparse_context.runtime.files import check_output_folder
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -57,6 +58,7 @@ def _print_progress(stage: str, step: int, total: int) -> None:
 def run_export(args: argparse.Namespace) -> int:
     """Export as ``args`` ask; 0 on success, 2 on a user/model error (message on stderr)."""
     try:
+        check_output_folder(args.out)  # before minutes of tracing
         graphs = GRAPHS if args.graph == "both" else (args.graph,)
         options = ExportOptions(model_dir=args.model, graph=graphs[0], precision=args.precision,
                                 attention=args.attention, projections=args.projections,

@@ -90,6 +90,10 @@ class ExportOptions:
                                               f"{low}..{high}", "--opset"))
         if self.lora is not None and not Path(self.lora).is_file():
             raise ExportConfigError(bad_value("LoRA file", str(self.lora), "an existing .safetensors file", "--lora"))
+        for width, height in self.target_sizes:  # the example shapes: whole 16-px tokens, as every runtime size
+            if min(width, height) < 16 or width % 16 or height % 16:
+                raise ExportConfigError(bad_value("target size", f"{width}x{height}", "WIDTHxHEIGHT of whole 16-px "
+                                                  "tokens, at least 16x16 (e.g. 1024x1024)", "--target-size"))
         return self
 
 

@@ -100,3 +100,37 @@ def nearest_existing(path: str | os.PathLike, what: str, flag: str) -> Path:
     except OSError as error:  # a path too long as a whole, a loop of links
         raise InputError(bad_value(what, str(path), f"a path the file system takes ({error.strerror})", flag)) \
             from error
+
+
+def check_output_folder(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """``folder`` can be created and written (checked before any work; nothing is left there by the check)."""
+    path = Path(folder)
+    existing = nearest_existing(path, "output folder", flag)
+    if existing == path and not path.is_dir():
+        raise InputError(bad_value("output folder", str(folder), "a folder (this is a file)", flag))
+    if not existing.is_dir():
+        raise InputError(bad_value("output folder", str(folder), f"a folder ({existing} is a file)", flag))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(bad_value("output folder", str(folder),
+                                   f"a folder you can write ({existing} is not writable)", flag))
+    probe_creatable(path, existing, flag)
+    return path
+
+
+def probe_creatable(path: Path, existing: Path, flag: str = "--out") -> None:
+    """Create the folders from ``existing`` down to ``path`` and remove them again: ``os.access`` says yes for
+    root anywhere, and some places (``/proc``, a read-only mount) refuse a new folder only when one is made."""
+    created = []
+    try:
+        for folder in reversed([p for p in (path, *path.parents) if p not in (existing, *existing.parents)]):
+            folder.mkdir()
+            created.append(folder)
+    except OSError as error:
+        raise InputError(bad_value("output folder", str(path), f"a folder that can be created ({error.strerror} "
+                                   f"at {error.filename or path})", flag)) from None
+    finally:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # something else wrote there meanwhile: it is theirs
