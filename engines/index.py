@@ -124,8 +124,8 @@ class EnginesIndex:
         version = data.get("format")
         if version != FORMAT_VERSION:
             raise EnginesIndexError(f"{source}: format {version!r}; this version reads format {FORMAT_VERSION}; "
-                                    f"{rebuild_hint(_recorded_args(data))}")
-        _require(data, ("backend", "model_dir", "precision", "attention", "plan", "graphs"), source)
+                                    f"{rebuild_hint(_recorded_args(data, source))}")
+        _require(data, ("backend", "model_dir", "precision", "attention", "plan", "graphs"), source, source)
         if data["backend"] not in BACKENDS:
             raise BuildOptionError(bad_value("engines backend", data["backend"], ", ".join(BACKENDS), "--backend"))
         if not isinstance(data["graphs"], Mapping) or not data["graphs"] or not set(data["graphs"]) <= {"full", "kv"}:
@@ -136,17 +136,17 @@ class EnginesIndex:
             raise EnginesIndexError(f"{source}: {error}") from error
         except (TypeError, KeyError, ValueError, AttributeError) as error:  # a plan of the wrong shape
             raise EnginesIndexError(f"{source}: plan is not the one build_engines.py writes ({error!r}); "
-                                    f"{rebuild_hint(_recorded_args(data))}") from error
+                                    f"{rebuild_hint(_recorded_args(data, source))}") from error
         scheduler = data.get("scheduler_config")
         if scheduler is not None and not isinstance(scheduler, Mapping):
             raise EnginesIndexError(bad_value(f"{source} scheduler_config", type(scheduler).__name__, "an object")
-                                    + f"; {rebuild_hint(_recorded_args(data))}")
+                                    + f"; {rebuild_hint(_recorded_args(data, source))}")
 
         def entries(table: Any) -> dict[str, GraphEntry]:  # each problem with the command that writes it right
             try:
                 return {name: GraphEntry.from_json(name, entry) for name, entry in (table or {}).items()}
             except EnginesIndexError as error:
-                raise EnginesIndexError(f"{error}; {rebuild_hint(_recorded_args(data))}") from None
+                raise EnginesIndexError(f"{error}; {rebuild_hint(_recorded_args(data, source))}") from None
 
         return cls(backend=data["backend"], model_dir=str(data["model_dir"]), precision=str(data["precision"]),
                    attention=str(data["attention"]), plan=plan, graphs=entries(data["graphs"]),
@@ -262,12 +262,29 @@ def inside_folder(relative: str, where: str) -> str:
     return relative
 
 
-def _require(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+def _require(data: Mapping[str, Any], keys: tuple[str, ...], where: str, source: str | None = None) -> None:
     missing = [key for key in keys if key not in data]
     if missing:
-        raise EnginesIndexError(f"{where}: missing {', '.join(missing)}; {rebuild_hint(_recorded_args(data))}")
+        raise EnginesIndexError(f"{where}: missing {', '.join(missing)}; "
+                                f"{rebuild_hint(_recorded_args(data, source))}")
 
 
-def _recorded_args(data: Mapping[str, Any]) -> tuple[str, ...]:
-    args = data.get("build_args") if isinstance(data, Mapping) else None
-    return tuple(str(a) for a in args) if isinstance(args, list) else ()
+def _recorded_args(data: Mapping[str, Any], source: str | None = None) -> tuple[str, ...]:
+    """The ``build_engines.py`` arguments an index records, as far as it records them: model, weights, backend
+    and precision, the plan's options, and ``--out`` the folder of ``source`` (its engines.json), so the rebuild
+    command a refusal quotes runs as printed."""
+    if not isinstance(data, Mapping):
+        return ()
+    words: list[str] = []
+    for key, flag in (("model_dir", "--model"), ("transformer_file", "--transformer"), ("lora", "--lora"),
+                      ("backend", "--backend"), ("precision", "--precision")):
+        if isinstance(data.get(key), str) and data[key]:
+            words += [flag, data[key]]
+    if isinstance(data.get("lora"), str) and isinstance(data.get("lora_scale"), (int, float)) \
+            and data["lora_scale"] != 1:
+        words += ["--lora-scale", f"{data['lora_scale']:g}"]
+    args = data.get("build_args")
+    words += [str(a) for a in args] if isinstance(args, list) else []
+    if source is not None and Path(source).name == ENGINES_FILE:
+        words += ["--out", str(Path(source).parent)]
+    return tuple(words)

@@ -164,7 +164,7 @@ def test_pipeline_input_errors(pipeline):
         pipeline.generate("x", keep_fraction=0.0)
     with pytest.raises(InputError, match="prompt: got 'int'"):
         pipeline.generate(3, num_steps=1, height=32, width=32)
-    with pytest.raises(InputError, match="image size"):
+    with pytest.raises(InputError, match="output height: got 8; allowed: an integer from 16"):
         pipeline.generate("x", num_steps=1, height=8, width=32)
 
 
@@ -245,8 +245,13 @@ def test_old_folder_without_parts_is_refused_with_the_rebuild_command(engines_co
     data.update(format=2)
     data.pop("parts")
     (engines_copy / "engines.json").write_text(json.dumps(data))
-    with pytest.raises(EnginesIndexError, match=f"format 2; this version reads format {FORMAT_VERSION}; rebuild it"):
+    with pytest.raises(EnginesIndexError, match=f"format 2; this version reads format {FORMAT_VERSION}; rebuild it") \
+            as refused:
         EnginePipeline.from_engines(engines_copy)
+    # The command runs as printed: model, backend, precision, the plan and the folder (a reviewer ran one without).
+    command = str(refused.value).split("rebuild it on this machine with: ")[1]
+    assert f"--model {data['model_dir']} --backend ort-cpu --precision fp32 --keeps" in command
+    assert command.endswith(f"--out {engines_copy}")
     # Format 3: engines of stacked-K/V exports (export format 5), whose kv engine this runtime cannot feed.
     data.update(format=FORMAT_VERSION - 1, parts={})
     (engines_copy / "engines.json").write_text(json.dumps(data))

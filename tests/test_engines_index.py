@@ -49,11 +49,11 @@ def test_paths_may_not_leave_the_folder(path):
 
 @pytest.mark.parametrize("change, match", [
     (dict(format=1), rf"format 1; this version reads format {FORMAT_VERSION}; rebuild it "
-                       r".*build_engines.py --keeps 0.1"),
+                       r".*build_engines.py --model /models/klein --backend ort-cpu --precision fp32 --keeps 0.1"),
     (dict(format=2), rf"format 2; this version reads format {FORMAT_VERSION}; rebuild it "
-                       r".*build_engines.py --keeps 0.1"),
+                       r".*build_engines.py --model /models/klein --backend ort-cpu --precision fp32 --keeps 0.1"),
     (dict(format=3), rf"format 3; this version reads format {FORMAT_VERSION}; rebuild it "
-                       r".*build_engines.py --keeps 0.1"),
+                       r".*build_engines.py --model /models/klein --backend ort-cpu --precision fp32 --keeps 0.1"),
     (dict(format=None), "format None"),
     (dict(graphs={}), "graphs: got {}; allowed: at least one of full, kv"),
     (dict(graphs={"kv": []}), "graph 'kv': got 'list'; allowed: an object"),
