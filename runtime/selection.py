@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from sparse_context.runtime.errors import SelectionError, bad_value
-from sparse_context.runtime.images import prepare_mask, prepare_reference_with_size
+from sparse_context.runtime.images import prepare_mask, prepare_reference_with_size, reference_geometry
 from sparse_context.runtime.tokens import (
     MAX_REFERENCE_AREA, TOKEN_PIXELS, check_keep_fraction, check_key_tile, check_reference_count, kept_token_count,
     token_grid, whole_tile_tokens,
@@ -510,11 +510,23 @@ def _mask_for_prepared(mask, index, original_hw, prepared_hw, grid, max_area, mu
     numeric = np.asarray(mask).dtype.kind in "biuf"  # anything else is reported by mask_importance
     if shape in (prepared_hw, tuple(grid)) or not numeric:
         return mask
-    if shape == original_hw:
+    if shape == original_hw or (len(shape) == 2 and _prepared_shape(shape, max_area, multiple_of) == prepared_hw):
+        # drawn on the reference as given; a caller that prepared the reference itself (the generation paths)
+        # no longer knows that size, but a mask that prepares to the prepared size was drawn on it
         return prepare_mask(mask, max_area, multiple_of)
-    allowed = (f"{original_hw} (pixels of the reference as given), {prepared_hw} (pixels of the prepared "
-               f"reference) or {tuple(grid)} (its token grid)")
+    as_given = f"{original_hw} (pixels of the reference as given), " if original_hw != prepared_hw else \
+        "the reference's size as given, "
+    allowed = f"{as_given}{prepared_hw} (pixels of the prepared reference) or {tuple(grid)} (its token grid)"
     raise SelectionError(bad_value(f"importance mask shape for reference {index}", shape, allowed, "--mask"))
+
+
+def _prepared_shape(shape: tuple[int, ...], max_area: int, multiple_of: int) -> tuple[int, int] | None:
+    """(h, w) a reference of ``shape`` (h, w) becomes when prepared; None for a size no reference can have."""
+    try:
+        _, (left, top, right, bottom) = reference_geometry(int(shape[1]), int(shape[0]), max_area, multiple_of)
+    except ValueError:  # InputError (an image too small or too narrow) is one
+        return None
+    return bottom - top, right - left
 
 
 def select_references(

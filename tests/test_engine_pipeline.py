@@ -301,3 +301,25 @@ def test_build_records_parts_profiles_and_model_files(engines_dir):
     assert {"model/tokenizer/tokenizer.json", "model/scheduler/scheduler_config.json"} <= set(index.files)
     for name, digest in index.files.items():
         assert sha256_file(engines_dir / name) == digest
+
+
+def test_a_mask_drawn_on_the_reference_as_given_works_in_generate_as_in_select(engines_dir):
+    """``select`` maps a mask of the original image's size through the reference's resize and crop; the
+    generation paths prepare the reference first, and used to refuse that mask as the wrong shape."""
+    from sparse_context.engines.pipeline import EnginePipeline
+    from sparse_context.runtime.errors import SelectionError
+    from sparse_context.runtime.selection import select_references
+
+    rng = np.random.default_rng(5)
+    reference = (rng.random((300, 451, 3)) * 255).astype(np.uint8)  # crops to 288 x 448
+    mask = np.zeros((300, 451), np.float32)
+    mask[40:160, 200:420] = 1.0
+    expected = select_references([reference], strategy="mask", keep_fraction=0.1, masks=[mask])[0].indices
+    pipe = EnginePipeline.from_engines(engines_dir)
+    result = pipe.generate("a cat", [reference], strategy="mask", masks=[mask], keep_fraction=0.1, num_steps=1,
+                           height=64, width=64)
+    np.testing.assert_array_equal(result.selections[0], expected)
+    with pytest.raises(SelectionError, match=r"mask shape for reference 0: got \(10, 10\); allowed: the "
+                                             r"reference's size as given, \(288, 448\)"):
+        pipe.generate("a cat", [reference], strategy="mask", masks=[np.ones((10, 10))], keep_fraction=0.1,
+                      num_steps=1, height=64, width=64)
