@@ -110,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SparseContextError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; staging folders were removed on the way out
+        print("interrupted: stopped before anything was published (outputs are written whole, then renamed)",
+              file=sys.stderr)
+        return 130
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

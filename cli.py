@@ -215,6 +215,9 @@ def check_generate_options(args: argparse.Namespace) -> None:
     check_guidance(args.guidance)
     if args.lora_scale is not None:
         check_lora_scale(args.lora_scale)
+        if args.lora is None and args.engines is None:  # it would be ignored: the same image as without it
+            raise InputError(bad_value("LoRA scale", args.lora_scale, f"set only with {FLAG_LORA} (there is no LoRA "
+                                       "to scale)", f"{FLAG_LORA}, or drop {FLAG_LORA_SCALE}"))
     if args.width is not None or args.height is not None:
         check_output_size(DEFAULT_SIDE_PIXELS if args.width is None else args.width,
                           DEFAULT_SIDE_PIXELS if args.height is None else args.height)
@@ -588,6 +591,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SparseContextError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+            print("interrupted: stopped before anything was published (outputs are written whole, then renamed)",
+                  file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from sparse_context.runtime.limits import (
 from sparse_context.runtime.prompt_cache import PromptEmbeddingCache
 from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
-    MAX_REFERENCE_AREA, TOKEN_PIXELS, check_keep_fraction, check_reference_count, text_position_ids, token_grid,
+    MAX_REFERENCE_AREA, TOKEN_PIXELS, check_budget, check_reference_count, text_position_ids, token_grid,
 )
 
 DEFAULT_SIZE = 1024  # without references or a size: diffusers' default_sample_size x vae_scale_factor
@@ -195,7 +195,7 @@ class EnginePipeline:
 
         # 1. Check inputs and prepare the references as the VAE sees them
         check_prompt(prompt)
-        check_keep_fraction(keep_fraction)
+        check_budget(keep_fraction, token_count)
         check_steps(num_steps)
         check_guidance(guidance_scale)
         check_seed(seed)

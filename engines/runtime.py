@@ -33,7 +33,7 @@ from sparse_context.runtime.limits import (
 )
 from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
-    TOKEN_PIXELS, check_keep_fraction, check_key_tile, check_reference_count, text_position_ids, token_grid,
+    TOKEN_PIXELS, check_budget, check_key_tile, check_reference_count, text_position_ids, token_grid,
 )
 
 
@@ -161,7 +161,7 @@ class EngineRuntime:
         (``runtime.selection.allocate_budget``); None: as the engines were built (:meth:`key_tile_for`), 0: not."""
         timings: dict[str, float] = {}
         clock = time.perf_counter()
-        check_keep_fraction(keep_fraction)
+        check_budget(keep_fraction, token_count)
         check_steps(num_steps)
         check_guidance(guidance_scale)
         check_seed(seed)
@@ -181,6 +181,9 @@ class EngineRuntime:
         if any(g.ndim != 3 or g.shape[0] != dims.in_channels or min(g.shape) < 1 for g in grids):
             raise InputError(bad_value("reference latent shapes", [g.shape for g in grids],
                                        f"({dims.in_channels}, rows, cols) each: the latent channels of the model"))
+        if reference_images is not None and len(reference_images) != len(grids):
+            raise InputError(bad_value("reference_images", f"{len(reference_images)} images",
+                                       f"one per reference latent ({len(grids)}), the images they were encoded from"))
         rows, cols = token_grid(width, height, TOKEN_PIXELS)
         self.check_built_size(width, height)
 

@@ -82,6 +82,10 @@ def run_export(args: argparse.Namespace) -> int:
     except SparseContextError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("interrupted: stopped before anything was published (outputs are written whole, then renamed)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

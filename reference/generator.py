@@ -34,7 +34,7 @@ from sparse_context.runtime.sampler import Conditioning
 from sparse_context.runtime.tokens import (
     MAX_REFERENCE_AREA,
     TOKEN_PIXELS,
-    check_keep_fraction,
+    check_budget,
     check_reference_count,
     text_position_ids,
 )
@@ -279,7 +279,7 @@ class SparseContextGenerator:
         clock = time.perf_counter()
 
         # 1. Check inputs
-        check_keep_fraction(keep_fraction)
+        check_budget(keep_fraction, token_count)
         from sparse_context.engines.runtime import engines_key_tile
 
         key_tile = engines_key_tile(key_tile, self.engines_index)  # None: as engines were built (--key-tile), else off

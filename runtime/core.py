@@ -108,7 +108,14 @@ def kept_tokens(grids: Sequence[tuple[int, int]], selections: Sequence[np.ndarra
     if len(selections) != len(grids):
         raise InputError(bad_value("selections", f"{len(selections)} index arrays",
                                    f"one per reference ({len(grids)})"))
-    return [np.asarray(s, dtype=np.int64) for s in selections]
+    kept = []
+    for index, selection in enumerate(selections):
+        values = np.asarray(selection)
+        if values.size and values.dtype.kind not in "iu":  # 1.5 would silently become token 1
+            raise InputError(bad_value(f"selection of reference {index}", f"{values.dtype} indices",
+                                       "integer token indices (flat, row-major)"))
+        kept.append(values.astype(np.int64))
+    return kept
 
 
 def engine_fingerprint(backend: Any) -> str:

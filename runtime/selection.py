@@ -520,6 +520,15 @@ def _mask_for_prepared(mask, index, original_hw, prepared_hw, grid, max_area, mu
     raise SelectionError(bad_value(f"importance mask shape for reference {index}", shape, allowed, "--mask"))
 
 
+def _load_mask(mask: Any) -> Any:
+    """A mask given as a path is read as the CLI reads ``--mask``: grayscale, 0..1."""
+    if isinstance(mask, (str, os.PathLike)):
+        from sparse_context.runtime.images import load_image
+
+        return np.asarray(load_image(mask, "mask image", "--mask").convert("L"), dtype=np.float32) / 255.0
+    return mask
+
+
 def _prepared_shape(shape: tuple[int, ...], max_area: int, multiple_of: int) -> tuple[int, int] | None:
     """(h, w) a reference of ``shape`` (h, w) becomes when prepared; None for a size no reference can have."""
     try:
@@ -581,7 +590,7 @@ def select_references(
         allowed = "masks only with 'mask'"
         raise SelectionError(bad_value("importance masks with strategy", strategy.value, allowed,
                                        "--strategy mask, or drop --mask"))
-    masks = list(masks) if masks is not None else [None] * len(images)
+    masks = [_load_mask(mask) for mask in masks] if masks is not None else [None] * len(images)
 
     if workers is not None and (not _is_int(workers) or workers < 1):
         raise SelectionError(bad_value("selection workers", workers, "an integer >= 1"))

@@ -8,6 +8,7 @@ gets typed twice. A FLUX.2 token covers 16x16 pixels: the VAE downsamples by 8 a
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +73,8 @@ def whole_tile_tokens(kept: int, other_keys: int, key_tile: int | None, availabl
 
 def check_keep_fraction(keep_fraction: float, flag: str = "--keep") -> float:
     """Return ``keep_fraction`` as a float if 0 < keep_fraction <= 1, else raise InputError."""
+    if isinstance(keep_fraction, (str, bytes, bool, np.bool_)):  # "0.1" would pass float() and fail later
+        raise InputError(bad_value("keep fraction", keep_fraction, "a number in (0, 1]", flag))
     try:
         value = float(keep_fraction)
     except (TypeError, ValueError):
@@ -79,6 +82,16 @@ def check_keep_fraction(keep_fraction: float, flag: str = "--keep") -> float:
     if not (0.0 < value <= 1.0):  # also rejects NaN
         raise InputError(bad_value("keep fraction", keep_fraction, "a number in (0, 1]", flag))
     return value
+
+
+def check_budget(keep_fraction: Any, token_count: Any) -> None:
+    """A generation's token budget: ``token_count`` (an integer >= 1) when given, which then overrides
+    ``keep_fraction``; else ``keep_fraction`` in (0, 1]."""
+    if token_count is None:
+        check_keep_fraction(keep_fraction)
+    elif isinstance(token_count, (bool, np.bool_)) or not isinstance(token_count, (int, np.integer)) \
+            or token_count < 1:
+        raise InputError(bad_value("reference token count", token_count, "an integer >= 1", "--tokens"))
 
 
 def check_reference_count(num_references: int, max_references: int = MAX_REFERENCES) -> int:

@@ -81,6 +81,7 @@ CLI_ROWS = [
     ("guidance-negative", "cli", G + ["--guidance", "-1"], "got -1", "--guidance"),
     ("seed-2**64", "cli", G + ["--seed", str(2**64)], str(2**64), "--seed"),
     ("seed-negative", "cli", G + ["--seed", "-1"], "got -1", "--seed"),
+    ("lora-scale-without-lora", "cli", G + ["--lora-scale", "0.5"], "LoRA scale: got 0.5", "--lora"),
     ("engines-empty-path", "cli", G + ["--engines", ""], "got ''", "--engines"),
     ("model-empty-path", "cli", G + ["--model", " "], "got ' '", "--model"),
     ("out-not-creatable-generate", "cli", ["generate", "--prompt", "a cat", "--out", "/proc/nope/x.png"],
@@ -337,6 +338,14 @@ API_ROWS = [
      "a list"),
     ("runtime-width-100", "runtime", _runtime_call(width=100), "got 100", "--width"),
     ("runtime-steps-0", "runtime", _runtime_call(num_steps=0), "got 0", "--steps"),
+    ("runtime-keep-as-text", "runtime", _runtime_call(keep_fraction="0.1"), "keep fraction: got '0.1'", "--keep"),
+    ("runtime-keep-true", "runtime", _runtime_call(keep_fraction=True), "keep fraction: got True", "--keep"),
+    ("runtime-token-count-as-text", "runtime", _runtime_call(keep_fraction=None, token_count="5"),
+     "reference token count: got '5'", "--tokens"),
+    ("runtime-fractional-selection", "runtime", _runtime_call(keep_fraction=0.5, selections=[np.array([1.5])]),
+     "float64 indices", "integer token indices"),
+    ("runtime-images-per-latent", "runtime", _runtime_call(keep_fraction=0.5, reference_images=lambda d: []),
+     "0 images", "one per reference latent (1)"),
     ("runtime-guidance-nan", "runtime", _runtime_call(guidance_scale=math.nan), "got nan", "--guidance"),
     ("generator-width-100", "generator", _generator_call(width=100), "got 100", "--width"),
     ("generator-width-0", "generator", _generator_call(width=0), "got 0", "--width"),
@@ -577,3 +586,30 @@ def test_every_folder_and_file_of_an_engines_folder_has_the_umasks_modes(engines
              if not p.name.startswith(".") and p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~mask]
     assert wrong == []
     assert any(p.name.startswith("text_encoder") for p in (engines_dir / "onnx").iterdir())
+
+
+@pytest.mark.parametrize("program", ["cli", "build", "export"])
+def test_ctrl_c_is_one_line_and_exit_code_130(program, monkeypatch, capsys, tmp_path):
+    """Ctrl-C prints one line, not a traceback, and exits 130 as a shell expects; what was being written was in a
+    staging folder or a temporary file, which the unwinding removed."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if program == "cli":
+        from sparse_context import cli
+
+        monkeypatch.setattr(cli, "cmd_select", interrupted)
+        code = cli.main(["select", "--out", str(tmp_path / "out")])
+    elif program == "build":
+        import sparse_context.build_engines as build
+        import sparse_context.engines.build as engines_build
+
+        monkeypatch.setattr(engines_build, "build_engines", interrupted)
+        code = build.main(["--demo", "--out", str(tmp_path / "out")])
+    else:
+        from sparse_context.export import cli as export_cli
+
+        monkeypatch.setattr(export_cli, "export_graphs", interrupted)
+        code = export_cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted: stopped before anything was published" in err and "Traceback" not in err

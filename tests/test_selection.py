@@ -522,3 +522,15 @@ def test_token_grid_mask_stays_the_callers_writable_array():
     (selection,) = select_references([reference], strategy="mask", token_count=5, masks=[mask])
     assert mask.flags.writeable and not selection.importance.flags.writeable
     assert not np.shares_memory(selection.importance, mask)
+
+
+def test_a_mask_given_as_a_path_is_read_as_the_cli_reads_it(tmp_path):
+    image = (np.random.default_rng(1).random((96, 128, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((96, 128), np.uint8)
+    mask[10:50, 60:120] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    from_path = select_references([image], strategy="mask", keep_fraction=0.2, masks=[tmp_path / "mask.png"])
+    from_array = select_references([image], strategy="mask", keep_fraction=0.2, masks=[mask / 255.0])
+    np.testing.assert_array_equal(from_path[0].indices, from_array[0].indices)
+    with pytest.raises(InputError, match="mask image.*--mask"):
+        select_references([image], strategy="mask", keep_fraction=0.2, masks=[str(tmp_path / "none.png")])
