@@ -217,6 +217,12 @@ def build_engines(request: BuildRequest, progress: Callable[[str, int, int], Non
     (references of the plan's reference area) and decoder (its target resolutions), and the model's tokenizer
     and scheduler files, so the folder alone runs prompt + references -> image."""
     request = request.validate()
+    if request.backend == "trt":  # before minutes of export: TensorRT and a GPU must be there to build for
+        from sparse_context.engines.trt.loader import import_tensorrt
+        from sparse_context.engines.trt.memory import default_memory
+
+        import_tensorrt()
+        default_memory().close()
     out_dir = Path(request.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

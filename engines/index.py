@@ -166,9 +166,13 @@ class EnginesIndex:
         path = Path(engines_dir) / ENGINES_FILE
         try:
             data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        except FileNotFoundError as error:
             raise EnginesIndexError(bad_value("engines folder", str(engines_dir), f"a folder with {ENGINES_FILE} "
                                               "written by build_engines.py", "--engines")) from error
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            # there, but unreadable or cut short (a copy interrupted, an edit): not a folder without one
+            raise EnginesIndexError(f"{path} is not readable JSON ({error}); copy the engines folder again or "
+                                    f"rebuild it with build_engines.py (change it with --engines)") from error
         return replace(cls.from_json(data, str(path)), folder=str(Path(engines_dir).resolve()))
 
     def write(self, engines_dir: str | Path) -> Path:

@@ -119,15 +119,21 @@ class EnginePipeline:
         rebuild = build_command(index, engines_dir)
         missing = [part for part in PART_NAMES if part not in index.parts]
         if missing:
-            raise EnginesIndexError(f"{engines_dir}: engines.json has no {', '.join(missing)} (the folder holds only "
-                                    f"the transformer); rebuild it with: {rebuild}")
+            held = "only the transformer" if len(missing) == len(PART_NAMES) else \
+                "the transformer and " + ", ".join(part for part in PART_NAMES if part not in missing)
+            raise EnginesIndexError(f"{engines_dir}: engines.json has no {', '.join(missing)} (the folder holds "
+                                    f"{held}); rebuild it with: {rebuild}")
         model_folder = checked_model_folder(engines_dir, index.files, rebuild)
         scheduler, is_distilled = read_model_settings(model_folder)
         tokenizer = PromptTokenizer.from_model_dir(model_folder)
         if tokenizer.max_length > index.plan.text_tokens:
+            import dataclasses
+
+            wider = dataclasses.replace(index, plan=dataclasses.replace(index.plan, text_tokens=tokenizer.max_length))
             raise EnginesIndexError(bad_value("engines' text tokens", index.plan.text_tokens, f"at least the "
                                               f"model's prompt length {tokenizer.max_length} (prompts are padded to "
-                                              f"it); rebuild with --text-tokens {tokenizer.max_length}: {rebuild}"))
+                                              f"it); rebuild with --text-tokens {tokenizer.max_length}: "
+                                              f"{build_command(wider, engines_dir)}"))
 
         # 2. The transformer backend and the parts, on the same device
         device_id = check_device(index, device)

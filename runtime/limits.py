@@ -105,5 +105,5 @@ def check_prompt(prompt: Any) -> str:
         raise InputError(bad_value("prompt", type(prompt).__name__, "a string", FLAG_PROMPT))
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(bad_value("prompt length", f"{len(prompt)} characters", f"at most {MAX_PROMPT_CHARS} "
-                                   "(the text encoder reads 512 tokens; the rest would be cut off)", FLAG_PROMPT))
+                                   "(Klein's text encoder reads 512 tokens; the rest would be cut off)", FLAG_PROMPT))
     return prompt

@@ -281,8 +281,10 @@ def test_text_tokens_below_the_prompt_length_are_refused(engines_copy):
 
     index = EnginesIndex.read(engines_copy)
     dataclasses.replace(index, plan=dataclasses.replace(index.plan, text_tokens=32)).write(engines_copy)
-    with pytest.raises(EnginesIndexError, match="text tokens: got 32.*prompt length 64.*--text-tokens 64"):
+    with pytest.raises(EnginesIndexError, match="text tokens: got 32.*prompt length 64.*--text-tokens 64") as refused:
         EnginePipeline.from_engines(engines_copy)
+    command = str(refused.value).split(": python ")[1]
+    assert "--text-tokens 64" in command and "--text-tokens 32" not in command  # the command says what it asks
 
 
 def test_build_records_parts_profiles_and_model_files(engines_dir):

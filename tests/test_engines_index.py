@@ -85,8 +85,11 @@ def test_malformed_index_shapes():
 
 
 def test_unreadable_file(tmp_path):
-    (tmp_path / "engines.json").write_text("{not json")
     with pytest.raises(EnginesIndexError, match="a folder with engines.json written by build_engines.py.*--engines"):
+        EnginesIndex.read(tmp_path)  # none there
+    (tmp_path / "engines.json").write_text('{"format": 4, "backend": "ort-c')  # a copy cut short
+    with pytest.raises(EnginesIndexError, match=r"engines.json is not readable JSON \(Unterminated string.*line 1 "
+                                                r"column 26.*copy the engines folder again or rebuild it.*--engines"):
         EnginesIndex.read(tmp_path)
 
 

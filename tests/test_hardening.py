@@ -613,3 +613,19 @@ def test_ctrl_c_is_one_line_and_exit_code_130(program, monkeypatch, capsys, tmp_
         code = export_cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 130 and "interrupted: stopped before anything was published" in err and "Traceback" not in err
+
+
+def test_a_tensorrt_build_without_tensorrt_stops_before_the_export(tmp_path, capsys):
+    """The TensorRT import (and a GPU) are checked before minutes of ONNX export, not after them."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: the build would run")
+    import sparse_context.build_engines as build
+
+    start = time.perf_counter()
+    code = build.main(["--demo", "--backend", "trt", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "TensorRT is not installed" in err and "pip install .[tensorrt]" in err
+    assert "[build] export" not in err and not (tmp_path / "out" / "onnx").exists()
+    assert time.perf_counter() - start < 30
