@@ -38,6 +38,7 @@ FLAG_KEEP = "--keep"
 FLAG_TOKENS = "--tokens"
 FLAG_KEY_TILE = KEY_TILE_FLAG  # the selection's own flag name: its errors name it
 FLAG_OUT = "--out"
+DEFAULT_GUIDANCE = 4.0  # classifier-free guidance of the base (non-distilled) models
 # Output formats by file suffix (Pillow writes each); anything else is refused rather than written as PNG bytes.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -185,11 +186,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             lora_scale=1.0 if args.lora_scale is None else args.lora_scale, transformer_file=args.transformer,
             dtype=_dtype(args.dtype or "fp32"), device=args.device or "cpu")
     use_kv = generator.prefers_kv if args.kv is None else args.kv
+    if args.guidance is not None and generator.is_distilled:
+        print(f"warning: {FLAG_GUIDANCE} {args.guidance:g} has no effect: this model is guidance-distilled (one "
+              f"transformer call per step, no negative prompt); leave {FLAG_GUIDANCE} out", file=sys.stderr)
     result = generator.generate(
         args.prompt, args.ref, keep_fraction=args.keep if args.keep is not None else 1.0, token_count=args.tokens,
         strategy=args.strategy, allocation=args.allocation, masks=_masks(args), use_kv=use_kv, height=args.height,
-        width=args.width, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-        selection_seed=args.selection_seed, key_tile=args.key_tile, on_step=stderr_progress("denoise"))
+        width=args.width, num_steps=args.steps, guidance_scale=DEFAULT_GUIDANCE if args.guidance is None
+        else args.guidance, seed=args.seed, selection_seed=args.selection_seed, key_tile=args.key_tile, on_step=stderr_progress("denoise"))
     save_image(out, np.asarray(result.image))
     timings = " ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
     print(f"reference tokens: {result.ref_tokens} of {result.ref_tokens_available} | kv={'on' if use_kv else 'off'}"
@@ -212,7 +216,8 @@ def check_generate_options(args: argparse.Namespace) -> None:
     check_selection_seed(args.selection_seed)
     check_key_tile(args.key_tile, FLAG_KEY_TILE)
     check_steps(args.steps)
-    check_guidance(args.guidance)
+    if args.guidance is not None:
+        check_guidance(args.guidance)
     if args.lora_scale is not None:
         check_lora_scale(args.lora_scale)
         if args.lora is None and args.engines is None:  # it would be ignored: the same image as without it
@@ -474,7 +479,8 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     kv.add_argument("--kv", dest="kv", action="store_true", default=None, help="reuse reference K/V (KV cache)")
     kv.add_argument("--no-kv", dest="kv", action="store_false")
     generate.add_argument(FLAG_STEPS, type=int, default=4, help="denoising steps, 1 to 200 (default 4)")
-    generate.add_argument(FLAG_GUIDANCE, type=float, default=4.0, help="CFG scale, 0 to 100 (base models only)")
+    generate.add_argument(FLAG_GUIDANCE, type=float, default=None, help=f"CFG scale, 0 to 100 (base models only; "
+                          f"default {DEFAULT_GUIDANCE:g}; a distilled model ignores it and says so)")
     generate.add_argument(FLAG_WIDTH, type=int, help="output width: a multiple of 16 px up to 4096, at most 4 "
                           "megapixels with --height (default: the first reference's, else 1024)")
     generate.add_argument(FLAG_HEIGHT, type=int, help="output height, as --width")

@@ -629,3 +629,14 @@ def test_a_tensorrt_build_without_tensorrt_stops_before_the_export(tmp_path, cap
     assert code == 2 and "TensorRT is not installed" in err and "pip install .[tensorrt]" in err
     assert "[build] export" not in err and not (tmp_path / "out" / "onnx").exists()
     assert time.perf_counter() - start < 30
+
+
+def test_guidance_on_a_distilled_model_is_said_to_do_nothing(tmp_path, capsys):
+    from sparse_context.cli import main
+
+    common = ["generate", "--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "1"]
+    assert main([*common, "--guidance", "7", "--out", str(tmp_path / "a.png")]) == 0
+    assert "warning: --guidance 7 has no effect: this model is guidance-distilled" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "b.png")]) == 0
+    assert "--guidance" not in capsys.readouterr().err
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # what the warning says
