@@ -482,7 +482,8 @@ def build_parser(with_export: bool = True) -> argparse.ArgumentParser:
     generate.add_argument(FLAG_GUIDANCE, type=float, default=None, help=f"CFG scale, 0 to 100 (base models only; "
                           f"default {DEFAULT_GUIDANCE:g}; a distilled model ignores it and says so)")
     generate.add_argument(FLAG_WIDTH, type=int, help="output width: a multiple of 16 px up to 4096, at most 4 "
-                          "megapixels with --height (default: the first reference's, else 1024)")
+                          "megapixels with --height (neither given: the first reference's size, else 1024x1024; "
+                          "one given: the other side is 1024)")
     generate.add_argument(FLAG_HEIGHT, type=int, help="output height, as --width")
     generate.add_argument(FLAG_DEVICE, default=None, help="cpu, cuda or cuda:N (default: cpu; with --engines: "
                           "the engines' device, whose GPU index may be chosen)")

@@ -77,9 +77,13 @@ def safetensors_keys(folder: Path) -> set[str]:
     return keys
 
 
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
 @torch.no_grad()
 def load_transformer_file(transformer: torch.nn.Module, path: str | Path) -> None:
-    """Replace ``transformer``'s weights with a single ``.safetensors`` checkpoint (diffusers or BFL names)."""
+    """Replace ``transformer``'s weights with a single ``.safetensors`` checkpoint: diffusers names, or the original
+    BFL names (also under a ``model.diffusion_model.`` prefix, as ComfyUI saves them)."""
     from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
     from safetensors.torch import load_file
 
@@ -93,7 +97,14 @@ def load_transformer_file(transformer: torch.nn.Module, path: str | Path) -> Non
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ModelLoadError(f"{path} is not a readable safetensors file: {error} (check --transformer)") from error
     expected = transformer.state_dict()
-    if not set(checkpoint) <= set(expected):
+    for prefix in CHECKPOINT_PREFIXES:  # ComfyUI-style files wrap the BFL names in a prefix
+        if checkpoint and all(key.startswith(prefix) for key in checkpoint):
+            checkpoint = {key[len(prefix):]: value for key, value in checkpoint.items()}
+            break
+    # Mostly diffusers names already: compare as they are (the BFL converter would mangle them and report keys
+    # the file has as missing); otherwise convert from BFL names.
+    diffusers_names = len(set(checkpoint) & set(expected)) * 2 >= len(checkpoint)
+    if not diffusers_names:
         try:
             checkpoint = convert_flux2_transformer_checkpoint_to_diffusers(checkpoint)
         except Exception as error:  # the converter fails with KeyError/IndexError on foreign layouts

@@ -185,3 +185,25 @@ def test_single_file_transformer(tiny_model_dir, tmp_path):
         load_transformer_file(target, truncated)
     with pytest.raises(ModelLoadError, match="--transformer"):
         load_transformer_file(target, tmp_path / "missing.safetensors")
+
+
+def test_single_file_key_reports_name_what_is_wrong_and_prefixes_are_taken(tiny_model_dir, tmp_path):
+    """A diffusers-named file with one key too many is reported as exactly that (the BFL converter used to run
+    over diffusers names and report keys the file holds as missing, mangled); a ComfyUI-style prefix is taken."""
+    from safetensors.torch import save_file
+
+    from sparse_context.export.loading import load_pipeline, load_transformer_file
+
+    source = load_pipeline(tiny_model_dir).transformer
+    weights = {k: (v * 0.5).contiguous() for k, v in source.state_dict().items()}
+    extra = tmp_path / "extra.safetensors"
+    save_file({**weights, "extra.weight": torch.zeros(2)}, str(extra))
+    target = load_pipeline(tiny_model_dir).transformer
+    with pytest.raises(ModelLoadError, match=r"0 missing e.g. \[\], 1 unexpected e.g. \['extra.weight'\], 0 with "
+                                             r"other shapes"):
+        load_transformer_file(target, extra)
+    prefixed = tmp_path / "comfy.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in weights.items()}, str(prefixed))
+    load_transformer_file(target, prefixed)
+    for name, value in target.state_dict().items():
+        torch.testing.assert_close(value, weights[name], atol=0, rtol=0)
