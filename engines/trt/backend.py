@@ -78,6 +78,7 @@ class TrtTransformerBackend:
             raise RunnerError(bad_value("TensorRT engines", "none in engines.json", "a full and/or kv engine",
                                         "--engines"))
         self.memory = memory if memory is not None else default_memory(device)
+        self._owns_memory = memory is None  # an injected memory object (and its stream) belongs to the caller
         self.runners: dict[str, TrtRunner] = {}
         self.step_runners: dict[str, TrtRunner] = {}
         self._kept: dict[tuple[str, int], tuple[Any, int]] = {}  # (name, slot) -> (buffer, bytes)
@@ -130,6 +131,13 @@ class TrtTransformerBackend:
         for buffer, _ in self._kept.values():
             self.memory.free(buffer)
         self._kept.clear()
+        if getattr(self, "kv_pool", None) is not None:
+            self.kv_pool.clear()  # idle K/V buffers (live states keep theirs until they are dropped)
+        if getattr(self, "_scratch", None) is not None:
+            self.memory.free(self._scratch)
+            self._scratch = None
+        if self._owns_memory:
+            self.memory.close()
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
