@@ -13,11 +13,11 @@ from typing import Mapping
 
 from sparse_context.engines.errors import EngineCorruptError, EnginesIndexError
 from sparse_context.engines.manifest import atomic_write_bytes, sha256_file
+from sparse_context.export.model_folder import REQUIRED_FILES
 from sparse_context.runtime.errors import ModelLoadError, bad_value
 
 MODEL_FOLDER = "model"
-# Paths inside a diffusers folder; the first three must be there, the others are copied where they exist.
-REQUIRED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json")
+# Paths inside a diffusers folder; REQUIRED_FILES must be there, the others are copied where they exist.
 OPTIONAL_FILES = ("tokenizer/tokenizer_config.json", "tokenizer/chat_template.jinja", "sparse_context.json")
 
 

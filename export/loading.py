@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sparse_context.export.model_folder import (  # noqa: F401  (re-exported: the loaders' names for them)
-    SETTINGS_FILE, SUPPORTED_PIPELINES, check_safetensors, read_model_index, read_settings,
+    REQUIRED_FILES, SETTINGS_FILE, SUPPORTED_PIPELINES, check_safetensors, read_model_index, read_settings,
 )
 from sparse_context.runtime.errors import ModelLoadError, bad_value
 
@@ -18,8 +18,6 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32, wit
 
     ``with_transformer=False`` loads only the text encoder and VAE (an engine runs the transformer)."""
     import diffusers
-
-    from sparse_context.engines.model_files import REQUIRED_FILES
 
     index = read_model_index(model_dir)
     missing = [name for name in REQUIRED_FILES if not (Path(model_dir) / name).is_file()]

@@ -11,6 +11,9 @@ from sparse_context.runtime.errors import ModelLoadError, bad_value
 
 SUPPORTED_PIPELINES = ("Flux2KleinPipeline", "Flux2KleinKVPipeline")
 SETTINGS_FILE = "sparse_context.json"  # optional: text_encoder_out_layers, max_sequence_length
+# Files a model folder must hold besides the weights: the pipeline, the scheduler and the tokenizer (diffusers loads
+# a folder without them and fails at the first prompt). An engines folder carries copies of them.
+REQUIRED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json")
 
 
 def read_model_index(model_dir: str | Path) -> dict[str, Any]:

@@ -213,7 +213,8 @@ def test_engines_json_with_provider_options_not_an_object(tmp_path, capsys):
     folder = _engines_folder(tmp_path, data)
     err = _cli(["generate", "--prompt", "a cat", "--engines", folder, "--out", tmp_path / "x.png"], capsys)
     assert "engines.json graph 'kv' provider_options: got 'str'; allowed: an object; rebuild it on this machine " \
-           "with: python build_engines.py --keeps 1 --max-refs 1" in err
+           "with: python build_engines.py --model " in err
+    assert " --keeps 1 --max-refs 1 " in err and f"--out {folder}" in err  # the command runs as printed
 
 
 @pytest.mark.parametrize("plan", [[], "256x256", {"keep_fractions": [1.0]}], ids=["list", "string", "incomplete"])
