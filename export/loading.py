@@ -3,6 +3,7 @@ single-file transformer checkpoint (diffusers or original BFL key names) and an 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32, wit
     return pipe
 
 
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")  # Flux2Transformer2DModel's blocks
+
+
 def check_loaded_weights(pipe: Any, model_dir: str | Path) -> None:
     """:func:`check_module_weights` for each component the pipeline loaded."""
     for name in ("transformer", "vae", "text_encoder"):
@@ -58,10 +62,14 @@ def check_module_weights(module: Any, name: str, model_dir: str | Path) -> None:
             f"config.json that does not match the weights; check --model)")
     if name == "transformer":
         unused = sorted(safetensors_keys(folder) - set(module.state_dict()))
-        if unused:
+        blocks = [key for key in unused if key.startswith(BLOCK_PREFIXES)]
+        if blocks:  # whole blocks the config does not build: the model would run without them
             raise ModelLoadError(
-                f"{name} weights in {folder}: {len(unused)} the model does not have e.g. {unused[:3]} (its "
-                f"config.json describes a smaller model, or the keys are not diffusers names; check --model)")
+                f"{name} weights in {folder}: {len(blocks)} of blocks the model does not have e.g. {blocks[:3]} "
+                f"(its config.json describes a smaller model; check --model)")
+        if unused:  # anything else is not used by diffusers either: say so, do not refuse a folder it loads
+            warnings.warn(f"{name} weights in {folder}: {len(unused)} the model does not use, e.g. {unused[:3]}",
+                          stacklevel=2)
 
 
 def safetensors_keys(folder: Path) -> set[str]:

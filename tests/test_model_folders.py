@@ -61,10 +61,10 @@ def test_a_config_of_fewer_blocks_than_the_weights_is_refused(folder):
     assert config["num_single_layers"] >= 1
     _edit_config(folder, num_single_layers=config["num_single_layers"] - 1)
     last = config["num_single_layers"] - 1
-    with pytest.raises(ModelLoadError, match=rf"transformer weights in .*: \d+ the model does not have e.g. "
-                                             rf"\['single_transformer_blocks.{last}\..*smaller model"):
+    with pytest.raises(ModelLoadError, match=rf"transformer weights in .*: \d+ of blocks the model does not have "
+                                             rf"e.g. \['single_transformer_blocks.{last}\..*smaller model"):
         load_generator_parts(folder)
-    with pytest.raises(ModelLoadError, match="the model does not have"):  # the export loads it its own way
+    with pytest.raises(ModelLoadError, match="of blocks the model does not have"):  # the export's own load
         load_transformer(ExportOptions(model_dir=folder, out_dir=folder.parent / "onnx"))
 
 
@@ -94,3 +94,13 @@ def test_a_whole_folder_still_loads(folder):
     parts = load_generator_parts(folder)
     assert not any(p.is_meta for p in parts["transformer"].parameters())
     assert isinstance(parts["transformer"], torch.nn.Module)
+
+
+def test_a_stray_key_outside_the_blocks_is_said_not_refused(folder):
+    """diffusers ignores it too; only whole blocks the config lacks change what the model computes."""
+    from sparse_context.export.loading import load_generator_parts
+
+    _edit_weights(folder, lambda w: w.update({"extra.scale": torch.ones(2)}))
+    with pytest.warns(UserWarning, match=r"1 the model does not use, e.g. \['extra.scale'\]"):
+        parts = load_generator_parts(folder)
+    assert not any(p.is_meta for p in parts["transformer"].parameters())
