@@ -241,7 +241,7 @@ class EnginePipeline:
             references_in = References(tuple(grids), lambda: array_digests(prepared),
                                        lambda: [self.parts.encode_reference(image) for image in prepared])
         runtime = self.runtime
-        if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
+        if selections is None and grids and (token_count is not None or keep_fraction < 1.0):
             from sparse_context.runtime.selection import select_references
 
             other_keys = embeds.shape[1] + rows * cols  # the text and target keys beside the kept tokens

@@ -192,7 +192,7 @@ class EngineRuntime:
         if grids:  # digests only if the K/V cache is consulted
             references = References(tuple((g.shape[1], g.shape[2]) for g in grids), lambda: array_digests(grids),
                                     lambda: grids)
-        if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
+        if selections is None and grids and (token_count is not None or keep_fraction < 1.0):
             other_keys = embeds.shape[1] + rows * cols  # the text and target keys beside the kept tokens
             settings = selection_settings(strategy, keep_fraction, token_count, allocation, selection_seed, None,
                                           TOKEN_PIXELS,

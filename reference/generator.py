@@ -336,7 +336,7 @@ class SparseContextGenerator:
         if rows < 1 or cols < 1:
             raise InputError(bad_value("output size", f"{width}x{height} px",
                                        f"at least {self.token_pixels} px per side", "--width/--height"))
-        if selections is None and grids and (keep_fraction < 1.0 or token_count is not None):
+        if selections is None and grids and (token_count is not None or keep_fraction < 1.0):
             # A request the K/V cache has seen finds its selection there. Scored images other than the ones the
             # digests are of (latents given beside the images) are part of the settings.
             other_keys = prompt_embeds.shape[1] + rows * cols  # the text and target keys beside the kept tokens

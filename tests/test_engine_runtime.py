@@ -140,3 +140,16 @@ def test_runtime_input_errors(engines_dir):
                                  height=64, width=64)
     with pytest.raises(ModelLoadError, match="scheduler_config.json.*--model"):
         read_model_settings(engines_dir)
+
+
+def test_a_token_count_alone_is_a_budget(engines_dir, conditioning):
+    """``token_count`` overrides ``keep_fraction``, which may then be None (it used to be compared with 1.0)."""
+    from sparse_context.engines.runtime import EngineRuntime
+
+    _, embeds, grids, prepared, noise = conditioning
+    runtime = EngineRuntime.from_engines(engines_dir)
+    kwargs = dict(reference_images=prepared, strategy="uniform", height=96, width=96, num_steps=1, latents=noise)
+    counted = runtime.generate_latents(embeds, grids, keep_fraction=None, token_count=5, **kwargs)
+    assert counted.ref_tokens == 5 * len(grids)
+    same = runtime.generate_latents(embeds, grids, keep_fraction=0.5, token_count=5, **kwargs)
+    np.testing.assert_array_equal(same.latents, counted.latents)
