@@ -192,8 +192,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = generator.generate(
         args.prompt, args.ref, keep_fraction=args.keep if args.keep is not None else 1.0, token_count=args.tokens,
         strategy=args.strategy, allocation=args.allocation, masks=_masks(args), use_kv=use_kv, height=args.height,
-        width=args.width, num_steps=args.steps, guidance_scale=DEFAULT_GUIDANCE if args.guidance is None
-        else args.guidance, seed=args.seed, selection_seed=args.selection_seed, key_tile=args.key_tile, on_step=stderr_progress("denoise"))
+        width=args.width, num_steps=args.steps,
+        guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
+        selection_seed=args.selection_seed, key_tile=args.key_tile, on_step=stderr_progress("denoise"))
     save_image(out, np.asarray(result.image))
     timings = " ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
     print(f"reference tokens: {result.ref_tokens} of {result.ref_tokens_available} | kv={'on' if use_kv else 'off'}"

@@ -13,8 +13,7 @@ from typing import Mapping
 
 from sparse_context.engines.errors import EngineCorruptError, EnginesIndexError
 from sparse_context.engines.manifest import atomic_write_bytes, sha256_file
-from sparse_context.export.model_folder import REQUIRED_FILES
-from sparse_context.runtime.errors import ModelLoadError, bad_value
+from sparse_context.export.model_folder import REQUIRED_FILES, check_required_files
 
 MODEL_FOLDER = "model"
 # Paths inside a diffusers folder; REQUIRED_FILES must be there, the others are copied where they exist.
@@ -27,22 +26,14 @@ BUILD_FILES = ("transformer/config.json", "vae/config.json", "text_encoder/confi
 def check_build_folder(model_dir: str | Path) -> None:
     """Refuse, before anything is exported, a model folder without a file the build reads: the transformer's, the
     VAE's and the text encoder's configs (the exports) and :data:`REQUIRED_FILES` (copied beside the engines)."""
-    source = Path(model_dir)
-    needed = REQUIRED_FILES + BUILD_FILES
-    missing = [name for name in needed if not (source / name).is_file()]
-    if missing:
-        raise ModelLoadError(bad_value("model folder", str(source), "a diffusers folder with " + ", ".join(needed)
-                                       + f" (missing: {', '.join(missing)})", "--model"))
+    check_required_files(model_dir, REQUIRED_FILES + BUILD_FILES)
 
 
 def copy_model_files(model_dir: str | Path, engines_dir: str | Path) -> dict[str, str]:
     """Copy the files into ``<engines_dir>/model/`` (each written whole, then renamed); return
     ``{path relative to engines_dir: sha256}``."""
     source, target = Path(model_dir), Path(engines_dir) / MODEL_FOLDER
-    missing = [name for name in REQUIRED_FILES if not (source / name).is_file()]
-    if missing:
-        raise ModelLoadError(bad_value("model folder", str(source), "a diffusers folder with "
-                                       + ", ".join(REQUIRED_FILES) + f" (missing: {', '.join(missing)})", "--model"))
+    check_required_files(source)
     recorded = {}
     for name in REQUIRED_FILES + OPTIONAL_FILES:
         if (source / name).is_file():

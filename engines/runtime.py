@@ -195,8 +195,8 @@ class EngineRuntime:
         if selections is None and grids and (token_count is not None or keep_fraction < 1.0):
             other_keys = embeds.shape[1] + rows * cols  # the text and target keys beside the kept tokens
             settings = selection_settings(strategy, keep_fraction, token_count, allocation, selection_seed, None,
-                                          TOKEN_PIXELS,
-                                          images=reference_images, key_tile=key_tile, other_keys=other_keys)
+                                          TOKEN_PIXELS, images=reference_images, key_tile=key_tile,
+                                          other_keys=other_keys)
             selections = remembered_selections(
                 self.kv_cache, use_kv, references, settings,
                 lambda: self._select(reference_images, grids, keep_fraction, token_count, strategy, allocation,

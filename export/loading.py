@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from sparse_context.export.model_folder import (  # noqa: F401  (re-exported: the loaders' names for them)
-    REQUIRED_FILES, SETTINGS_FILE, SUPPORTED_PIPELINES, check_safetensors, read_model_index, read_settings,
+    SETTINGS_FILE, SUPPORTED_PIPELINES, check_required_files, check_safetensors, read_model_index, read_settings,
 )
 from sparse_context.runtime.errors import ModelLoadError, bad_value
 
@@ -21,10 +21,7 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.float32, wit
     import diffusers
 
     index = read_model_index(model_dir)
-    missing = [name for name in REQUIRED_FILES if not (Path(model_dir) / name).is_file()]
-    if missing:  # diffusers would load without them and fail at the first prompt
-        raise ModelLoadError(bad_value("model folder", str(model_dir), "a diffusers folder with "
-                                       + ", ".join(REQUIRED_FILES) + f" (missing: {', '.join(missing)})", "--model"))
+    check_required_files(model_dir)  # diffusers would load without them and fail at the first prompt
     pipeline_class = getattr(diffusers, index["_class_name"])
     skip = {} if with_transformer else {"transformer": None}
     try:

@@ -16,6 +16,14 @@ SETTINGS_FILE = "sparse_context.json"  # optional: text_encoder_out_layers, max_
 REQUIRED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json")
 
 
+def check_required_files(model_dir: str | Path, needed: tuple[str, ...] = REQUIRED_FILES) -> None:
+    """ModelLoadError naming every file of ``needed`` the folder lacks (paths inside it)."""
+    missing = [name for name in needed if not (Path(model_dir) / name).is_file()]
+    if missing:
+        raise ModelLoadError(bad_value("model folder", str(model_dir), "a diffusers folder with " + ", ".join(needed)
+                                       + f" (missing: {', '.join(missing)})", "--model"))
+
+
 def read_model_index(model_dir: str | Path) -> dict[str, Any]:
     folder = Path(model_dir)
     if not folder.is_dir():

@@ -271,8 +271,8 @@ class SparseContextGenerator:
         cols)) skip the VAE; ``prompt_embeds`` skip the text encoder; ``kv_state`` reuses reference K/V from an
         earlier KV call with the same references, selection and model. ``seed`` draws the noise;
         ``selection_seed`` the selection's random parts (apart, so a new ``seed`` keeps the selection and the
-        reference K/V cache hits). ``key_tile``: round the kept tokens up so
-        the attention's keys fill whole tiles of that many (``runtime.selection.allocate_budget``; 0: not; None:
+        reference K/V cache hits). ``key_tile``: round the kept tokens up so the attention's keys fill whole tiles
+        of that many (``runtime.selection.allocate_budget``; 0: not; None:
         as engines from :meth:`from_engines` were built, else not).
         """
         timings: dict[str, float] = {}
@@ -346,8 +346,7 @@ class SparseContextGenerator:
             selections = remembered_selections(
                 self.kv_cache if kv_state is None else None, use_kv, references_in, settings,
                 lambda: self._select(prepared, grids, keep_fraction, token_count, strategy, allocation, masks,
-                                     selection_seed,
-                                     key_tile, other_keys))
+                                     selection_seed, key_tile, other_keys))
         timings["selection"] = time.perf_counter() - clock
 
         # 4. Target latents (seeded on the CPU, as diffusers' randn_tensor does with a CPU generator)

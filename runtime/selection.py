@@ -410,10 +410,16 @@ def allocate_budget(
     target tokens) fill whole tiles of that many attention keys (``whole_tile_tokens``); the extra tokens go one
     per reference in turn, to those with tokens left, so each reference keeps its next-best tokens.
     """
+    return _top_up_counts(importances, _allocate(importances, keep_fraction, token_count, allocation), key_tile,
+                          other_keys)
+
+
+def _top_up_counts(importances: Sequence[np.ndarray], counts: list[int], key_tile: int | None,
+                   other_keys: int) -> list[int]:
+    """``counts`` (:func:`_allocate`'s) topped up to whole key tiles, as :func:`allocate_budget` describes."""
     key_tile = check_key_tile(key_tile)
     if not _is_int(other_keys) or other_keys < 0:
         raise SelectionError(bad_value("other attention keys", other_keys, "an integer >= 0"))
-    counts = _allocate(importances, keep_fraction, token_count, allocation)
     if key_tile is None or not counts:
         return counts
     available = np.array([np.asarray(importance).size for importance in importances], dtype=np.int64)  # (R,)
@@ -618,7 +624,7 @@ def select_references(
 
     # 3. budget, select (a top-up to whole key tiles adds tokens to the plain selection, never replaces any)
     plain = _allocate(importances, keep_fraction, token_count, allocation)
-    budgets = allocate_budget(importances, keep_fraction, token_count, allocation, key_tile, other_keys)
+    budgets = _top_up_counts(importances, plain, key_tile, other_keys)
     selections = []
     for index, (pixels, grid, importance, base, budget) in enumerate(zip(prepared, grids, importances, plain,
                                                                           budgets)):

@@ -24,11 +24,8 @@ LOG = logging.getLogger(__name__)
 # math mode of float32 layers, on by default, and stays in both.)
 PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4",
                    "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS")
-# Flags whose engines need a step this package does not take: refitting weights into a stripped plan.
-UNSUPPORTED_FLAGS = {"STRIP_PLAN": "a weight-stripped plan must be refitted with the weights before it runs, and the "
-                                   "runner does not refit",
-                     "WEIGHTLESS": "a weightless plan must be refitted with the weights before it runs, and the "
-                                   "runner does not refit"}
+# Flags whose engines run only after the weights are refitted into them, which the runner does not do.
+UNSUPPORTED_FLAGS = ("STRIP_PLAN", "WEIGHTLESS")
 OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT's builder_optimization_level; 3 is its default
 
 
@@ -182,8 +179,8 @@ def check_build_flags(trt: Any, flags: Sequence[str], strongly_typed: bool) -> l
                 "and Q/DQ nodes of a strongly typed network (TensorRT 11 removed these flags); export the graph "
                 "in the precision you want (--dtype) or quantize it with ModelOpt, and drop the flag")
         if name.upper() in UNSUPPORTED_FLAGS:
-            raise BuildOptionError(f"builder flag {name!r} is not supported: {UNSUPPORTED_FLAGS[name.upper()]}; "
-                                   "drop the flag")
+            raise BuildOptionError(f"builder flag {name!r} is not supported: its plan must be refitted with the "
+                                   "weights before it runs, and the runner does not refit; drop the flag")
         if not hasattr(trt.BuilderFlag, name.upper()):
             known = sorted(n for n in dir(trt.BuilderFlag)
                            if n.isupper() and n not in PRECISION_FLAGS and n not in UNSUPPORTED_FLAGS)
